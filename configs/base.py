@@ -1,0 +1,71 @@
+"""Method defaults (shared/METHOD.md). Dataset configs start from this and change only what differs.
+
+Run: python -m softpatch_jax.main --config=configs/demo.py --workdir=/tmp/sp_demo
+Any value can be overridden on the command line, e.g. --config.noise.ratios=0.0,0.1
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    # Where the images come from. `layout` picks the reader (see softpatch_jax/data/__init__.py).
+    c.dataset = ml_collections.ConfigDict()
+    c.dataset.name = "mvtec"
+    c.dataset.layout = "mvtec"
+    c.dataset.root = ""
+    c.dataset.categories = "all"  # "all" or a comma-separated list
+    c.dataset.resize = 256  # shorter side, bilinear (METHOD.md section 2)
+    c.dataset.crop = 224  # center crop
+    c.dataset.batch_size = 32  # images per backbone call (padded to this size, so compiled once)
+
+    # Noisy training set (METHOD.md section 6). ratios: comma-separated, each run in turn.
+    c.noise = ml_collections.ConfigDict()
+    c.noise.ratios = "0.1"
+    c.noise.overlap = False  # True: injected anomalies stay in the test set (augmented in train)
+    c.noise.rotation_deg = 3.0  # overlap mode: rotation uniform in [-3, 3] degrees
+    c.noise.translate = 0.03  # overlap mode: translation uniform in [-3%, 3%] of width/height
+
+    c.backbone = ml_collections.ConfigDict()
+    c.backbone.arch = "wide_resnet50_2"
+    c.backbone.layers = ""  # empty: the architecture's default stride-8/stride-16 pair
+    c.backbone.weights = ""  # explicit weights file (.pth, .safetensors or an orbax dir); "" = resolve
+    c.backbone.cache_dir = ""  # orbax cache of converted weights; "" = ~/.cache/softpatch_jax
+    c.backbone.allow_random_init = False  # only for smoke tests: random features are near-useless
+    c.backbone.dtype = "float32"  # or "bfloat16" (parameters stay float32)
+
+    # Patch embedding (METHOD.md section 2).
+    c.embedding = ml_collections.ConfigDict()
+    c.embedding.patch_size = 3  # local aggregation window
+    c.embedding.pretrain_dim = 1024  # each layer's unfolded vector is pooled to this
+    c.embedding.target_dim = 1024  # D: the concatenation is pooled to this
+
+    # Methods run on the same features: patchcore, softpatch (uses softpatch.discriminator),
+    # softpatch_nearest, softpatch_gaussian, softpatch_lof, softpatch_plus, image_denoise.
+    c.methods = "patchcore,softpatch_lof,softpatch_plus"
+
+    c.softpatch = ml_collections.ConfigDict()
+    c.softpatch.discriminator = "lof"  # for `softpatch` and `image_denoise`
+    c.softpatch.discriminators = "gaussian,lof"  # SoftPatch+ fusion (any subset of nearest,gaussian,lof)
+    c.softpatch.lof_k = 6
+    c.softpatch.tau = 0.15  # SoftPatch, and SoftPatch+'s classification bank (tau_cls)
+    c.softpatch.tau_seg = 0.50  # SoftPatch+'s segmentation bank
+    c.softpatch.soft_weight = "lof"  # SoftPatch+: lof | nearest | gaussian | fused | none
+    c.softpatch.rank_scope = "all"  # SoftPatch+ rank normalisation: "all" patches or "position"
+    c.softpatch.projection_dim = 128  # R; 0 = discriminators and coreset on the full D
+    c.softpatch.gaussian_eps = 0.01  # covariance regulariser
+
+    # Approximate greedy k-center coreset (PatchCore).
+    c.coreset = ml_collections.ConfigDict()
+    c.coreset.ratio = 0.1  # of ALL N*P patches, removed ones included in the count
+    c.coreset.num_starts = 10
+
+    c.scoring = ml_collections.ConfigDict()
+    c.scoring.blur_sigma = 4.0
+    c.scoring.chunk_size = 0  # test patches per nearest-neighbour chunk; 0 = sized from memory
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.metrics = "image_auroc,pixel_auroc"
+    return c
