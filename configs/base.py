@@ -31,7 +31,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.backbone = ml_collections.ConfigDict()
     c.backbone.arch = "wide_resnet50_2"
     c.backbone.layers = ""  # empty: the architecture's default stride-8/stride-16 pair
-    c.backbone.weights = ""  # explicit weights file (.pth, .safetensors or an orbax dir); "" = resolve
+    c.backbone.weights = (
+        ""  # explicit weights file (.pth, .safetensors or an orbax dir); "" = resolve
+    )
     c.backbone.cache_dir = ""  # orbax cache of converted weights; "" = ~/.cache/softpatch_jax
     c.backbone.allow_random_init = False  # only for smoke tests: random features are near-useless
     c.backbone.dtype = "float32"  # or "bfloat16" (parameters stay float32)
@@ -48,7 +50,9 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.softpatch = ml_collections.ConfigDict()
     c.softpatch.discriminator = "lof"  # for `softpatch` and `image_denoise`
-    c.softpatch.discriminators = "gaussian,lof"  # SoftPatch+ fusion (any subset of nearest,gaussian,lof)
+    c.softpatch.discriminators = (
+        "gaussian,lof"  # SoftPatch+ fusion (any subset of nearest,gaussian,lof)
+    )
     c.softpatch.lof_k = 6
     c.softpatch.tau = 0.15  # SoftPatch, and SoftPatch+'s classification bank (tau_cls)
     c.softpatch.tau_seg = 0.50  # SoftPatch+'s segmentation bank

@@ -1,8 +1,8 @@
 """MVTec AD's folder layout (METHOD.md section 7), also used by the demo data and PIPED:
 
-  CATEGORY/train/good/*.png
-  CATEGORY/test/good/*.png, CATEGORY/test/DEFECT/*.png
-  CATEGORY/ground_truth/DEFECT/NAME_mask.png
+CATEGORY/train/good/*.png
+CATEGORY/test/good/*.png, CATEGORY/test/DEFECT/*.png
+CATEGORY/ground_truth/DEFECT/NAME_mask.png
 """
 
 from __future__ import annotations

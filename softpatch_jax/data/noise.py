@@ -9,7 +9,7 @@ import dataclasses
 
 import numpy as np
 
-from softpatch_jax.data.records import Augment, CategorySplits, Record
+from softpatch_jax.data.records import Augment, CategorySplits
 
 
 @dataclasses.dataclass(frozen=True)

@@ -47,8 +47,8 @@ def resize_crop(arr: np.ndarray, resize: int, crop: int, nearest: bool = False) 
     h, w = arr.shape[:2]
     if crop > min(h, w):
         raise ValueError(f"crop {crop} is larger than the resized image {h}x{w} (resize={resize})")
-    top = int(round((h - crop) / 2.0))
-    left = int(round((w - crop) / 2.0))
+    top = round((h - crop) / 2.0)
+    left = round((w - crop) / 2.0)
     return arr[top : top + crop, left : left + crop]
 
 
@@ -64,9 +64,13 @@ def augment(arr: np.ndarray, aug: Augment) -> np.ndarray:
     offset = centre - inv @ (centre + shift)
     out = np.empty_like(arr)
     for ch in range(arr.shape[2]):
-        out[..., ch] = ndimage.affine_transform(
-            arr[..., ch].astype(np.float32), inv, offset=offset, order=1, mode="nearest"
-        ).round().clip(0, 255)
+        out[..., ch] = (
+            ndimage.affine_transform(
+                arr[..., ch].astype(np.float32), inv, offset=offset, order=1, mode="nearest"
+            )
+            .round()
+            .clip(0, 255)
+        )
     return out
 
 

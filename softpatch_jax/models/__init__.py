@@ -67,6 +67,13 @@ def get_spec(arch: str) -> ArchSpec:
     return ARCHS[arch]
 
 
+def split_layers(layers: str | tuple[str, ...]) -> tuple[str, ...]:
+    """config.backbone.layers ("" or "layer2,layer3") -> a tuple of stage names."""
+    if isinstance(layers, str):
+        return tuple(s.strip() for s in layers.split(",") if s.strip())
+    return tuple(layers)
+
+
 def build(arch: str, out_layers: tuple[str, ...] | None = None, dtype=jnp.float32) -> nn.Module:
     """The Flax module for `arch`, returning `out_layers` (default: the method's feature pair)."""
     spec = get_spec(arch)

@@ -48,7 +48,9 @@ class BasicBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        y = nn.relu(_norm(self.dtype, "bn1")(_conv(self.planes, 3, self.stride, self.dtype, "conv1")(x)))
+        y = nn.relu(
+            _norm(self.dtype, "bn1")(_conv(self.planes, 3, self.stride, self.dtype, "conv1")(x))
+        )
         y = _norm(self.dtype, "bn2")(_conv(self.planes, 3, 1, self.dtype, "conv2")(y))
         if self.downsample:
             x = _conv(self.planes, 1, self.stride, self.dtype, "downsample_conv")(x)
@@ -103,7 +105,9 @@ class ResNet(nn.Module):
     def __call__(self, x):
         unknown = set(self.out_layers) - set(STAGES)
         if unknown or not self.out_layers:
-            raise ValueError(f"out_layers must be a non-empty subset of {STAGES}, got {self.out_layers}")
+            raise ValueError(
+                f"out_layers must be a non-empty subset of {STAGES}, got {self.out_layers}"
+            )
         last = max(STAGES.index(name) for name in self.out_layers)
         x = x.astype(self.dtype)
         x = _conv(self.base_planes, 7, 2, self.dtype, "conv1")(x)

@@ -1,0 +1,20 @@
+"""The built-in demo: synthetic textures and objects with five defect types (softpatch_jax/data/demo.py),
+generated on first use, no download. Runs PatchCore, SoftPatch-LOF and SoftPatch+ with no noise and
+with 20% overlap noise, so the table shows the method's point on a CPU in a few minutes.
+
+  python -m softpatch_jax.main --config=configs/demo.py --workdir=/tmp/sp_demo
+"""
+
+from configs import base
+
+
+def get_config():
+    c = base.get_config()
+    c.dataset.name = "demo"
+    c.dataset.layout = "demo"
+    c.dataset.root = ""  # "" = generate into ~/.cache/softpatch_jax (or $SOFTPATCH_CACHE)
+    c.noise.ratios = "0.0,0.2"
+    c.noise.overlap = True
+    c.backbone.arch = "wide_resnet50_2"
+    c.backbone.allow_random_init = True
+    return c

@@ -1,0 +1,101 @@
+"""The methods compared in the papers, as data: which discriminators drive patch removal, at what
+granularity and tau, which soft weight the memory bank keeps, and whether a second (segmentation)
+bank is built. `from_config` turns `config.methods` into specs; adding a method is one entry here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+
+from softpatch_jax import discriminators
+
+SOFT_WEIGHTS = ("none", "fused", *discriminators.NAMES)
+
+
+@dataclasses.dataclass(frozen=True)
+class BankSpec:
+    """One memory bank: removal of the top `tau` by `removal` scores, then coreset.
+
+    removal: discriminators whose (rank-fused, if several) score ranks the patches; () = no removal.
+    granularity: "patch" removes patches; "image" removes whole images by their max patch score.
+    """
+
+    removal: tuple[str, ...] = ()
+    tau: float = 0.0
+    granularity: str = "patch"
+    soft_weight: str = "none"
+    rank_scope: str = "all"
+
+    def __post_init__(self):
+        if not 0.0 <= self.tau < 1.0:
+            raise ValueError(f"tau must be in [0, 1), got {self.tau}")
+        if self.granularity not in ("patch", "image"):
+            raise ValueError(f"granularity must be 'patch' or 'image', got {self.granularity!r}")
+        if self.soft_weight not in SOFT_WEIGHTS:
+            raise ValueError(f"soft_weight {self.soft_weight!r}; valid: {SOFT_WEIGHTS}")
+        if self.rank_scope not in ("all", "position"):
+            raise ValueError(f"rank_scope must be 'all' or 'position', got {self.rank_scope!r}")
+
+    def coreset_key(self) -> tuple:
+        """Banks that remove the same patches share one coreset run."""
+        if not self.removal or self.tau == 0.0:
+            return ("all",)
+        return (self.removal, self.tau, self.granularity, self.rank_scope)
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    cls: BankSpec  # image scores
+    seg: BankSpec | None = None  # pixel maps; None: the classification bank serves both
+
+    def discriminators(self) -> tuple[str, ...]:
+        banks = [b for b in (self.cls, self.seg) if b is not None]
+        needed = {n for b in banks for n in b.removal}
+        needed |= {b.soft_weight for b in banks if b.soft_weight in discriminators.NAMES}
+        return tuple(n for n in discriminators.NAMES if n in needed)
+
+
+def _softpatch(name: str, disc: str, sp: ml_collections.ConfigDict) -> MethodSpec:
+    discriminators.check_names([disc])
+    return MethodSpec(name, BankSpec((disc,), sp.tau, "patch", disc))
+
+
+def spec(name: str, sp: ml_collections.ConfigDict) -> MethodSpec:
+    """The MethodSpec for a method name given the `config.softpatch` section."""
+    if name == "patchcore":
+        return MethodSpec(name, BankSpec())
+    if name == "softpatch":
+        return _softpatch(name, sp.discriminator, sp)
+    if name.startswith("softpatch_") and name[len("softpatch_") :] in discriminators.NAMES:
+        return _softpatch(name, name[len("softpatch_") :], sp)
+    if name == "softpatch_plus":
+        names = discriminators.check_names(split(sp.discriminators))
+
+        def bank(tau: float) -> BankSpec:
+            return BankSpec(names, tau, "patch", sp.soft_weight, sp.rank_scope)
+
+        return MethodSpec(name, bank(sp.tau), bank(sp.tau_seg))
+    if name == "image_denoise":
+        discriminators.check_names([sp.discriminator])
+        return MethodSpec(name, BankSpec((sp.discriminator,), sp.tau, "image", "none"))
+    raise ValueError(
+        f"unknown method {name!r}; valid: patchcore, softpatch, "
+        + ", ".join(f"softpatch_{n}" for n in discriminators.NAMES)
+        + ", softpatch_plus, image_denoise"
+    )
+
+
+def split(csv: str) -> list[str]:
+    return [s.strip() for s in str(csv).split(",") if s.strip()]
+
+
+def from_config(config: ml_collections.ConfigDict) -> list[MethodSpec]:
+    names = split(config.methods)
+    if not names:
+        raise ValueError("config.methods is empty")
+    if len(set(names)) != len(names):
+        raise ValueError(f"config.methods lists a method twice: {names}")
+    return [spec(n, config.softpatch) for n in names]

@@ -1,0 +1,102 @@
+"""Scoring (METHOD.md section 5): each test patch's distance to its nearest memory patch times that
+patch's soft weight; the image score is the max over the image's patches; the pixel map is the patch
+scores upsampled bilinearly to the input size and blurred with a Gaussian (sigma 4). All on device,
+the nearest-neighbour search chunked over test patches so memory stays bounded for any bank size.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from softpatch_jax import embedding, ops
+from softpatch_jax.memory_bank import Banks, MemoryBank
+
+
+def nearest(
+    query_QxD: jax.Array, bank_MxD: jax.Array, chunk_size: int
+) -> tuple[jax.Array, jax.Array]:
+    """Distance to and index of the nearest bank row for each query row (L2, full D)."""
+    bank = bank_MxD.astype(jnp.float32)
+    bank_sq = ops.sq_norms(bank)
+
+    def chunk(q):
+        d2 = ops.pairwise_sqdist(q.astype(jnp.float32), bank, b_sq_N=bank_sq)
+        idx = jnp.argmin(d2, axis=1)
+        return jnp.sqrt(jnp.take_along_axis(d2, idx[:, None], axis=1)[:, 0]), idx
+
+    return ops.chunked_map(chunk, query_QxD, chunk_size)
+
+
+@functools.partial(jax.jit, static_argnames=("chunk_size",))
+def patch_scores(bank: MemoryBank, feats_TxPxD: jax.Array, chunk_size: int) -> jax.Array:
+    """[T, P]: weighted nearest-neighbour distance of every test patch."""
+    t, p, d = feats_TxPxD.shape
+    dist, idx = nearest(feats_TxPxD.reshape(t * p, d), bank.feats_MxD, chunk_size)
+    return (bank.weights_M[idx] * dist).reshape(t, p)
+
+
+def gaussian_kernel(sigma: float, truncate: float = 4.0) -> np.ndarray:
+    """scipy.ndimage.gaussian_filter's 1-D kernel: radius int(truncate*sigma + 0.5), normalised."""
+    radius = int(truncate * sigma + 0.5)
+    x = np.arange(-radius, radius + 1, dtype=np.float64)
+    k = np.exp(-0.5 * (x / sigma) ** 2)
+    return (k / k.sum()).astype(np.float32)
+
+
+def gaussian_blur(maps_TxHxW: jax.Array, sigma: float) -> jax.Array:
+    """scipy.ndimage.gaussian_filter(map, sigma) per map (mode 'reflect' = numpy 'symmetric')."""
+    if sigma <= 0:
+        return maps_TxHxW
+    k = jnp.asarray(gaussian_kernel(sigma))
+    r = (k.shape[0] - 1) // 2
+
+    def blur_axis(x, axis):
+        pad = [(0, 0)] * x.ndim
+        pad[axis] = (r, r)
+        xp = jnp.pad(x, pad, mode="symmetric")
+        n = x.shape[axis]
+        out = jnp.zeros_like(x)
+        for i in range(k.shape[0]):  # static taps: exact, no TF32 convolution on GPUs
+            out = out + k[i] * jax.lax.slice_in_dim(xp, i, i + n, axis=axis)
+        return out
+
+    return blur_axis(blur_axis(maps_TxHxW, 1), 2)
+
+
+@functools.partial(jax.jit, static_argnames=("grid", "image_size", "sigma"))
+def anomaly_maps(
+    scores_TxP: jax.Array, grid: tuple[int, int], image_size: tuple[int, int], sigma: float
+) -> jax.Array:
+    """Patch scores [T, h*w] -> pixel maps [T, H, W]: bilinear upsample, then Gaussian blur."""
+    t = scores_TxP.shape[0]
+    up = embedding.resize_bilinear(scores_TxP.reshape(t, *grid, 1), *image_size)[..., 0]
+    return gaussian_blur(up, sigma)
+
+
+def chunk_size_for(bank_size: int) -> int:
+    """Test patches per chunk so the [chunk, M] distance block stays within free memory."""
+    return max(256, min(ops.chunk_rows(bytes_per_row=12 * bank_size), 65536))
+
+
+def predict(
+    banks: Banks,
+    feats_TxPxD: jax.Array,
+    grid: tuple[int, int],
+    image_size: tuple[int, int],
+    blur_sigma: float = 4.0,
+    chunk_size: int = 0,
+) -> tuple[jax.Array, jax.Array]:
+    """Library API: image scores [T] and anomaly maps [T, H, W] for test features [T, P, D]."""
+    cls_chunk = chunk_size or chunk_size_for(banks.cls.feats_MxD.shape[0])
+    cls_scores = patch_scores(banks.cls, feats_TxPxD, cls_chunk)
+    if banks.seg is banks.cls:
+        seg_scores = cls_scores
+    else:
+        seg_chunk = chunk_size or chunk_size_for(banks.seg.feats_MxD.shape[0])
+        seg_scores = patch_scores(banks.seg, feats_TxPxD, seg_chunk)
+    maps = anomaly_maps(seg_scores, tuple(grid), tuple(image_size), float(blur_sigma))
+    return jnp.max(cls_scores, axis=1), maps
