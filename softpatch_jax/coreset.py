@@ -35,7 +35,9 @@ def greedy(
       num_samples: coreset size M (static).
     """
     x = feats_NxR.astype(jnp.float32)
-    x = x - jnp.mean(x, axis=0)  # distances unchanged; float32 |a|^2+|b|^2-2ab stays accurate
+    x = x - jnp.mean(
+        x, axis=0, keepdims=True
+    )  # distances unchanged; float32 |a|^2+|b|^2-2ab stays accurate
     x_sq = ops.sq_norms(x)
     start = jnp.mean(jnp.sqrt(ops.pairwise_sqdist(x, x[starts_S], x_sq, x_sq[starts_S])), axis=1)
     min_d = jnp.where(keep_N, start, -1.0)

@@ -40,7 +40,7 @@ def _lof(d_NxN: jax.Array, k: int) -> jax.Array:
 def _mahalanobis(x_NxR: jax.Array, eps: float) -> jax.Array:
     """sqrt((x - mu)^T S^-1 (x - mu)), S = cov(x, ddof=1) + eps*I, over all N (self included)."""
     n, r = x_NxR.shape
-    xc = x_NxR - jnp.mean(x_NxR, axis=0)
+    xc = x_NxR - jnp.mean(x_NxR, axis=0, keepdims=True)
     cov = jnp.matmul(xc.T, xc, precision=ops.PRECISION) / (n - 1) + eps * jnp.eye(r, dtype=xc.dtype)
     chol = jnp.linalg.cholesky(cov)
     y = jax.scipy.linalg.solve_triangular(chol, xc.T, lower=True)  # [R, N]
@@ -51,7 +51,7 @@ def _position(x_NxR: jax.Array, names: tuple[str, ...], lof_k: int, eps: float) 
     out = {}
     if "nearest" in names or "lof" in names:
         # Centering changes no distance but keeps |a|^2+|b|^2-2ab accurate in float32.
-        xc = x_NxR - jnp.mean(x_NxR, axis=0)
+        xc = x_NxR - jnp.mean(x_NxR, axis=0, keepdims=True)
         d2 = ops.pairwise_sqdist(xc, xc)
         d = jnp.where(jnp.eye(x_NxR.shape[0], dtype=bool), jnp.inf, jnp.sqrt(d2))
         if "nearest" in names:

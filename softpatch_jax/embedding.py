@@ -37,9 +37,10 @@ def _pool_bins(length: int, out: int) -> tuple[np.ndarray, np.ndarray]:
 def adaptive_avg_pool(x: jax.Array, out: int) -> jax.Array:
     """adaptive_avg_pool1d over the last axis of `x` (any leading shape), exact bin semantics."""
     index, weight = _pool_bins(x.shape[-1], out)
+    lead = (1,) * (x.ndim - 1)
     acc = None
     for j in range(index.shape[0]):  # static, at most ceil(L/out)+1 slots
-        term = jnp.take(x, index[j], axis=-1) * weight[j]
+        term = jnp.take(x, index[j], axis=-1) * weight[j].reshape(*lead, out)
         acc = term if acc is None else acc + term
     return acc
 

@@ -41,8 +41,8 @@ def build(config: ml_collections.ConfigDict) -> Extractor:
     layers = models.split_layers(bb.layers) or spec.feature_layers
     module = models.build(bb.arch, layers, DTYPES[bb.dtype])
     variables, info = weights.resolve(bb)
-    mean = jnp.asarray(spec.mean, jnp.float32) * 255.0
-    std = jnp.asarray(spec.std, jnp.float32) * 255.0
+    mean = jnp.asarray(spec.mean, jnp.float32).reshape(1, 1, 1, 3) * 255.0
+    std = jnp.asarray(spec.std, jnp.float32).reshape(1, 1, 1, 3) * 255.0
     emb = config.embedding
 
     @jax.jit

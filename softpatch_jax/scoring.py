@@ -19,14 +19,20 @@ from softpatch_jax.memory_bank import Banks, MemoryBank
 def nearest(
     query_QxD: jax.Array, bank_MxD: jax.Array, chunk_size: int
 ) -> tuple[jax.Array, jax.Array]:
-    """Distance to and index of the nearest bank row for each query row (L2, full D)."""
+    """Distance to and index of the nearest bank row for each query row (L2, full D).
+
+    The search uses |q|^2 + |b|^2 - 2qb on bank-centred data; the winner's distance is then recomputed
+    as |q - b| directly, since the expanded form loses small distances to cancellation in float32.
+    """
     bank = bank_MxD.astype(jnp.float32)
+    centre = jnp.mean(bank, axis=0, keepdims=True)
+    bank = bank - centre
     bank_sq = ops.sq_norms(bank)
 
     def chunk(q):
-        d2 = ops.pairwise_sqdist(q.astype(jnp.float32), bank, b_sq_N=bank_sq)
-        idx = jnp.argmin(d2, axis=1)
-        return jnp.sqrt(jnp.take_along_axis(d2, idx[:, None], axis=1)[:, 0]), idx
+        q = q.astype(jnp.float32) - centre
+        idx = jnp.argmin(ops.pairwise_sqdist(q, bank, b_sq_N=bank_sq), axis=1)
+        return jnp.sqrt(ops.sq_norms(q - bank[idx])), idx
 
     return ops.chunked_map(chunk, query_QxD, chunk_size)
 

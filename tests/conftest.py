@@ -1,0 +1,9 @@
+"""Test-wide settings: CPU, float32, and implicit rank promotion is an error (nanodo's habit)."""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_numpy_rank_promotion", "raise")

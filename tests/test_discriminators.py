@@ -1,0 +1,94 @@
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+from sklearn.neighbors import LocalOutlierFactor
+
+from softpatch_jax import discriminators
+
+
+def clustered(rng, n_dense=30, n_sparse=15, n_out=3, r=8):
+    """Two clusters of very different densities plus a few far outliers."""
+    dense = rng.normal(0.0, 0.2, (n_dense, r))
+    sparse = rng.normal(4.0, 1.5, (n_sparse, r))
+    out = rng.normal(0.0, 6.0, (n_out, r)) + 10.0
+    x = np.concatenate([dense, sparse, out]).astype(np.float32)
+    return x[rng.permutation(len(x))]
+
+
+@pytest.mark.parametrize("k", [3, 6, 10])
+def test_lof_matches_sklearn(k):
+    rng = np.random.default_rng(k)
+    positions = np.stack([clustered(rng) for _ in range(5)])  # [P, N, R]
+    got = np.asarray(
+        discriminators.score(jnp.asarray(positions), ("lof",), lof_k=k, chunk_size=2)["lof"]
+    )
+    for p in range(positions.shape[0]):
+        lof = LocalOutlierFactor(n_neighbors=k).fit(positions[p].astype(np.float64))
+        want = -lof.negative_outlier_factor_
+        np.testing.assert_allclose(got[p], want, rtol=1e-4)
+    # The far outliers must stand out, or the test data would not exercise LOF.
+    assert got.max() > 2.0
+
+
+def test_mahalanobis_matches_numpy():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(4, 40, 6)) @ rng.normal(size=(6, 6))  # correlated
+    got = np.asarray(
+        discriminators.score(jnp.asarray(x, jnp.float32), ("gaussian",), gaussian_eps=0.01)[
+            "gaussian"
+        ]
+    )
+    for p in range(x.shape[0]):
+        mu = x[p].mean(0)
+        cov = np.cov(x[p], rowvar=False, ddof=1) + 0.01 * np.eye(6)
+        diff = x[p] - mu
+        want = np.sqrt(np.einsum("nr,rs,ns->n", diff, np.linalg.inv(cov), diff))
+        np.testing.assert_allclose(got[p], want, rtol=1e-4)
+
+
+def test_nearest_matches_brute_force_and_shares_one_call():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(7, 12, 5)).astype(np.float32)
+    out = discriminators.score(
+        jnp.asarray(x), ("nearest", "gaussian", "lof"), lof_k=4, chunk_size=3
+    )
+    assert set(out) == {"nearest", "gaussian", "lof"}
+    for p in range(7):
+        d = np.linalg.norm(x[p][:, None] - x[p][None], axis=-1)
+        np.fill_diagonal(d, np.inf)
+        np.testing.assert_allclose(np.asarray(out["nearest"][p]), d.min(1), rtol=1e-5)
+
+
+def test_effective_k_follows_sklearn_and_rejects_single_image():
+    assert discriminators.effective_k(6, 4) == 3
+    assert discriminators.effective_k(6, 100) == 6
+    with pytest.raises(ValueError, match="at least 2"):
+        discriminators.effective_k(6, 1)
+
+
+def test_rank_normalise_matches_scipy_with_ties():
+    w = np.array([[3.0, 1.0, 2.0, 2.0], [5.0, 5.0, 0.0, 1.0]], np.float32)
+    got_all = np.asarray(discriminators.rank_normalise(jnp.asarray(w)))
+    np.testing.assert_allclose(
+        got_all, stats.rankdata(w, method="average").reshape(w.shape) / w.size
+    )
+    got_pos = np.asarray(discriminators.rank_normalise(jnp.asarray(w), axis=1))
+    want_pos = np.stack([stats.rankdata(row, method="average") / 4 for row in w])
+    np.testing.assert_allclose(got_pos, want_pos)
+
+
+def test_fuse_averages_ranks_and_rejects_bad_names():
+    a = np.array([[1.0, 2.0], [3.0, 4.0]], np.float32)
+    b = np.array([[4.0, 3.0], [2.0, 1.0]], np.float32)
+    fused = np.asarray(
+        discriminators.fuse(
+            {"lof": jnp.asarray(a), "gaussian": jnp.asarray(b)}, ("lof", "gaussian")
+        )
+    )
+    # Exactly opposite orders: every patch gets the mean rank (1+4)/2/4.
+    np.testing.assert_allclose(fused, np.full((2, 2), 0.625))
+    with pytest.raises(ValueError, match="valid"):
+        discriminators.fuse({"lof": jnp.asarray(a)}, ("lofx",))
+    with pytest.raises(ValueError, match="rank_scope"):
+        discriminators.fuse({"lof": jnp.asarray(a)}, ("lof",), scope="image")

@@ -1,0 +1,99 @@
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from sklearn.neighbors import LocalOutlierFactor
+
+from configs import base
+from softpatch_jax import memory_bank, methods
+from tests.test_coreset import numpy_greedy
+
+
+def small_config(**softpatch):
+    c = base.get_config()
+    c.softpatch.projection_dim = 8
+    c.softpatch.update(softpatch)
+    return c
+
+
+def features(seed=0, n=12, p=9, d=16):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(1, p, d)) + 0.3 * rng.normal(size=(n, p, d))
+    x[0, 4] += 6.0  # an injected defect patch: an outlier at its position
+    return x.astype(np.float32)
+
+
+def test_softpatch_lof_equals_independent_composition():
+    """sklearn LOF per position -> numpy quantile removal -> numpy greedy loop: same bank."""
+    cfg = small_config(tau=0.15)
+    feats = features()
+    n, p, d = feats.shape
+    rng = np.random.default_rng(5)
+    proj = rng.uniform(-0.25, 0.25, (d, 8)).astype(np.float32)
+    starts = rng.choice(n * p, 10, replace=False)
+    banks = memory_bank.fit(
+        jax.random.key(0),
+        jnp.asarray(feats),
+        cfg,
+        "softpatch_lof",
+        projection=jnp.asarray(proj),
+        starts=jnp.asarray(starts),
+    )
+    z = feats.reshape(n * p, d).astype(np.float64) @ proj
+    lof = np.empty((n, p))
+    for pos in range(p):
+        lof[:, pos] = (
+            -LocalOutlierFactor(n_neighbors=6)
+            .fit(z.reshape(n, p, 8)[:, pos])
+            .negative_outlier_factor_
+        )
+    keep = (lof <= np.quantile(lof, 0.85)).reshape(-1)
+    m = int(0.1 * n * p)
+    want = numpy_greedy(z, keep, starts, m)
+    np.testing.assert_array_equal(np.asarray(banks.cls.index_M), want)
+    np.testing.assert_allclose(
+        np.asarray(banks.cls.weights_M), np.maximum(lof.reshape(-1), 0)[want], rtol=1e-4
+    )
+    np.testing.assert_array_equal(np.asarray(banks.cls.feats_MxD), feats.reshape(n * p, d)[want])
+    assert not keep[4], "the planted outlier (image 0, position 4) must be removed"
+    assert 4 not in set(np.asarray(banks.cls.index_M).tolist())
+
+
+def test_softpatch_plus_builds_two_banks_and_patchcore_keeps_everything():
+    cfg = small_config()
+    feats = jnp.asarray(features(1, n=16))
+    specs = methods.from_config(
+        ml_collections.ConfigDict(
+            {"methods": "patchcore,softpatch_plus", "softpatch": cfg.softpatch}
+        )
+    )
+    out = memory_bank.fit_many(jax.random.key(1), feats, cfg, specs)
+    assert set(out.scores_NxP) == {"gaussian", "lof"}
+    plus = out.banks["softpatch_plus"]
+    keep_cls = np.asarray(out.keep_NxP["softpatch_plus"])
+    assert abs(keep_cls.mean() - 0.85) < 0.02
+    assert np.asarray(out.keep_NxP["patchcore"]).all()
+    np.testing.assert_allclose(np.asarray(out.banks["patchcore"].cls.weights_M), 1.0)
+    # The segmentation bank removes more (tau_seg = 0.5): none of its patches are above the median.
+    fused = np.asarray(memory_bank.removal_score(specs[1].seg, out.scores_NxP)).reshape(-1)
+    assert fused[np.asarray(plus.seg.index_M)].max() <= np.quantile(fused, 0.5) + 1e-7
+    assert plus.cls.feats_MxD.shape == plus.seg.feats_MxD.shape == (int(0.1 * 16 * 9), 16)
+
+
+def test_image_level_denoising_removes_whole_images():
+    cfg = small_config(tau=0.1)
+    feats = features(2, n=20)
+    spec = methods.spec("image_denoise", cfg.softpatch)
+    scores = memory_bank.fit_many(jax.random.key(0), jnp.asarray(feats), cfg, [spec]).scores_NxP
+    keep = np.asarray(memory_bank.keep_mask(spec.cls, scores, (20, 9)))
+    per_image = keep.all(1)
+    assert (keep.any(1) == per_image).all()  # all or nothing per image
+    assert not per_image[0]  # the image with the planted outlier goes
+    lof_max = np.asarray(scores["lof"]).max(1)
+    np.testing.assert_array_equal(per_image, lof_max <= np.quantile(lof_max, 0.9))
+
+
+def test_unknown_method_lists_valid_names():
+    with pytest.raises(ValueError, match="softpatch_plus"):
+        methods.spec("softpach", base.get_config().softpatch)
