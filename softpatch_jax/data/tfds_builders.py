@@ -70,6 +70,13 @@ def _stat(path: str) -> list[int]:
     return [st.st_size, st.st_mtime_ns]
 
 
+def _source(fn: Callable) -> str:
+    try:
+        return inspect.getsource(fn)
+    except OSError:  # installed without sources: the bytecode still changes with the code
+        return fn.__code__.co_code.hex()
+
+
 def fingerprint(builder_name: str, root: str, splits: CategorySplits, resize: int) -> str:
     """sha256 of everything a store's content depends on (see the module docstring)."""
     rows = []
@@ -77,7 +84,7 @@ def fingerprint(builder_name: str, root: str, splits: CategorySplits, resize: in
         for r in records:
             mask = [relpath(r.mask_path, root), *_stat(r.mask_path)] if r.mask_path else []
             rows.append([split, relpath(r.path, root), r.label, r.defect, *_stat(r.path), *mask])
-    code = "\n".join(inspect.getsource(f) for f in _STORED_CODE)
+    code = "\n".join(_source(f) for f in _STORED_CODE)
     blob = {
         "store_format": STORE_FORMAT,
         "builder": builder_name,
