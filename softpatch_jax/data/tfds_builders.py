@@ -117,10 +117,8 @@ class _AnomalyDataset(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     RELEASE_NOTES: ClassVar[dict[str, str]] = {
         "1.0.0": "Images and masks with the shorter side resized, uncropped, as raw uint8.",
     }
-    BUILDER_CONFIG_CLASS = CategoryConfig
     LAYOUT: ClassVar[str] = ""
     CATEGORIES: ClassVar[tuple[str, ...]] = ()
-    PAPER_RESIZE: ClassVar[int] = 256
     READER: ClassVar[Callable[[str, str], CategorySplits]]
     HOMEPAGE: ClassVar[str] = ""
     # Images decoded in parallel during preparation (PIL releases the GIL while decoding).
@@ -239,7 +237,6 @@ class Btad(_AnomalyDataset, skip_registration=True):
 
     LAYOUT = "btad"
     CATEGORIES = btad.CATEGORIES
-    PAPER_RESIZE = 512
     BUILDER_CONFIGS: ClassVar[list[CategoryConfig]] = _configs(btad.CATEGORIES, 512)
     READER = staticmethod(btad.read_category)
     MANUAL_DOWNLOAD_INSTRUCTIONS = (
