@@ -1,14 +1,21 @@
-"""Dataset readers, keyed by `config.dataset.layout`. Each reader lists categories and returns
-`CategorySplits` of undecoded records; `preprocess.load_records` decodes them."""
+"""Dataset readers, keyed by `config.dataset.layout` (METHOD.md section 7). Each reader lists
+categories and returns `CategorySplits` of undecoded records; `loader` gives the function that
+turns records into arrays, by decoding the files (`preprocess.load_records`) or, with
+`config.dataset.prepared`, from the TFDS store under `config.dataset.data_dir` (`prepared.py`).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Sequence
 
 import ml_collections
+import numpy as np
 
-from softpatch_jax.data import mvtec
-from softpatch_jax.data.records import CategorySplits
+from softpatch_jax.data import btad, mvtec, preprocess, visa
+from softpatch_jax.data.records import CategorySplits, Record
+
+Loader = Callable[[Sequence[Record]], tuple[np.ndarray, np.ndarray]]
 
 
 def _demo_root(cfg: ml_collections.ConfigDict) -> str:
@@ -17,9 +24,20 @@ def _demo_root(cfg: ml_collections.ConfigDict) -> str:
     return demo.ensure(cfg.root or None)
 
 
+def _root(cfg: ml_collections.ConfigDict) -> str:
+    if not cfg.root:
+        raise ValueError(
+            f"config.dataset.root is empty: set --config.dataset.root=PATH "
+            f"for layout {cfg.layout!r}"
+        )
+    return cfg.root
+
+
 # layout -> (root resolver, list_categories(root), read_category(root, category))
 LAYOUTS: dict[str, tuple[Callable, Callable, Callable]] = {
-    "mvtec": (lambda cfg: cfg.root, mvtec.list_categories, mvtec.read_category),
+    "mvtec": (_root, mvtec.list_categories, mvtec.read_category),
+    "visa": (_root, visa.list_categories, visa.read_category),
+    "btad": (_root, btad.list_categories, btad.read_category),
     "demo": (_demo_root, mvtec.list_categories, mvtec.read_category),
 }
 
@@ -31,13 +49,9 @@ def _layout(cfg: ml_collections.ConfigDict):
 
 
 def categories(cfg: ml_collections.ConfigDict) -> list[str]:
-    """The categories to run: config.dataset.categories ("all" or a comma list), checked to exist."""
+    """The categories to run: config.dataset.categories ("all" or a comma list), checked."""
     resolve_root, list_cats, _ = _layout(cfg)
     root = resolve_root(cfg)
-    if not root:
-        raise ValueError(
-            f"config.dataset.root is empty: set --config.dataset.root=PATH for layout {cfg.layout!r}"
-        )
     have = list_cats(root)
     if cfg.categories in ("", "all"):
         return have
@@ -49,5 +63,24 @@ def categories(cfg: ml_collections.ConfigDict) -> list[str]:
 
 
 def read(cfg: ml_collections.ConfigDict, category: str) -> CategorySplits:
+    """One category's records, read and validated from the source files."""
     resolve_root, _, read_category = _layout(cfg)
     return read_category(resolve_root(cfg), category)
+
+
+def loader(cfg: ml_collections.ConfigDict, category: str) -> Loader:
+    """records -> (images uint8 [N, crop, crop, 3], masks bool [N, crop, crop]) for one category.
+
+    With `cfg.prepared` the category's store is checked against the source and (re)prepared here
+    when missing or stale, once; the returned function then only reads. Without it, every call
+    decodes the files. Both give identical arrays.
+    """
+    if not cfg.get("prepared", False):
+        return functools.partial(preprocess.load_records, resize=cfg.resize, crop=cfg.crop)
+    from softpatch_jax.data import prepared  # imports tensorflow_datasets; only when asked
+
+    resolve_root, _, _ = _layout(cfg)
+    store = prepared.ensure(
+        cfg.layout, resolve_root(cfg), category, cfg.resize, cfg.get("data_dir", "")
+    )
+    return functools.partial(store.load_records, crop=cfg.crop)

@@ -1,4 +1,4 @@
-"""MVTec AD's folder layout (METHOD.md section 7), also used by the demo data and PIPED:
+"""MVTec AD's folder layout (METHOD.md section 7), also used by the demo data:
 
 CATEGORY/train/good/*.png
 CATEGORY/test/good/*.png, CATEGORY/test/DEFECT/*.png
@@ -9,65 +9,61 @@ from __future__ import annotations
 
 import os
 
+from softpatch_jax.data import validate
 from softpatch_jax.data.records import CategorySplits, Record
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+IMAGE_EXTENSIONS = validate.IMAGE_EXTENSIONS
 NORMAL = "good"
-
-
-def _images(folder: str) -> list[str]:
-    return sorted(
-        os.path.join(folder, f)
-        for f in os.listdir(folder)
-        if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")
-    )
+CATEGORIES = (
+    "bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut", "pill",
+    "screw", "tile", "toothbrush", "transistor", "wood", "zipper",
+)  # fmt: skip
 
 
 def list_categories(root: str) -> list[str]:
-    """Sub-folders of `root` that have a train/ folder."""
-    if not os.path.isdir(root):
-        raise FileNotFoundError(f"dataset root {root!r} does not exist or is not a directory")
-    cats = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d, "train")))
+    """Sub-folders of `root` that have a train/good folder."""
+    validate.require_root(root, "mvtec")
+    cats = sorted(
+        d
+        for d in os.listdir(root)
+        if not d.startswith(".") and os.path.isdir(os.path.join(root, d, "train", NORMAL))
+    )
     if not cats:
-        raise FileNotFoundError(
-            f"no category under {root!r}: expected MVTec's layout ROOT/CATEGORY/train/good/*.png"
+        raise validate.wrong_layout(
+            root, "mvtec", f"no category with train/{NORMAL} under {root!r}"
         )
     return cats
 
 
 def read_category(root: str, category: str, normal: str = NORMAL) -> CategorySplits:
     """Records of one category in MVTec's layout; every defect image must have its mask."""
+    validate.require_root(root, "mvtec")
     base = os.path.join(root, category)
     if not os.path.isdir(base):
-        raise FileNotFoundError(
-            f"category {category!r} not found under {root!r} (have: {list_categories(root)})"
-        )
+        validate.check_category(root, category, list_categories(root))
     train_dir = os.path.join(base, "train", normal)
     test_dir = os.path.join(base, "test")
     for d in (train_dir, test_dir):
         if not os.path.isdir(d):
-            raise FileNotFoundError(
-                f"{d!r} is missing: expected MVTec's layout {category}/train/{normal}, "
-                f"{category}/test/{{{normal},DEFECT}}, {category}/ground_truth/DEFECT"
-            )
-    train = tuple(Record(p, 0, normal) for p in _images(train_dir))
+            raise validate.wrong_layout(root, "mvtec", f"{d!r} is missing")
+    train = tuple(Record(p, 0, normal) for p in validate.list_images(train_dir))
+    if not train:
+        raise ValueError(f"empty training split: no image in {train_dir!r}")
     test: list[Record] = []
     for defect in sorted(os.listdir(test_dir)):
         folder = os.path.join(test_dir, defect)
-        if not os.path.isdir(folder):
+        if defect.startswith(".") or not os.path.isdir(folder):
             continue
-        for path in _images(folder):
+        for path in validate.list_images(folder):
             if defect == normal:
                 test.append(Record(path, 0, normal))
                 continue
             stem = os.path.splitext(os.path.basename(path))[0]
             mask_dir = os.path.join(base, "ground_truth", defect)
-            candidates = [os.path.join(mask_dir, stem + "_mask" + ext) for ext in IMAGE_EXTENSIONS]
-            candidates += [os.path.join(mask_dir, stem + ext) for ext in IMAGE_EXTENSIONS]
-            mask = next((c for c in candidates if os.path.isfile(c)), None)
+            mask, tried = validate.find_mask(mask_dir, stem, ("_mask", ""))
             if mask is None:
-                raise FileNotFoundError(
-                    f"defect image {path!r} has no mask: expected {candidates[0]!r}"
-                )
+                raise FileNotFoundError(f"defect image {path!r} has no mask: expected {tried[0]!r}")
             test.append(Record(path, 1, defect, mask_path=mask))
-    return CategorySplits(category, train, tuple(test))
+    if not test:
+        raise ValueError(f"empty test split: no image under {test_dir!r}")
+    return validate.check_splits(CategorySplits(category, train, tuple(test)), f"under {base!r}")

@@ -1,7 +1,8 @@
-"""What a dataset reader returns: one record per image, with its label and mask, and nothing decoded.
+"""What a dataset reader returns: one record per image, with its label and mask, nothing decoded.
 
-Readers (MVTec folders, VisA, BTAD, plain folders, the demo generator) all produce `CategorySplits`; the
-noisy-set construction (`noise.py`) and the loaders (`preprocess.py`) only see records.
+Readers (MVTec folders, VisA, BTAD, plain folders, the demo generator) all produce `CategorySplits`;
+the noisy-set construction (`noise.py`) and the loaders (`preprocess.py`, `prepared.py`) only see
+records. A record's `path` is the identity of its image everywhere, the prepared store included.
 """
 
 from __future__ import annotations
