@@ -20,6 +20,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.dataset.resize = 256  # shorter side, bilinear (METHOD.md section 2)
     c.dataset.crop = 224  # center crop
     c.dataset.batch_size = 32  # images per backbone call (padded to this size, so compiled once)
+    # True: decode once into a TFDS array_record store (resized, uncropped), re-read from it after.
+    c.dataset.prepared = False
+    c.dataset.data_dir = ""  # the store's folder; "" = $TFDS_DATA_DIR or ~/tensorflow_datasets
 
     # Noisy training set (METHOD.md section 6). ratios: comma-separated, each run in turn.
     c.noise = ml_collections.ConfigDict()

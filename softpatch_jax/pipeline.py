@@ -17,7 +17,7 @@ import numpy as np
 from absl import logging
 
 from softpatch_jax import data, features, memory_bank, methods, metrics, report, scoring
-from softpatch_jax.data import noise, preprocess
+from softpatch_jax.data import noise
 from softpatch_jax.io_utils import write_csv, write_json
 
 METRICS = ("image_auroc", "pixel_auroc")
@@ -60,9 +60,9 @@ def _stable_id(text: str) -> int:
     return zlib.crc32(text.encode()) & 0x7FFFFFFF
 
 
-def _load(records, cfg, timer, stage="decode"):
+def _load(load, records, timer, stage="decode"):
     with timer(stage):
-        return preprocess.load_records(records, cfg.dataset.resize, cfg.dataset.crop)
+        return load(records)
 
 
 def _extract(ex, images, timer, what: str):
@@ -77,8 +77,10 @@ def run_category(config, ex, specs, category: str, ratios) -> list[dict]:
     """All noise settings and methods of one category -> result rows."""
     splits = data.read(config.dataset, category)
     base = Timer()
-    train_imgs, _ = _load(splits.train, config, base)
-    test_imgs, test_masks = _load(splits.test, config, base)
+    with base("prepare"):
+        load = data.loader(config.dataset, category)
+    train_imgs, _ = _load(load, splits.train, base)
+    test_imgs, test_masks = _load(load, splits.test, base)
     train_feats = _extract(ex, train_imgs, base, "train")
     test_feats = _extract(ex, test_imgs, base, "test")
     test_pos = {r.path: i for i, r in enumerate(splits.test)}
@@ -96,7 +98,7 @@ def run_category(config, ex, specs, category: str, ratios) -> list[dict]:
         injected = noisy.train[len(splits.train) :]
         feats = train_feats
         if injected:
-            inj_imgs, _ = _load(injected, config, timer)
+            inj_imgs, _ = _load(load, injected, timer)
             feats = jnp.concatenate([train_feats, _extract(ex, inj_imgs, timer, "injected")])
         keep_test = np.array([test_pos[r.path] for r in noisy.test])
         labels = np.array([r.label for r in noisy.test])
