@@ -34,6 +34,7 @@ class DemoSpec:
     num_per_defect: int = 5
     categories: tuple[str, ...] = CATEGORIES
     seed: int = 0
+    defect_scale: float = 1.0  # multiplies every defect's size
 
     def fingerprint(self) -> str:
         text = json.dumps({**dataclasses.asdict(self), "version": 1}, sort_keys=True)
@@ -139,9 +140,9 @@ def _location(rng, body, margin):
     return np.array([ys[i], xs[i]], np.float32) + rng.uniform(-0.5, 0.5, 2) * (size / 256)
 
 
-def _defect(kind, rng, img, body, bg):
+def _defect(kind, rng, img, body, bg, scale=1.0):
     size = img.shape[0]
-    s = size / 256
+    s = size / 256 * scale
     margin = int(40 * s)
     y, x = _grid(size)
     c = _location(rng, body, margin)
@@ -193,13 +194,19 @@ def _defect(kind, rng, img, body, bg):
     return img * (1 - a) + a * target, alpha >= 0.5
 
 
-def render(category: str, rng: np.random.Generator, size: int, defect: str | None = None):
+def render(
+    category: str,
+    rng: np.random.Generator,
+    size: int,
+    defect: str | None = None,
+    defect_scale: float = 1.0,
+):
     """One image (uint8 HxWx3) and its mask (bool HxW, all False for normal images)."""
     img, body = RENDER[category](rng, size)
     mask = np.zeros((size, size), bool)
     if defect is not None:
         bg = _object_canvas(rng, size) if category in OBJECTS else np.full((size, size, 3), 0.08)
-        img, mask = _defect(defect, rng, img, body, bg)
+        img, mask = _defect(defect, rng, img, body, bg, defect_scale)
     img = img + rng.normal(0, 0.008, img.shape)  # sensor noise
     return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8), mask
 
@@ -231,7 +238,8 @@ def write(root: str, spec: DemoSpec = DemoSpec()) -> str:
                 _save(os.path.join(tmp, cat, "test", "good", f"{i:03d}.png"), img)
             for d, defect in enumerate(DEFECTS):
                 for i in range(spec.num_per_defect):
-                    img, mask = render(cat, _rng(spec, cat, 2 + d, i), spec.size, defect)
+                    rng = _rng(spec, cat, 2 + d, i)
+                    img, mask = render(cat, rng, spec.size, defect, spec.defect_scale)
                     _save(os.path.join(tmp, cat, "test", defect, f"{i:03d}.png"), img)
                     m = mask.astype(np.uint8) * 255
                     _save(os.path.join(tmp, cat, "ground_truth", defect, f"{i:03d}_mask.png"), m)
