@@ -187,13 +187,25 @@ def test_missing_unexpected_and_wrong_shape_keys_are_named():
 
 def test_nothing_past_the_last_requested_stage():
     module = resnet.resnet_tiny(out_layers=("layer2", "layer3"))
-    variables = resnet.init_variables(module, jax.random.key(0), image_size=32)
+    images = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
+    # Shapes only (eval_shape): Flax's initialisers take long to compile and are beside the point.
+    variables = jax.eval_shape(module.init, jax.random.key(0), images)
     blocks = set(variables["params"]) | set(variables["batch_stats"])
     assert not any(name.startswith("layer4") for name in blocks)
     assert any(name.startswith("layer3") for name in blocks)
-    out = module.apply(variables, jnp.zeros((1, 32, 32, 3)))
+    out = jax.eval_shape(module.apply, variables, images)
     assert sorted(out) == ["layer2", "layer3"]
     assert out["layer3"].shape == (1, 2, 2, 128)
+    # The traced computation holds exactly the convolutions torchvision has up to layer3.
+    tv = _torchvision_tiny(64)
+    tv_convs = sum(
+        isinstance(m, torch.nn.Conv2d)
+        for part in (tv.conv1, tv.layer1, tv.layer2, tv.layer3)
+        for m in part.modules()
+    )
+    jaxpr = jax.make_jaxpr(module.apply)(variables, images)
+    ours = str(jaxpr).count("conv_general_dilated[")
+    assert ours == tv_convs == 13
 
     state = {k: v.numpy() for k, v in torchvision.models.resnet18().state_dict().items()}
     trimmed = resnet.convert_torchvision(state, "resnet18", out_layers=("layer2",), strict=False)
@@ -210,10 +222,10 @@ def test_bfloat16_compute_keeps_float32_params_and_tracks_torchvision(tmp_path):
     variables = resnet.convert_torchvision(state, "resnet_tiny", ignore_prefixes=("fc.",))
     module = resnet.resnet_tiny(out_layers=("layer2", "layer3"), dtype=jnp.bfloat16)
     images_BxHxWx3 = jnp.asarray(images.permute(0, 2, 3, 1).numpy())
-    got = module.apply(variables, images_BxHxWx3)
+    got = jax.jit(module.apply)(variables, images_BxHxWx3)
     want = _torchvision_stages(model, images)
     assert got["layer3"].dtype == jnp.bfloat16
-    params = resnet.init_variables(module, jax.random.key(0))["params"]
+    params = jax.eval_shape(module.init, jax.random.key(0), images_BxHxWx3)["params"]
     assert {leaf.dtype for leaf in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
     for stage in ("layer2", "layer3"):
         error = np.abs(np.asarray(got[stage], np.float64) - want[stage]).max()
