@@ -64,11 +64,11 @@ def _torchvision_stages(model, images_Bx3xHxW, dtype=torch.float32) -> dict:
     return outputs
 
 
-def _prepared(model, size: int, tmp_path, seed: int = 0):
+def _prepared(model, size: int, tmp_path, num_images: int = 2, seed: int = 0):
     """Seeded weights and images; the state dict as our reader sees it after torch.save."""
     torch.manual_seed(seed)
-    _randomise_batch_norm(model, torch.randn(4, 3, size, size))
-    images = torch.randn(2, 3, size, size)
+    _randomise_batch_norm(model, torch.randn(2, 3, size, size))
+    images = torch.randn(num_images, 3, size, size)
     path = tmp_path / "model.pth"
     torch.save(model.state_dict(), path)
     return images, torch_pickle.load_state_dict(path)
@@ -106,7 +106,7 @@ def test_resnet18_matches_torchvision(tmp_path):
 @pytest.mark.slow
 def test_wide_resnet50_2_matches_torchvision_at_224(tmp_path):
     model = torchvision.models.wide_resnet50_2()
-    images, state = _prepared(model, 224, tmp_path)
+    images, state = _prepared(model, 224, tmp_path, num_images=1)
     variables = resnet.convert_torchvision(state, "wide_resnet50_2", ignore_prefixes=("fc.",))
     want64 = _torchvision_stages(model.double(), images, torch.float64)
     want32 = _torchvision_stages(model.float(), images, torch.float32)
