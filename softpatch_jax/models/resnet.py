@@ -1,19 +1,22 @@
 """torchvision's ResNet family in Flax (linen, NHWC), for feature extraction (METHOD.md section 2).
 
-The architecture follows torchvision's definitions exactly (Bottleneck v1.5: the stride sits on the 3x3
-convolution; `width_per_group=128` for the wide variants) so that torchvision's ImageNet weights port
-one to one. Batch norm always runs in eval mode (running statistics). The model returns the outputs
-of the requested stages in a dict and computes nothing past the last requested one.
+The architecture follows torchvision's definitions exactly (Bottleneck v1.5: the stride sits on the
+3x3 convolution; `width_per_group=128` for the wide variants) so that torchvision's ImageNet weights
+port one to one (`convert_torchvision`). Batch norm always runs in eval mode (running statistics).
+The model returns the outputs of the requested stages in a dict and computes nothing past the last
+requested one.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+from absl import logging
 
 STAGES = ("layer1", "layer2", "layer3", "layer4")
 
@@ -48,9 +51,8 @@ class BasicBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        y = nn.relu(
-            _norm(self.dtype, "bn1")(_conv(self.planes, 3, self.stride, self.dtype, "conv1")(x))
-        )
+        y = _conv(self.planes, 3, self.stride, self.dtype, "conv1")(x)
+        y = nn.relu(_norm(self.dtype, "bn1")(y))
         y = _norm(self.dtype, "bn2")(_conv(self.planes, 3, 1, self.dtype, "conv2")(y))
         if self.downsample:
             x = _conv(self.planes, 1, self.stride, self.dtype, "downsample_conv")(x)
@@ -148,6 +150,140 @@ wide_resnet101_2 = functools.partial(ResNet, stage_sizes=(3, 4, 23, 3), width_pe
 resnet_tiny = functools.partial(ResNet, stage_sizes=(1, 1, 1, 1), base_planes=8, width_per_group=64)
 
 
-def init_variables(module: nn.Module, key: jax.Array, image_size: int = 64):
-    """Random (He-normal convolution, unit batch-norm) variables for `module`."""
+VARIANTS = {
+    "resnet18": resnet18,
+    "resnet50": resnet50,
+    "wide_resnet50_2": wide_resnet50_2,
+    "wide_resnet101_2": wide_resnet101_2,
+    "resnet_tiny": resnet_tiny,
+}
+
+
+def init_variables(module: nn.Module, key: jax.Array, image_size: int = 64) -> dict:
+    """Random variables for `module`: Flax's default LeCun-normal kernels, unit batch norm."""
     return module.init(key, jnp.zeros((1, image_size, image_size, 3), jnp.float32))
+
+
+# Flax (collection, leaf) -> torchvision parameter suffix.
+_LEAVES = {
+    ("params", "kernel"): "weight",
+    ("params", "scale"): "weight",
+    ("params", "bias"): "bias",
+    ("batch_stats", "mean"): "running_mean",
+    ("batch_stats", "var"): "running_var",
+}
+# Flax module names that differ from torchvision's (torchvision nests the shortcut in a Sequential).
+_MODULES = {"downsample_conv": "downsample.0", "downsample_bn": "downsample.1"}
+
+
+def _torch_name(collection: str, path: Sequence[str]) -> str:
+    parts = []
+    for name in path[:-1]:
+        stage, _, block = name.partition("_")
+        if stage in STAGES and block.isdigit():
+            parts.append(f"{stage}.{block}")  # layer1_0 -> layer1.0
+        else:
+            parts.append(_MODULES.get(name, name))
+    return ".".join([*parts, _LEAVES[(collection, path[-1])]])
+
+
+def _infer_module(state_dict: Mapping[str, np.ndarray]) -> ResNet:
+    """The ResNet whose variables a torchvision state dict holds (all stages it has)."""
+    if "conv1.weight" not in state_dict or "layer1.0.conv1.weight" not in state_dict:
+        raise ValueError(
+            "not a torchvision ResNet state dict: no conv1.weight/layer1.0.conv1.weight"
+        )
+    sizes = []
+    for stage in STAGES:
+        count = 0
+        while f"{stage}.{count}.conv1.weight" in state_dict:
+            count += 1
+        if count == 0:
+            break
+        sizes.append(count)
+    base = int(np.shape(state_dict["conv1.weight"])[0])
+    bottleneck = "layer1.0.conv3.weight" in state_dict
+    width = int(np.shape(state_dict["layer1.0.conv1.weight"])[0])
+    return ResNet(
+        stage_sizes=tuple(sizes),
+        block="bottleneck" if bottleneck else "basic",
+        width_per_group=width * 64 // base if bottleneck else 64,
+        base_planes=base,
+        out_layers=STAGES[: len(sizes)],
+    )
+
+
+def convert_torchvision(
+    state_dict: Mapping[str, np.ndarray],
+    arch: str | None = None,
+    *,
+    out_layers: Sequence[str] | None = None,
+    strict: bool = True,
+    ignore_prefixes: Sequence[str] = (),
+) -> dict:
+    """torchvision ResNet state dict -> Flax variables {"params": ..., "batch_stats": ...}.
+
+    Convolutions go from torch's OIHW to Flax's HWIO; batch norm weight/bias become scale/bias and
+    running_mean/var become the batch_stats mean/var. `num_batches_tracked` (unused in eval mode)
+    is dropped. Arrays come back as float32 numpy arrays whatever the file's dtype.
+
+    Args:
+      state_dict: torchvision name -> array, e.g. from `torch_pickle.load_state_dict`.
+      arch: a name in `VARIANTS`; None infers the block type, widths and depths from the arrays.
+      out_layers: the stages the variables are for (default all four); nothing past the last is
+        expected.
+      strict: if False, any key with no counterpart (the fc classifier, stages past out_layers)
+        is dropped; if True such keys are an error unless they start with one of
+        `ignore_prefixes` (e.g. ("fc.",) for a published ImageNet checkpoint).
+
+    Returns:
+      Nested dict of float32 arrays, usable with `module.apply` for the module `arch` describes
+      (or any module with fewer out_layers: Flax ignores the unused stages).
+
+    Raises:
+      ValueError: naming missing keys, unexpected keys or arrays of the wrong shape.
+    """
+    layers = tuple(out_layers) if out_layers else STAGES
+    if arch is None:
+        module = _infer_module(state_dict).clone(out_layers=layers)
+    elif arch in VARIANTS:
+        module = VARIANTS[arch](out_layers=layers)
+    else:
+        raise ValueError(f"unknown ResNet arch {arch!r}; valid: {sorted(VARIANTS)}")
+    # Shapes only: the module's variable tree is the authority on which keys must exist.
+    shapes = jax.eval_shape(
+        module.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
+    )
+    expected = {}
+    for collection, tree in shapes.items():
+        for key_path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+            path = tuple(k.key for k in key_path)
+            expected[_torch_name(collection, path)] = (collection, path, leaf.shape)
+    counters = {name.rsplit(".", 1)[0] + ".num_batches_tracked" for name in expected}
+    missing = sorted(set(expected) - set(state_dict))
+    extra = sorted(set(state_dict) - set(expected) - counters)
+    keep = tuple(ignore_prefixes)
+    unexpected = [k for k in extra if strict and not (keep and k.startswith(keep))]
+    if missing or unexpected:
+        raise ValueError(
+            f"{arch or 'inferred ResNet'} (out_layers={layers}): missing keys {missing}; "
+            f"unexpected keys {unexpected}"
+        )
+    if extra:
+        logging.info("convert_torchvision: ignoring %d keys (%s ...)", len(extra), extra[:3])
+    variables: dict = {"params": {}, "batch_stats": {}}
+    bad_shapes = []
+    for name, (collection, path, shape) in expected.items():
+        array = np.asarray(state_dict[name]).astype(np.float32)
+        if path[-1] == "kernel":
+            array = array.transpose(2, 3, 1, 0)  # OIHW -> HWIO
+        if array.shape != shape:
+            bad_shapes.append(f"{name}: {array.shape} after conversion, expected {shape}")
+            continue
+        node = variables[collection]
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = np.ascontiguousarray(array)
+    if bad_shapes:
+        raise ValueError(f"{arch or 'inferred ResNet'}: wrong shapes: {bad_shapes}")
+    return variables
