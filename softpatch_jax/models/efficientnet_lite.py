@@ -254,6 +254,23 @@ def _torch_key(collection: str, path: Sequence[str]) -> tuple[str, bool]:
     return ".".join([*parts, suffix]), transpose
 
 
+@functools.cache
+def _expected_leaves(arch: str) -> tuple[tuple, ...]:
+    """(torch key, collection, Flax path, shape, transpose) for every variable of the full model."""
+    width, depth, size = CONFIGS[arch]
+    module = EfficientNetLite(width=width, depth=depth, out_layers=("logits",))
+    # Shapes only: tracing the initialiser is cheap, running it is not.
+    images = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+    shapes = jax.eval_shape(module.init, jax.random.key(0), images)
+    leaves = []
+    for collection, tree in shapes.items():
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+            names = tuple(k.key for k in path)
+            key, transpose = _torch_key(collection, names)
+            leaves.append((key, collection, names, tuple(leaf.shape), transpose))
+    return tuple(leaves)
+
+
 def convert_state_dict(state_dict: Mapping[str, np.ndarray], arch: str | None = None) -> dict:
     """Map an `efficientnet-lite-pytorch` state dict to Flax variables {"params", "batch_stats"}.
 
@@ -262,8 +279,9 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], arch: str | None = 
       arch: one of `CONFIGS`; inferred from the block widths when None.
 
     Returns:
-      Variables for the full network; the head and classifier only when the state dict has them.
-      They also serve modules built with fewer out_layers (Flax ignores the unused entries).
+      Variables for the full network as float32 numpy arrays (moved to the device by the caller, in
+      one transfer); the head and classifier only when the state dict has them. They also serve
+      modules built with fewer out_layers (Flax ignores the unused entries).
 
     Raises:
       ValueError: naming any missing or unexpected keys, or arrays of the wrong shape.
@@ -271,15 +289,7 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], arch: str | None = 
     arch = arch or _infer_arch(state_dict)
     if arch not in CONFIGS:
         raise ValueError(f"unknown arch {arch!r}; valid: {list(CONFIGS)}")
-    width, depth, size = CONFIGS[arch]
-    module = EfficientNetLite(width=width, depth=depth, out_layers=("logits",))
-    shapes = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))
-    expected = {}
-    for collection, tree in shapes.items():
-        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-            names = tuple(k.key for k in path)
-            key, transpose = _torch_key(collection, names)
-            expected[key] = (collection, names, leaf.shape, transpose)
+    expected = {leaf[0]: leaf[1:] for leaf in _expected_leaves(arch)}
     for group in _OPTIONAL_GROUPS:
         members = [k for k in expected if k.startswith(group)]
         if not any(k in state_dict for k in members):
@@ -301,7 +311,7 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], arch: str | None = 
         node = variables[collection]
         for name in names[:-1]:
             node = node.setdefault(name, {})
-        node[names[-1]] = jnp.asarray(array)
+        node[names[-1]] = np.ascontiguousarray(array)
     return variables
 
 
