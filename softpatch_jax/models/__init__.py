@@ -49,12 +49,17 @@ ARCHS: dict[str, ArchSpec] = {
     name: ArchSpec(f"{_RESNET}:{name}", ("layer2", "layer3"), f"{_RESNET}:convert_torchvision")
     for name in ("resnet18", "resnet50", "wide_resnet50_2", "wide_resnet101_2", "resnet_tiny")
 }
+# EfficientNet-Lite: the last blocks at strides 8 and 16 (lite0: block4, 40 ch and block10, 112 ch),
+# fed TensorFlow Lite's (pixel - 127) / 128, which is what these weights were trained on (see
+# efficientnet_lite.py; its MEAN/STD hold the same numbers).
 ARCHS.update(
     {
         name: ArchSpec(
             f"{_LITE}:{name}",
-            ("block4", "block10") if name == "efficientnet_lite0" else ("stride8", "stride16"),
+            ("stride8", "stride16"),
             f"{_LITE}:convert_state_dict",
+            mean=(127.0 / 255.0,) * 3,
+            std=(128.0 / 255.0,) * 3,
         )
         for name in ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
     }
