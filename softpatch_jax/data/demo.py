@@ -34,7 +34,7 @@ class DemoSpec:
     num_per_defect: int = 5
     categories: tuple[str, ...] = CATEGORIES
     seed: int = 0
-    defect_scale: float = 1.0  # multiplies every defect's size
+    defect_scale: float = 1.5  # multiplies every defect's size (1.0: small, MVTec-like hairlines)
 
     def fingerprint(self) -> str:
         text = json.dumps({**dataclasses.asdict(self), "version": 1}, sort_keys=True)
@@ -81,8 +81,13 @@ def _object_canvas(rng, size):
 def _pill(rng, size):
     y, x = _grid(size)
     s = size / 256
-    cy, cx = size / 2 + rng.uniform(-3, 3, 2) * s
-    a, b = 88 * s, 44 * s
+    cy, cx = size / 2 + rng.uniform(-4, 4, 2) * s
+    a, b = 88 * s * rng.uniform(0.97, 1.03), 44 * s * rng.uniform(0.97, 1.03)
+    t = np.deg2rad(rng.uniform(-4, 4))  # pose jitter, as parts on a conveyor
+    x, y = (
+        cx + (x - cx) * np.cos(t) + (y - cy) * np.sin(t),
+        cy - (x - cx) * np.sin(t) + (y - cy) * np.cos(t),
+    )
     r = np.sqrt(((x - cx) / a) ** 2 + ((y - cy) / b) ** 2)
     body = r <= 1.0
     img = _object_canvas(rng, size)
@@ -103,7 +108,7 @@ def _washer(rng, size):
     body = (r <= 92 * s) & (r >= 36 * s)
     theta = np.arctan2(y - cy, x - cx)
     brushed = 0.03 * np.sin(r * 1.7) + 0.02 * _smooth(rng, (size, size), 1.0)
-    light = 0.62 + 0.12 * np.cos(theta - 0.8) + brushed
+    light = 0.62 + 0.12 * np.cos(theta - rng.uniform(0.5, 1.1)) + brushed
     img = _object_canvas(rng, size)
     img = np.where(body[..., None], light[..., None] * np.array([0.92, 0.93, 0.96]), img)
     return np.clip(img, 0, 1), body
@@ -207,7 +212,17 @@ def render(
     if defect is not None:
         bg = _object_canvas(rng, size) if category in OBJECTS else np.full((size, size, 3), 0.08)
         img, mask = _defect(defect, rng, img, body, bg, defect_scale)
-    img = img + rng.normal(0, 0.008, img.shape)  # sensor noise
+    # Per-image illumination (gain and a gentle gradient) and sensor noise: the nuisance variation
+    # of a real line, without which any defect, even one seen in training, stands out.
+    y, x = _grid(size) / size - 0.5
+    tilt = rng.uniform(-0.15, 0.15, 2)
+    light = rng.uniform(0.8, 1.2) * (1.0 + tilt[0] * y + tilt[1] * x)
+    tint = rng.uniform(0.95, 1.05, 3)  # colour temperature drift of the lamp
+    img = img * light[..., None] * tint
+    focus = rng.uniform(0.0, 2.2)  # depth-of-field variation from part to part
+    if focus > 0.3:
+        img = ndimage.gaussian_filter(img, (focus, focus, 0), mode="nearest")
+    img = img + rng.normal(0, 0.02, img.shape)
     return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8), mask
 
 
