@@ -85,12 +85,13 @@ def fit_and_save(
     overwrite: bool = False,
     truth_csv: str | None = None,
     top: int = 16,
+    extractor=None,
 ) -> model_lib.Model:
     # Refuse an unusable target before the long part.
     if os.path.exists(model_dir) and not overwrite:
         raise FileExistsError(f"model folder {model_dir!r} already exists; pass --overwrite")
     io_utils.check_writable(os.path.dirname(os.path.abspath(model_dir)))
-    model, audit, _ = fitting.fit(config, sources, opts or fitting.Options())
+    model, audit, _ = fitting.fit(config, sources, opts or fitting.Options(), extractor)
     path = model_lib.save(
         model,
         model_dir,

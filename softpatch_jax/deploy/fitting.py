@@ -87,16 +87,27 @@ def extract_all(
 
 
 def fit(
-    config: ml_collections.ConfigDict, sources: str | Sequence[str], opts: Options | None = None
+    config: ml_collections.ConfigDict,
+    sources: str | Sequence[str],
+    opts: Options | None = None,
+    extractor: features.Extractor | None = None,
 ) -> tuple[model_lib.Model, audit_lib.Audit, folder.Listing]:
-    """Fits the model on every image under `sources`; returns it (unsaved), its audit, the listing."""
+    """Fits the model on every image under `sources`; returns it (unsaved), its audit, the listing.
+
+    `extractor` reuses one built earlier for this config (`features.build(config)`), saving the
+    compilation in notebooks and tests.
+    """
     opts = opts or Options()
     threshold_lib.parse(opts.threshold)  # fail on a typo before hours of work
     spec = methods.spec(opts.method, config.softpatch)
     listing = folder.list_images(sources)
     for path in listing.ignored:
         logging.warning("ignored non-image file %s", path)
-    ex = features.build(config)
+    ex = extractor or features.build(config)
+    if ex.image_size != (config.dataset.crop, config.dataset.crop):
+        raise ValueError(
+            f"extractor takes {ex.image_size} images, config crop is {config.dataset.crop}"
+        )
     if ex.random_init:
         logging.warning(report.RANDOM_INIT_WARNING)
     feats_np, kept, bad = extract_all(ex, listing, config, opts)

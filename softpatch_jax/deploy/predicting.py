@@ -43,8 +43,13 @@ def map_scale(model: model_lib.Model, thr: float) -> tuple[float, float]:
     return lo, max(float(thr), lo + 1e-6)
 
 
-def build_extractor(model: model_lib.Model, strict_version: bool = True) -> features.Extractor:
-    ex = features.build(model.config)
+def build_extractor(
+    model: model_lib.Model,
+    strict_version: bool = True,
+    extractor: features.Extractor | None = None,
+) -> features.Extractor:
+    """The model's backbone, checked against what it was fitted with."""
+    ex = extractor or features.build(model.config)
     for note in model_lib.check_compatible(model, ex, strict_version=strict_version):
         logging.info("model vs install (tolerated): %s", note)
     if ex.random_init:
@@ -78,13 +83,14 @@ def predict(
     allow_upscale: bool = False,
     write_maps: bool = True,
     strict_version: bool = True,
+    extractor: features.Extractor | None = None,
 ) -> list[dict]:
     """Scores every image under `sources`; writes OUT (see module docstring); returns the rows."""
     rule = threshold or model.meta["threshold"]["rule"]
     thr = threshold_lib.value(rule, model.arrays["train_scores"])
     listing = folder.list_images(sources)
     io_utils.check_writable(out_dir)
-    ex = build_extractor(model, strict_version)
+    ex = build_extractor(model, strict_version, extractor)
     lo, hi = map_scale(model, thr)
     cfg = model.config
     paths = [r.path for r in listing.records]
