@@ -4,6 +4,16 @@ training set. Command line: `python -m softpatch_jax.deploy {fit,predict,audit,m
 
 Modules: fitting (fit), predicting (predict, streamed), model (save/load/compatibility), threshold
 (training scores and rules), audit (training-set audit), render (PNG heat maps, contact sheets).
+
+Determinism: all randomness (projection, coreset starts, threshold folds) derives from
+config.seed, files are read in sorted path order, and batches have a fixed padded size, so the
+same seed, images, code and device give bit-identical banks, scores and maps run to run (tested).
+Across devices or XLA versions results agree only to float tolerance: GPU and TPU reductions sum in
+a different order, convolutions pick different algorithms, and bfloat16 backbones round
+differently. Distance matmuls are pinned to full float32 (ops.PRECISION), so TF32 on recent NVIDIA
+GPUs does not reorder near-ties; the backbone's convolutions are not pinned. Compare scores across
+machines with a tolerance, and refit (or re-derive the threshold) when moving a model to another
+accelerator type if decisions near the threshold matter.
 """
 
 from softpatch_jax.deploy.commands import fit_and_save, make_demo, run_audit, run_predict

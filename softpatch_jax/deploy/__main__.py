@@ -84,6 +84,8 @@ def _need(flag, name: str, command: str):
 
 def run(command: str, extra: list[str]) -> None:
     sources = list(_IMAGES.value) + extra
+    if command in ("predict", "audit") and flags.FLAGS["config"].present:
+        logging.warning("%s uses the config saved with the model; --config is ignored", command)
     if command == "fit":
         if not sources:
             raise app.UsageError("fit needs --images=DIR")
