@@ -181,7 +181,8 @@ def write(
         up = render.upsample(r, img.shape[:2])
         tiles.append(render.overlay(img, up, 1.0 - tau, 1.0))
         name = audit.names[i]
-        captions.append(f"#{pos + 1} {audit.score_N[FUSION][i]:.3f}\n{name[-40:]}")
+        known = "" if truth_N is None else (" [defective]" if truth_N[i] else " [normal]")
+        captions.append(f"#{pos + 1} {audit.score_N[FUSION][i]:.3f}{known}\n{name[-40:]}")
     render.contact_sheet(
         os.path.join(folder, "contact_sheet.png"),
         tiles,

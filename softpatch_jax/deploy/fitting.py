@@ -119,7 +119,8 @@ def fit(
     projection = (
         memory_bank.random_projection(memory_bank.stream(key, "projection"), d, r) if r else None
     )
-    pool = feats if projection is None else memory_bank.project(feats.reshape(n * p, d), projection)
+    flat = feats.reshape(n * p, d)
+    pool = flat if projection is None else memory_bank.project(flat, projection)  # [N*P, R]
     logging.info("fit: discriminators on %d images x %d positions", n, p)
     scores = memory_bank.discriminator_scores(
         pool.reshape(n, p, -1),
@@ -128,7 +129,12 @@ def fit(
         config.softpatch.gaussian_eps,
     )
     logging.info("fit: %s memory banks", opts.method)
-    out = memory_bank.fit_many(key, feats, config, [spec], projection=projection, scores_NxP=scores)
+    starts = coreset.draw_starts(
+        memory_bank.stream(key, "coreset"), n * p, config.coreset.num_starts
+    )
+    out = memory_bank.fit_many(
+        key, feats, config, [spec], projection=projection, starts=starts, scores_NxP=scores
+    )
     banks = out.banks[opts.method]
     logging.info("fit: held-out training scores (%d folds)", opts.threshold_folds)
     fold_N = threshold_lib.fold_of(n, opts.threshold_folds, config.seed)
@@ -137,7 +143,7 @@ def fit(
         feats,
         out.keep_NxP[opts.method],
         memory_bank.soft_weights(spec.cls, out.scores_NxP, (n, p)),
-        coreset.draw_starts(memory_bank.stream(key, "coreset"), n * p, config.coreset.num_starts),
+        starts,
         config.coreset.ratio,
         fold_N,
         config.scoring.chunk_size,

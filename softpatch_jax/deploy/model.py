@@ -164,10 +164,12 @@ def check_compatible(
     fatal = []
     for section in ("backbone", "preprocessing", "embedding"):
         fatal += differences(model.meta[section], now[section], section + ".")
-    # weights.resolve may start or stop reporting its own hash; ours decides.
-    fatal = [d for d in fatal if not d.startswith("backbone.info_sha256")]
+    # The parameters' hash decides: weights.resolve's own hash may come and go between versions,
+    # and its source string may hold a machine-specific path.
+    informative = ("backbone.info_sha256", "backbone.weights:")
+    soft = [d for d in fatal if d.startswith(informative)]
+    fatal = [d for d in fatal if not d.startswith(informative)]
     saved_code, code = model.meta["code"], code_version()
-    soft = []
     if saved_code["format"] != FORMAT_VERSION:
         fatal.append(
             f"code.format: model has {saved_code['format']}, this install reads {FORMAT_VERSION}"
