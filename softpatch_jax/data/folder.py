@@ -100,8 +100,7 @@ def list_images(sources: str | Sequence[str]) -> Listing:
             + " ".join(IMAGE_EXTENSIONS)
             + f"){what}"
         )
-    root = os.path.commonpath(images)
-    if len(images) == 1 or os.path.isfile(root):
-        root = os.path.dirname(images[0]) if len(images) == 1 else os.path.dirname(root)
+    # The deepest folder holding every image (commonpath of a single file is the file itself).
+    root = os.path.dirname(images[0]) if len(images) == 1 else os.path.commonpath(images)
     records = tuple(Record(p, UNKNOWN, "unknown") for p in images)
     return Listing(records, tuple(ignored), root)
