@@ -41,3 +41,20 @@ def write_csv(path: str, rows: list[dict]) -> None:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
+
+
+def read_json(path: str):
+    with open(path) as f:
+        return json.load(f)
+
+
+def check_writable(folder: str) -> None:
+    """Creates `folder` if needed and proves a file can be written there (os.access says yes to root
+    on read-only mounts), raising PermissionError that names the folder otherwise."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise PermissionError(f"folder {folder!r} is not writable: {e.strerror or e}") from e

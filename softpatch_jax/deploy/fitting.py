@@ -1,0 +1,200 @@
+"""`fit` for the deployment tool: an unlabelled image folder -> a saved model (memory banks with soft
+weights, METHOD.md section 4) plus the training-set audit and the threshold's training scores.
+
+Images stream through the backbone one batch at a time; only the patch features of the whole set
+are held (the discriminators need all of them at once, METHOD.md section 3). All three
+discriminators are computed whatever the method uses, so the audit can report each of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import time
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from softpatch_jax import coreset, discriminators, features, memory_bank, methods, report
+from softpatch_jax.data import folder, images
+from softpatch_jax.deploy import audit as audit_lib
+from softpatch_jax.deploy import model as model_lib
+from softpatch_jax.deploy import threshold as threshold_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    method: str = "softpatch_plus"
+    threshold: str = threshold_lib.DEFAULT_RULE
+    threshold_folds: int = threshold_lib.DEFAULT_FOLDS
+    skip_bad_images: bool = False
+    allow_upscale: bool = False
+
+
+def check_finite(feats_BxPxD: jax.Array, paths: Sequence[str]) -> None:
+    """FloatingPointError naming every image whose features hold NaN or inf."""
+    ok = np.asarray(jnp.all(jnp.isfinite(feats_BxPxD), axis=tuple(range(1, feats_BxPxD.ndim))))
+    if not ok.all():
+        bad = [paths[i] for i in np.flatnonzero(~ok)]
+        raise FloatingPointError(
+            f"NaN or inf in the backbone features of {len(bad)} image(s): {bad[:10]}; "
+            "check the backbone weights and dtype (bfloat16 can overflow)"
+        )
+
+
+def extract_all(
+    ex: features.Extractor, listing: folder.Listing, config, opts: Options
+) -> tuple[np.ndarray, list[int], list[images.BadImageError]]:
+    """Features [N, P, D] (host, float32) of the readable images, their listing indices, and the
+    skipped files."""
+    paths = [r.path for r in listing.records]
+    chunks, kept, bad = [], [], []
+    done, t0 = 0, time.perf_counter()
+    for batch in images.iter_batches(
+        paths,
+        ex.batch_size,
+        config.dataset.resize,
+        config.dataset.crop,
+        skip_bad=opts.skip_bad_images,
+        allow_upscale=opts.allow_upscale,
+    ):
+        bad += batch.bad
+        done += len(batch.index) + len(batch.bad)
+        if len(batch.index):
+            f = features.extract(ex, batch.images)
+            f = f.reshape(f.shape[0], -1, f.shape[-1])
+            check_finite(f, [paths[i] for i in batch.index])
+            chunks.append(np.asarray(f, np.float32))
+            kept += batch.index.tolist()
+        logging.info(
+            "fit: features %d/%d images (%.1f img/s)",
+            done,
+            len(paths),
+            done / max(time.perf_counter() - t0, 1e-9),
+        )
+    for b in bad:
+        logging.warning("skipped bad image %s", b)
+    if len(kept) < 2:
+        raise ValueError(
+            f"fit needs at least 2 readable training images, found {len(kept)} "
+            f"({len(bad)} skipped as bad) in {listing.root!r}"
+        )
+    return np.concatenate(chunks), kept, bad
+
+
+def fit(
+    config: ml_collections.ConfigDict,
+    sources: str | Sequence[str],
+    opts: Options | None = None,
+    extractor: features.Extractor | None = None,
+) -> tuple[model_lib.Model, audit_lib.Audit, folder.Listing]:
+    """Fits the model on every image under `sources`; returns it (unsaved), its audit, the listing.
+
+    `extractor` reuses one built earlier for this config (`features.build(config)`), saving the
+    compilation in notebooks and tests.
+    """
+    opts = opts or Options()
+    threshold_lib.parse(opts.threshold)  # fail on a typo before hours of work
+    spec = methods.spec(opts.method, config.softpatch)
+    listing = folder.list_images(sources)
+    for path in listing.ignored:
+        logging.warning("ignored non-image file %s", path)
+    ex = extractor or features.build(config)
+    if ex.image_size != (config.dataset.crop, config.dataset.crop):
+        raise ValueError(
+            f"extractor takes {ex.image_size} images, config crop is {config.dataset.crop}"
+        )
+    if ex.random_init:
+        logging.warning(report.RANDOM_INIT_WARNING)
+    feats_np, kept, bad = extract_all(ex, listing, config, opts)
+    n, p, d = feats_np.shape
+    feats = jnp.asarray(feats_np)
+    del feats_np
+    key = jax.random.key(config.seed)
+    r = config.softpatch.projection_dim
+    projection = (
+        memory_bank.random_projection(memory_bank.stream(key, "projection"), d, r) if r else None
+    )
+    flat = feats.reshape(n * p, d)
+    pool = flat if projection is None else memory_bank.project(flat, projection)  # [N*P, R]
+    logging.info("fit: discriminators on %d images x %d positions", n, p)
+    scores = memory_bank.discriminator_scores(
+        pool.reshape(n, p, -1),
+        discriminators.NAMES,
+        config.softpatch.lof_k,
+        config.softpatch.gaussian_eps,
+    )
+    logging.info("fit: %s memory banks", opts.method)
+    starts = coreset.draw_starts(
+        memory_bank.stream(key, "coreset"), n * p, config.coreset.num_starts
+    )
+    out = memory_bank.fit_many(
+        key, feats, config, [spec], projection=projection, starts=starts, scores_NxP=scores
+    )
+    banks = out.banks[opts.method]
+    logging.info("fit: held-out training scores (%d folds)", opts.threshold_folds)
+    fold_N = threshold_lib.fold_of(n, opts.threshold_folds, config.seed)
+    train_patch = threshold_lib.heldout_patch_scores(
+        pool,
+        feats,
+        out.keep_NxP[opts.method],
+        memory_bank.soft_weights(spec.cls, out.scores_NxP, (n, p)),
+        starts,
+        config.coreset.ratio,
+        fold_N,
+        config.scoring.chunk_size,
+    )
+    del pool
+    train_scores = train_patch.max(axis=1)
+    names = [listing.relative(listing.records[i].path) for i in kept]
+    arrays = {f"scores/{k}": np.asarray(v) for k, v in out.scores_NxP.items()}
+    arrays["keep"] = np.asarray(out.keep_NxP[opts.method])
+    arrays["train_scores"] = train_scores
+    arrays["train_patch_median"] = np.median(train_patch, axis=1)
+    arrays["fold"] = fold_N
+    fusion = methods.split(config.softpatch.discriminators)
+    meta = {
+        **model_lib.identity(ex, config),
+        "code": model_lib.code_version(),
+        "config": config.to_dict(),
+        "method": opts.method,
+        "threshold": {
+            "rule": opts.threshold,
+            "value": threshold_lib.value(opts.threshold, train_scores),
+            "train_scores": f"held out, {len(np.unique(fold_N))} folds (deploy/threshold.py)",
+        },
+        "training": {
+            "root": listing.root,
+            "images": names,
+            "skipped_bad": [{"path": b.path, "reason": b.reason} for b in bad],
+            "ignored_non_images": list(listing.ignored),
+        },
+        "banks": {
+            "cls": int(banks.cls.feats_MxD.shape[0]),
+            "seg": int(banks.seg.feats_MxD.shape[0]),
+        },
+        "audit": {"fusion": fusion, "rank_scope": config.softpatch.rank_scope},
+        "random_init": ex.random_init,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    model = model_lib.Model(
+        banks, None if projection is None else np.asarray(projection), arrays, meta
+    )
+    return model, audit_of(model), listing
+
+
+def audit_of(model: model_lib.Model) -> audit_lib.Audit:
+    """The audit from a model's saved arrays (no features needed)."""
+    scores = {k.split("/", 1)[1]: v for k, v in model.arrays.items() if k.startswith("scores/")}
+    return audit_lib.compute(
+        model.meta["training"]["images"],
+        scores,
+        model.meta["audit"]["fusion"],
+        model.meta["audit"]["rank_scope"],
+        model.config.softpatch.tau,
+        model.arrays["keep"],
+    )

@@ -1,0 +1,105 @@
+"""The decision threshold on image scores, and the held-out training scores it is chosen from.
+
+Training scores are *held out* (K-fold, K = 5 by default): the training images are split into K
+folds at random (seeded); each fold is scored (METHOD.md section 5) against a classification bank
+rebuilt by the coreset from the other folds' kept patches, with the full fit's removal mask and soft
+weights. Scoring an image against the bank it helped build (leave-in) puts its patches at distance
+~0 wherever the coreset kept them, so a threshold chosen on such scores flags many normal images;
+masking only the image's own memory patches overshoots instead, because the coreset left the
+neighbourhood of a picked patch uncovered. The K coreset runs cost about K-1 times the fit's one.
+
+Rules (a string, stored with the model, overridable at predict time):
+  "mad:K"       median + K * 1.4826 * MAD of the training scores (default K = 3). The median and
+                the MAD ignore the top tail, so the defective images hidden in the training set
+                (the premise of SoftPatch) do not drag the threshold up; 1.4826 * MAD estimates the
+                standard deviation of the normal scores.
+  "quantile:Q"  the Q-quantile of the training scores (Q = 0.95 flags the top 5% of the
+                training set); sensible when the contamination rate is known.
+  a number      used as given.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from softpatch_jax import coreset, scoring
+from softpatch_jax.memory_bank import MemoryBank
+
+DEFAULT_RULE = "mad:3"
+DEFAULT_FOLDS = 5
+MAD_TO_SIGMA = 1.4826
+
+
+def parse(rule: str) -> tuple[str, float]:
+    """'mad:3' -> ('mad', 3.0); '0.7' -> ('value', 0.7). ValueError names the bad rule."""
+    text = str(rule).strip()
+    kind, _, arg = text.partition(":")
+    try:
+        if not arg:
+            return "value", float(text)
+        value = float(arg)
+    except ValueError:
+        value = None
+    if value is None or kind not in ("mad", "quantile", "") or not np.isfinite(value):
+        raise ValueError(
+            f"threshold {rule!r} not understood: use a number, 'mad:K' or 'quantile:Q' (0<Q<1)"
+        )
+    if kind == "quantile" and not 0.0 < value < 1.0:
+        raise ValueError(f"threshold {rule!r}: the quantile must be in (0, 1)")
+    return kind, value
+
+
+def value(rule: str, train_scores_N: np.ndarray) -> float:
+    """The threshold the rule gives on these training scores."""
+    kind, arg = parse(rule)
+    s = np.asarray(train_scores_N, np.float64)
+    if kind == "value":
+        return float(arg)
+    if kind == "quantile":
+        return float(np.quantile(s, arg))
+    med = float(np.median(s))
+    return med + arg * MAD_TO_SIGMA * float(np.median(np.abs(s - med)))
+
+
+def fold_of(num_images: int, folds: int, seed: int) -> np.ndarray:
+    """int [N]: each image's fold, a seeded random permutation dealt round-robin."""
+    folds = max(2, min(folds, num_images))
+    return np.random.default_rng([seed, 7]).permutation(num_images) % folds
+
+
+def heldout_patch_scores(
+    pool_QxR: jax.Array,
+    feats_NxPxD: jax.Array,
+    keep_NxP: jax.Array,
+    weights_NxP: jax.Array,
+    starts: jax.Array,
+    ratio: float,
+    fold_N: np.ndarray,
+    chunk_size: int = 0,
+) -> np.ndarray:
+    """float [N, P]: each training patch's score against a bank fitted without its image's fold.
+
+    Args:
+      pool_QxR: the fit's coreset pool (projected features), Q = N*P, image-major.
+      feats_NxPxD: full training features; keep_NxP / weights_NxP: the fit's classification-bank
+        removal mask and soft weights; starts: the fit's coreset starts; ratio: coreset ratio.
+      fold_N: fold of each image (`fold_of`).
+    """
+    n, p, d = feats_NxPxD.shape
+    flat = feats_NxPxD.reshape(n * p, d)
+    keep = keep_NxP.reshape(-1)
+    weights = weights_NxP.reshape(-1)
+    out = np.zeros((n, p), np.float32)
+    for k in np.unique(fold_N):
+        held_N = fold_N == k
+        held_Q = jnp.asarray(np.repeat(held_N, p))
+        train_keep = keep & ~held_Q
+        m = coreset.num_samples(ratio, int(n - held_N.sum()) * p, int(jnp.sum(train_keep)))
+        idx = coreset.greedy(pool_QxR, train_keep, starts, num_samples=m)
+        bank = MemoryBank(flat[idx], weights[idx], idx)
+        held = feats_NxPxD[np.flatnonzero(held_N)]
+        chunk = chunk_size or scoring.chunk_size_for(m)
+        out[held_N] = np.asarray(scoring.patch_scores(bank, held, chunk))
+    return out
