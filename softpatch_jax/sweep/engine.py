@@ -137,10 +137,20 @@ def run(
     ctx = _Context(
         config, workdir, store, stats, on_cell, total=len(pending), vmap=sweep.get("vmap", True)
     )
+    # Read every category and draw every noisy set first: an infeasible noise ratio fails here,
+    # before hours of work, not when the sweep reaches it.
+    groups = []
+    for category, ccells in grid.group(pending, lambda c: c.category).items():
+        for scells in grid.group(ccells, lambda c: _setting(c.config)).values():
+            splits = data.read(scells[0].config.dataset, category)
+            noisy = {}
+            for c in scells:
+                if c.noisy not in noisy:
+                    noisy[c.noisy] = pipeline.noisy_splits(c.config, splits, c.ratio)
+            groups.append((category, scells, splits, noisy))
     try:
-        for category, ccells in grid.group(pending, lambda c: c.category).items():
-            for scells in grid.group(ccells, lambda c: _setting(c.config)).values():
-                _run_setting(ctx, category, scells)
+        for group in groups:
+            _run_setting(ctx, *group)
     finally:
         out = {**stats.as_dict(), "seconds": round(time.perf_counter() - t0, 3)}
         jsonl.append(os.path.join(workdir, STATS), out)
@@ -148,14 +158,9 @@ def run(
     return out
 
 
-def _run_setting(ctx: _Context, category: str, cells: list[grid.Cell]) -> None:
+def _run_setting(ctx: _Context, category: str, cells: list[grid.Cell], splits, noisy_sets) -> None:
     cfg = cells[0].config
     ex, weights_id = ctx.extractor(cfg)
-    splits = data.read(cfg.dataset, category)
-    noisy_sets = {}
-    for c in cells:  # every noise setting must fit the data before any work is done
-        if c.noisy not in noisy_sets:
-            noisy_sets[c.noisy] = pipeline.noisy_splits(c.config, splits, c.ratio)
     base_key = cache.features_key(cfg, category, splits.train, splits.test, weights_id)
 
     def compute_clean() -> dict[str, np.ndarray]:
