@@ -23,19 +23,10 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from softpatch_jax import (
-    data,
-    discriminators,
-    features,
-    memory_bank,
-    metrics,
-    pipeline,
-    report,
-    scoring,
-)
+from softpatch_jax import data, discriminators, features, metrics, pipeline, report
 from softpatch_jax.data import preprocess
 from softpatch_jax.io_utils import write_json
-from softpatch_jax.sweep import batched, cache, grid, jsonl
+from softpatch_jax.sweep import cache, grid, jsonl, stages
 
 RESULTS = "results.jsonl"
 STATS = "stats.jsonl"
@@ -83,19 +74,6 @@ def _spec_key(spec) -> str:
 def _setting(cfg: ml_collections.ConfigDict) -> str:
     """Cells with equal data and backbone settings share one record listing and extractor."""
     return grid.digest([cfg.dataset.to_dict(), cfg.backbone.to_dict(), cfg.embedding.to_dict()])
-
-
-def _extract(ctx: _Context, ex, records, cfg, what: str) -> tuple[np.ndarray, np.ndarray]:
-    images, masks = preprocess.load_records(records, cfg.dataset.resize, cfg.dataset.crop)
-    feats = features.extract(ex, images)
-    n, h, w, d = feats.shape
-    ctx.stats.add(f"extractions_{what}")
-    ctx.stats.add("images_extracted", n)
-    return np.asarray(feats).reshape(n, h * w, d), masks
-
-
-def _extract_injected(ctx, ex, records, cfg) -> dict[str, np.ndarray]:
-    return {"train": _extract(ctx, ex, records, cfg, "injected")[0]}
 
 
 def run(
@@ -163,27 +141,20 @@ def _run_setting(ctx: _Context, category: str, cells: list[grid.Cell], splits, n
     ex, weights_id = ctx.extractor(cfg)
     base_key = cache.features_key(cfg, category, splits.train, splits.test, weights_id)
 
-    def compute_clean() -> dict[str, np.ndarray]:
-        train, _ = _extract(ctx, ex, splits.train, cfg, "clean")
-        test, masks = _extract(ctx, ex, splits.test, cfg, "test")
-        return {"train": train, "test": test, "test_masks": masks}
-
+    clean = functools.partial(stages.clean_features, ctx.stats, ex, cfg, splits)
     base: dict[str, np.ndarray] = {}  # loaded when the first unfinished noisy set needs it
 
     for noisy_id, ncells in grid.group(cells, lambda c: c.noisy).items():
         noisy, injected, spec = noisy_sets[noisy_id]
         ncfg = ncells[0].config
         t_feat = time.perf_counter()
-        base = base or ctx.store.get("features", base_key, compute_clean)
+        base = base or ctx.store.get("features", base_key, clean)
         train = base["train"]
         feats_key = base_key
         if injected:
             feats_key = cache.injected_key(base_key, spec, ncfg.seed, injected)
-            inj = ctx.store.get(
-                "features",
-                feats_key,
-                functools.partial(_extract_injected, ctx, ex, injected, ncfg),
-            )
+            extract = functools.partial(stages.injected_features, ctx.stats, ex, ncfg, injected)
+            inj = ctx.store.get("features", feats_key, extract)
             train = np.concatenate([train, inj["train"]])
         test_pos = {r.path: i for i, r in enumerate(splits.test)}
         keep = np.array([test_pos[r.path] for r in noisy.test])
@@ -208,42 +179,6 @@ class _EvalSet:
     shown: dict = dataclasses.field(default_factory=dict)  # decoded on demand for saved maps
 
 
-def _scores(ctx: _Context, key, feats, feats_key: str, cfg, names) -> dict[str, jax.Array]:
-    """Raw discriminator scores, from the cache or computed together (they share distances)."""
-    n, p, d = feats.shape
-    sp = cfg.softpatch
-    params = {
-        "nearest": None,
-        "gaussian": sp.gaussian_eps,
-        "lof": discriminators.effective_k(sp.lof_k, n),
-    }
-    keys = {
-        name: cache.scores_key(feats_key, name, params[name], sp.projection_dim, cfg.seed)
-        for name in names
-    }
-    out = {}
-    for name in names:
-        hit = ctx.store.load("scores", keys[name])
-        if hit is not None:
-            out[name] = jnp.asarray(hit["scores"])
-    missing = tuple(n_ for n_ in names if n_ not in out)
-    if missing:
-        pool = feats.reshape(n * p, d)
-        if sp.projection_dim:
-            proj = memory_bank.random_projection(
-                memory_bank.stream(key, "projection"), d, sp.projection_dim
-            )
-            pool = memory_bank.project(pool, proj)
-        new = memory_bank.discriminator_scores(
-            pool.reshape(n, p, -1), missing, sp.lof_k, sp.gaussian_eps
-        )
-        for name, s in new.items():
-            ctx.store.save("scores", keys[name], {"scores": np.asarray(s)})
-            ctx.stats.add(f"discriminator_runs_{name}")
-        out.update(new)
-    return out
-
-
 def _run_fit_group(ctx, ex, category, feats, feats_key, evalset, cells, injected, times) -> None:
     cfg = cells[0].config
     key = pipeline.category_key(cfg.seed, category)
@@ -254,41 +189,17 @@ def _run_fit_group(ctx, ex, category, feats, feats_key, evalset, cells, injected
     names = tuple(n for n in discriminators.NAMES if any(n in s.discriminators() for s in named))
     timer = pipeline.Timer()
     with timer("discriminators"):
-        scores = jax.block_until_ready(_scores(ctx, key, feats, feats_key, cfg, names))
-    use_vmap = ctx.vmap
+        scores = stages.discriminator_scores(ctx.store, key, feats, feats_key, cfg, names)
+        jax.block_until_ready(scores)
     with timer("fit"):
-        if use_vmap:
-            banks = batched.fit(key, feats, cfg, named, scores)
-        else:
-            banks = memory_bank.fit_many(key, feats, cfg, named, scores_NxP=scores).banks
-        jax.block_until_ready(banks)
+        banks = jax.block_until_ready(stages.fit(key, feats, cfg, named, scores, ctx.vmap))
     ctx.stats.add("banks_fitted", len(named))
     by_scoring = grid.group(cells, lambda c: grid.digest(c.config.scoring.to_dict()))
     for scells in by_scoring.values():
         sc = scells[0].config.scoring
         wanted = {k: banks[k] for k in dict.fromkeys(_spec_key(c.spec()) for c in scells)}
         with timer("scoring"):
-            if use_vmap:
-                predicted = batched.predict(
-                    wanted,
-                    evalset.feats_TxPxD,
-                    ex.grid,
-                    ex.image_size,
-                    sc.blur_sigma,
-                    sc.chunk_size,
-                )
-            else:
-                predicted = {
-                    k: scoring.predict(
-                        b,
-                        evalset.feats_TxPxD,
-                        ex.grid,
-                        ex.image_size,
-                        sc.blur_sigma,
-                        sc.chunk_size,
-                    )
-                    for k, b in wanted.items()
-                }
+            predicted = stages.predict(wanted, evalset.feats_TxPxD, ex, sc, ctx.vmap)
             jax.block_until_ready(predicted)
         results = {}
         with timer("metrics"):
