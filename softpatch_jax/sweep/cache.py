@@ -56,6 +56,7 @@ class Cache:
         path = self.path(kind, key)
         if not os.path.exists(path):
             self.stats.add(f"{kind}_miss")
+            logging.info("cache miss: %s %s", kind, key)
             return None
         try:
             with np.load(path, allow_pickle=False) as z:
@@ -69,6 +70,7 @@ class Cache:
             os.unlink(path)
             return None
         self.stats.add(f"{kind}_hit")
+        logging.info("cache hit: %s %s", kind, key)
         return arrays
 
     def save(self, kind: str, key: str, arrays: dict[str, np.ndarray]) -> None:

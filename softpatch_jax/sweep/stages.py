@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
 
 from softpatch_jax import discriminators, features, memory_bank, methods, scoring
 from softpatch_jax.data import preprocess
@@ -24,6 +25,7 @@ def extract(stats: cache.Stats, ex: features.Extractor, records, cfg, what: str)
     n, h, w, d = feats.shape
     stats.add(f"extractions_{what}")
     stats.add("images_extracted", n)
+    logging.info("feature extraction (%s): %d images", what, n)
     return np.asarray(feats).reshape(n, h * w, d), masks
 
 
