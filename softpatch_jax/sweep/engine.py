@@ -97,7 +97,10 @@ def run(
     cells = grid.expand(config, data.categories)
     results_path = os.path.join(workdir, RESULTS)
     finished = {r.get("cell_id") for r in jsonl.read(results_path, repair=True)}
-    pending = [c for c in cells if c.id not in finished]
+    # Categories run in the grid's order whatever is finished, so a resumed sweep goes on where it
+    # stopped instead of starting the next category first.
+    order = {cat: i for i, cat in enumerate(dict.fromkeys(c.category for c in cells))}
+    pending = sorted((c for c in cells if c.id not in finished), key=lambda c: order[c.category])
     write_json(
         os.path.join(workdir, "sweep.json"),
         {"config": config.to_dict(), "axes": grid.axes(config), "num_cells": len(cells)},
