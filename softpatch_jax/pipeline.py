@@ -6,6 +6,7 @@ every stage (DESIGN.md); `main.py` and notebooks call `run(config, workdir)`.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import time
 import zlib
@@ -18,7 +19,7 @@ from absl import logging
 
 from softpatch_jax import data, features, memory_bank, methods, metrics, report, scoring
 from softpatch_jax.data import noise
-from softpatch_jax.io_utils import write_csv, write_json
+from softpatch_jax.io_utils import atomic_open, write_csv, write_json
 
 METRICS = ("image_auroc", "pixel_auroc")
 
@@ -73,7 +74,109 @@ def _extract(ex, images, timer, what: str):
     return out.reshape(n, h * w, d)
 
 
-def run_category(config, ex, specs, category: str, ratios) -> list[dict]:
+def category_key(seed: int, category: str) -> jax.Array:
+    """The root key of one category's run: projection and coreset streams derive from it."""
+    return jax.random.fold_in(jax.random.key(seed), _stable_id(category))
+
+
+def noise_spec(config: ml_collections.ConfigDict, ratio: float) -> noise.NoiseSpec:
+    n = config.noise
+    return noise.NoiseSpec(ratio, bool(n.overlap), n.rotation_deg, n.translate)
+
+
+def noisy_splits(config, splits, ratio: float):
+    """(noisy splits, injected records, spec): the seeded noisy training set of one ratio.
+
+    The generator is seeded from (seed, category, ratio, mode) only, so a sweep and a run with the
+    same values inject the same images.
+    """
+    spec = noise_spec(config, ratio)
+    rng = np.random.default_rng(
+        [config.seed, _stable_id(splits.category), round(ratio * 1e6), int(spec.overlap)]
+    )
+    noisy = noise.inject(splits, spec, rng)
+    return noisy, noisy.train[len(splits.train) :], spec
+
+
+def map_indices(labels: np.ndarray, count: int) -> np.ndarray:
+    """Which test images get their anomaly maps saved: one normal image, the rest anomalies spread
+    evenly over the (defect-sorted) anomalous ones, so several defect types show."""
+    labels = np.asarray(labels)
+    anomalous = np.flatnonzero(labels == 1)
+    normal = np.flatnonzero(labels == 0)
+    picks = list(normal[:1]) if count > 1 else []
+    k = min(count - len(picks), len(anomalous))
+    if k > 0:
+        picks += list(anomalous[np.linspace(0, len(anomalous) - 1, k).round().astype(int)])
+    return np.unique(np.asarray(picks, dtype=int))
+
+
+def save_maps(path: str, records, images, masks, maps, meta: dict) -> None:
+    """Anomaly maps of a few test images, for figures: npz written to a temp file then renamed."""
+    with atomic_open(path, "wb") as f:
+        np.savez(
+            f,
+            images=np.asarray(images, np.uint8),
+            masks=np.asarray(masks, bool),
+            maps=np.asarray(maps, np.float32),
+            paths=np.asarray([r.path for r in records]),
+            labels=np.asarray([r.label for r in records]),
+            meta=np.asarray(json.dumps(meta, default=str)),
+        )
+
+
+def evaluate_banks(banks, feats_TxPxD, labels, masks, ex, config, timer):
+    """Scores test features with one method's banks -> (metrics dict, image scores, maps)."""
+    with timer("scoring"):
+        image_scores, maps = scoring.predict(
+            banks,
+            feats_TxPxD,
+            ex.grid,
+            ex.image_size,
+            config.scoring.blur_sigma,
+            config.scoring.chunk_size,
+        )
+        jax.block_until_ready(maps)
+    with timer("metrics"):
+        result = metrics.evaluate(image_scores, labels, maps, masks)
+    return result, image_scores, maps
+
+
+def result_row(
+    config,
+    category: str,
+    method: str,
+    result: dict,
+    banks,
+    spec: noise.NoiseSpec,
+    *,
+    num_train: int,
+    num_test: int,
+    times: dict,
+    injected,
+    weights: str | None,
+) -> dict:
+    """One results row (the fields of results.json/csv, and the core of a sweep's JSONL rows)."""
+    return {
+        "category": category,
+        "method": method,
+        **{k: result[k] for k in METRICS},
+        "noise_ratio": spec.ratio,
+        "overlap": spec.overlap,
+        "seed": config.seed,
+        "weights": weights,
+        "arch": config.backbone.arch,
+        "num_train": num_train,
+        "num_injected": len(injected),
+        "num_test": num_test,
+        "bank_cls": int(banks.cls.feats_MxD.shape[0]),
+        "bank_seg": int(banks.seg.feats_MxD.shape[0]),
+        **{f"time_{k}": round(v, 4) for k, v in times.items()},
+        "injected": [r.path for r in injected],
+    }
+
+
+def run_category(config, ex, specs, category: str, ratios, workdir: str = "") -> list[dict]:
     """All noise settings and methods of one category -> result rows."""
     splits = data.read(config.dataset, category)
     base = Timer()
@@ -84,18 +187,12 @@ def run_category(config, ex, specs, category: str, ratios) -> list[dict]:
     train_feats = _extract(ex, train_imgs, base, "train")
     test_feats = _extract(ex, test_imgs, base, "test")
     test_pos = {r.path: i for i, r in enumerate(splits.test)}
-    root = jax.random.fold_in(jax.random.key(config.seed), _stable_id(category))
+    root = category_key(config.seed, category)
+    num_maps = int(config.eval.get("save_maps", 0))
     rows = []
     for ratio in ratios:
         timer = Timer()
-        spec = noise.NoiseSpec(
-            ratio, bool(config.noise.overlap), config.noise.rotation_deg, config.noise.translate
-        )
-        rng = np.random.default_rng(
-            [config.seed, _stable_id(category), round(ratio * 1e6), int(spec.overlap)]
-        )
-        noisy = noise.inject(splits, spec, rng)
-        injected = noisy.train[len(splits.train) :]
+        noisy, injected, spec = noisy_splits(config, splits, ratio)
         feats = train_feats
         if injected:
             inj_imgs, _ = _load(load, injected, timer)
@@ -113,41 +210,39 @@ def run_category(config, ex, specs, category: str, ratios) -> list[dict]:
         )
         fitted = memory_bank.fit_many(root, feats, config, specs, timer=timer)
         t_feats = test_feats[keep_test]
+        shown = map_indices(labels, num_maps) if num_maps else np.zeros(0, int)
         for s in specs:
             mtimer = Timer()
             banks = fitted.banks[s.name]
-            with mtimer("scoring"):
-                image_scores, maps = scoring.predict(
-                    banks,
-                    t_feats,
-                    ex.grid,
-                    ex.image_size,
-                    config.scoring.blur_sigma,
-                    config.scoring.chunk_size,
-                )
-                jax.block_until_ready(maps)
-            with mtimer("metrics"):
-                result = metrics.evaluate(image_scores, labels, maps, test_masks[keep_test])
+            result, _, maps = evaluate_banks(
+                banks, t_feats, labels, test_masks[keep_test], ex, config, mtimer
+            )
             times = {**base.seconds, **timer.seconds, **mtimer.seconds}
             rows.append(
-                {
-                    "category": category,
-                    "method": s.name,
-                    **{k: result[k] for k in METRICS},
-                    "noise_ratio": ratio,
-                    "overlap": spec.overlap,
-                    "seed": config.seed,
-                    "weights": ex.info.get("weights"),
-                    "arch": config.backbone.arch,
-                    "num_train": int(feats.shape[0]),
-                    "num_injected": len(injected),
-                    "num_test": len(keep_test),
-                    "bank_cls": int(banks.cls.feats_MxD.shape[0]),
-                    "bank_seg": int(banks.seg.feats_MxD.shape[0]),
-                    **{f"time_{k}": round(v, 4) for k, v in times.items()},
-                    "injected": [r.path for r in injected],
-                }
+                result_row(
+                    config,
+                    category,
+                    s.name,
+                    result,
+                    banks,
+                    spec,
+                    num_train=int(feats.shape[0]),
+                    num_test=len(keep_test),
+                    times=times,
+                    injected=injected,
+                    weights=ex.info.get("weights"),
+                )
             )
+            if len(shown):
+                name = f"{category}_{s.name}_r{ratio:g}_s{config.seed}.npz"
+                save_maps(
+                    os.path.join(workdir, "maps", name),
+                    [noisy.test[i] for i in shown],
+                    test_imgs[keep_test[shown]],
+                    test_masks[keep_test[shown]],
+                    np.asarray(maps)[shown],
+                    {k: v for k, v in rows[-1].items() if k != "injected"},
+                )
             logging.info(
                 "  %-16s image AUROC %.3f  pixel AUROC %.3f",
                 s.name,
@@ -166,7 +261,8 @@ def write_results(workdir: str, rows: list[dict], meta: dict) -> None:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
-    """Runs the configured experiment; writes config.json, results.json, results.csv and summary.md."""
+    """Runs the configured experiment; writes config.json, results.json, results.csv and summary.md
+    (and maps/*.npz of a few test images per method when config.eval.save_maps > 0)."""
     _check_workdir(workdir)
     specs = methods.from_config(config)
     ratios = parse_ratios(config.noise.ratios)
@@ -185,7 +281,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     rows: list[dict] = []
     for i, category in enumerate(categories):
         logging.info("[%d/%d] category %s", i + 1, len(categories), category)
-        rows += run_category(config, ex, specs, category, ratios)
+        rows += run_category(config, ex, specs, category, ratios, workdir)
         write_results(workdir, rows, meta)  # after each category: partial results survive
     table = report.summary_table(rows)
     with open(os.path.join(workdir, "summary.md"), "w") as f:

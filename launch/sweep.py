@@ -1,0 +1,37 @@
+"""Runs a sweep: python launch/sweep.py --config=configs/sweeps/noise_curve.py:demo --workdir=DIR
+
+Every config value can be overridden, axes included: --config.sweep.axes.seed=0,1
+Re-running the same command skips finished cells; then `python -m softpatch_jax.report --workdir=DIR`.
+"""
+
+import os
+import sys
+
+# Run as a script from anywhere: the repository root holds softpatch_jax/ and configs/.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from softpatch_jax import sweep
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config",
+    None,
+    "Path to a configs/sweeps/*.py file (with its :dataset argument).",
+    lock_config=True,
+)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Folder for sweep.json, results.jsonl, stats.jsonl, cache/ and maps/."
+)
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    sweep.run(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    app.run(main)

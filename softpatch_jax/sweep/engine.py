@@ -1,0 +1,283 @@
+"""The sweep driver: every cell of a grid in one process, the expensive work done once.
+
+Cells are grouped from the most to the least expensive shared work:
+  category      -> read the records once;
+  noisy set     -> clean features once per category, injected ones once per noisy set (disk cache);
+  fit group     -> discriminator scores once per (noisy set, discriminator, k, projection) (disk
+                   cache), then every tau / method / fusion choice fits its bank from them;
+  distinct bank -> fitted and scored once, however many cells (rows) it serves.
+Finished cells are skipped on re-runs (results.jsonl); compiled functions are reused throughout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from softpatch_jax import data, discriminators, features, metrics, pipeline, report
+from softpatch_jax.io_utils import write_json
+from softpatch_jax.sweep import cache, grid, jsonl, stages
+
+RESULTS = "results.jsonl"
+STATS = "stats.jsonl"
+
+
+class Interrupted(Exception):
+    """Raised by test hooks to stop a sweep between cells."""
+
+
+@dataclasses.dataclass
+class _Context:
+    config: ml_collections.ConfigDict
+    workdir: str
+    store: cache.Cache
+    stats: cache.Stats
+    on_cell: Callable[[dict], None] | None
+    total: int
+    vmap: bool = True
+    done: int = 0
+    extractors: dict = dataclasses.field(default_factory=dict)
+
+    def extractor(self, cfg: ml_collections.ConfigDict) -> tuple[features.Extractor, str]:
+        """One extractor (and its compiled function) per backbone setting, for the whole sweep."""
+        key = grid.digest(
+            [
+                cfg.backbone.to_dict(),
+                cfg.embedding.to_dict(),
+                cfg.dataset.crop,
+                cfg.dataset.batch_size,
+            ]
+        )
+        if key not in self.extractors:
+            ex = features.build(cfg)
+            if ex.random_init:
+                logging.warning(report.RANDOM_INIT_WARNING)
+            self.extractors[key] = (ex, cache.weights_id(ex.info, ex.variables))
+        return self.extractors[key]
+
+
+def _spec_key(spec) -> str:
+    """Cells whose methods build the same banks (e.g. PatchCore at every tau) share one fit."""
+    return grid.digest(dataclasses.asdict(dataclasses.replace(spec, name="")))
+
+
+def _setting(cfg: ml_collections.ConfigDict) -> str:
+    """Cells with equal data and backbone settings share one record listing and extractor."""
+    return grid.digest([cfg.dataset.to_dict(), cfg.backbone.to_dict(), cfg.embedding.to_dict()])
+
+
+def run(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    on_cell: Callable[[dict], None] | None = None,
+) -> dict[str, int]:
+    """Runs every unfinished cell of the sweep; returns this invocation's counters.
+
+    Writes WORKDIR/sweep.json (the config and grid), appends one row per cell to
+    WORKDIR/results.jsonl and one line of counters per invocation to WORKDIR/stats.jsonl; caches
+    features and scores under config.sweep.cache_dir (default WORKDIR/cache).
+
+    Args:
+      on_cell: called with each row after it is appended (tests raise from it to interrupt).
+    """
+    os.makedirs(workdir, exist_ok=True)
+    t0 = time.perf_counter()
+    sweep = config.get("sweep") or ml_collections.ConfigDict()
+    cells = grid.expand(config, data.categories)
+    results_path = os.path.join(workdir, RESULTS)
+    finished = {r.get("cell_id") for r in jsonl.read(results_path, repair=True)}
+    # Categories run in the grid's order whatever is finished, so a resumed sweep goes on where it
+    # stopped instead of starting the next category first.
+    order = {cat: i for i, cat in enumerate(dict.fromkeys(c.category for c in cells))}
+    pending = sorted((c for c in cells if c.id not in finished), key=lambda c: order[c.category])
+    write_json(
+        os.path.join(workdir, "sweep.json"),
+        {"config": config.to_dict(), "axes": grid.axes(config), "num_cells": len(cells)},
+    )
+    stats = cache.Stats()
+    stats.add("cells_total", len(cells))
+    stats.add("cells_skipped", len(cells) - len(pending))
+    logging.info(
+        "sweep: %d cells, %d already finished, %d to run",
+        len(cells),
+        len(cells) - len(pending),
+        len(pending),
+    )
+    store = cache.Cache(sweep.get("cache_dir") or os.path.join(workdir, "cache"), stats)
+    ctx = _Context(
+        config, workdir, store, stats, on_cell, total=len(pending), vmap=sweep.get("vmap", True)
+    )
+    # Read every category and draw every noisy set first: an infeasible noise ratio fails here,
+    # before hours of work, not when the sweep reaches it.
+    groups = []
+    for category, ccells in grid.group(pending, lambda c: c.category).items():
+        for scells in grid.group(ccells, lambda c: _setting(c.config)).values():
+            splits = data.read(scells[0].config.dataset, category)
+            noisy = {}
+            for c in scells:
+                if c.noisy not in noisy:
+                    noisy[c.noisy] = pipeline.noisy_splits(c.config, splits, c.ratio)
+            groups.append((category, scells, splits, noisy))
+    try:
+        for group in groups:
+            _run_setting(ctx, *group)
+    finally:
+        out = {**stats.as_dict(), "seconds": round(time.perf_counter() - t0, 3)}
+        jsonl.append(os.path.join(workdir, STATS), out)
+        logging.info("sweep counters: %s", out)
+    return out
+
+
+def _run_setting(ctx: _Context, category: str, cells: list[grid.Cell], splits, noisy_sets) -> None:
+    cfg = cells[0].config
+    ex, weights_id = ctx.extractor(cfg)
+    base_key = cache.features_key(cfg, category, splits.train, splits.test, weights_id)
+
+    clean = functools.partial(stages.clean_features, ctx.stats, ex, cfg, splits)
+    base: dict[str, np.ndarray] = {}  # loaded when the first unfinished noisy set needs it
+
+    for noisy_id, ncells in grid.group(cells, lambda c: c.noisy).items():
+        noisy, injected, spec = noisy_sets[noisy_id]
+        ncfg = ncells[0].config
+        t_feat = time.perf_counter()
+        base = base or ctx.store.get("features", base_key, clean)
+        train = base["train"]
+        feats_key = base_key
+        if injected:
+            feats_key = cache.injected_key(base_key, spec, ncfg.seed, injected)
+            extract = functools.partial(
+                stages.injected_features, ctx.stats, ex, ncfg, injected, category
+            )
+            inj = ctx.store.get("features", feats_key, extract)
+            train = np.concatenate([train, inj["train"]])
+        test_pos = {r.path: i for i, r in enumerate(splits.test)}
+        keep = np.array([test_pos[r.path] for r in noisy.test])
+        evalset = _EvalSet(
+            jnp.asarray(base["test"][keep]),
+            np.array([r.label for r in noisy.test]),
+            base["test_masks"][keep],
+            noisy.test,
+        )
+        times = {"features": time.perf_counter() - t_feat}
+        feats = jnp.asarray(train)
+        for gcells in grid.group(ncells, lambda c: c.fit_key).values():
+            _run_fit_group(ctx, ex, category, feats, feats_key, evalset, gcells, injected, times)
+
+
+@dataclasses.dataclass
+class _EvalSet:
+    feats_TxPxD: jax.Array
+    labels: np.ndarray
+    masks: np.ndarray
+    records: tuple
+    shown: dict = dataclasses.field(default_factory=dict)  # decoded on demand for saved maps
+
+
+def _run_fit_group(ctx, ex, category, feats, feats_key, evalset, cells, injected, times) -> None:
+    cfg = cells[0].config
+    key = pipeline.category_key(cfg.seed, category)
+    specs = {}
+    for c in cells:
+        specs.setdefault(_spec_key(c.spec()), c.spec())
+    named = [dataclasses.replace(s, name=k) for k, s in specs.items()]
+    names = tuple(n for n in discriminators.NAMES if any(n in s.discriminators() for s in named))
+    timer = pipeline.Timer()
+    with timer("discriminators"):
+        scores = stages.discriminator_scores(ctx.store, key, feats, feats_key, cfg, names)
+        jax.block_until_ready(scores)
+    with timer("fit"):
+        banks = jax.block_until_ready(stages.fit(key, feats, cfg, named, scores, ctx.vmap))
+    ctx.stats.add("banks_fitted", len(named))
+    by_scoring = grid.group(cells, lambda c: grid.digest(c.config.scoring.to_dict()))
+    for scells in by_scoring.values():
+        sc = scells[0].config.scoring
+        wanted = {k: banks[k] for k in dict.fromkeys(_spec_key(c.spec()) for c in scells)}
+        with timer("scoring"):
+            predicted = stages.predict(wanted, evalset.feats_TxPxD, ex, sc, ctx.vmap)
+            jax.block_until_ready(predicted)
+        results = {}
+        with timer("metrics"):
+            for k, (image_scores, maps) in predicted.items():
+                results[k] = metrics.evaluate(image_scores, evalset.labels, maps, evalset.masks)
+        for c in scells:
+            k = _spec_key(c.spec())
+            _finish_cell(
+                ctx,
+                ex,
+                c,
+                results[k],
+                banks[k],
+                predicted[k][1],
+                evalset,
+                feats,
+                injected,
+                {**times, **timer.seconds},
+            )
+
+
+def _finish_cell(ctx, ex, cell, result, banks, maps, evalset, feats, injected, times) -> None:
+    spec = pipeline.noise_spec(cell.config, cell.ratio)
+    row = pipeline.result_row(
+        cell.config,
+        cell.category,
+        cell.method,
+        result,
+        banks,
+        spec,
+        num_train=int(feats.shape[0]),
+        num_test=len(evalset.labels),
+        times=times,
+        injected=injected,
+        weights=ex.info.get("weights"),
+    )
+    row = {"cell_id": cell.id, **row, **cell.row_fields(), "axes": cell.axes}
+    num_maps = int(cell.config.eval.get("save_maps", 0))
+    if num_maps:
+        _save_maps(ctx, cell, row, maps, evalset, num_maps)
+    jsonl.append(os.path.join(ctx.workdir, RESULTS), row)
+    ctx.stats.add("cells_run")
+    ctx.done += 1
+    logging.info(
+        "[%d/%d] %s %s noise %.2f seed %d%s: image AUROC %.3f pixel AUROC %.3f",
+        ctx.done,
+        ctx.total,
+        cell.category,
+        cell.method,
+        cell.ratio,
+        cell.config.seed,
+        "".join(
+            f" {k}={v}"
+            for k, v in cell.axes.items()
+            if k not in ("seed", "noise.ratios", "methods")
+        ),
+        result["image_auroc"],
+        result["pixel_auroc"],
+    )
+    if ctx.on_cell is not None:
+        ctx.on_cell(row)
+
+
+def _save_maps(ctx, cell, row, maps, evalset, count) -> None:
+    idx = pipeline.map_indices(evalset.labels, count)
+    records = [evalset.records[i] for i in idx]
+    if count not in evalset.shown:
+        ds = cell.config.dataset
+        evalset.shown[count] = data.loader(ds, row["category"])(records)[0]
+    pipeline.save_maps(
+        os.path.join(ctx.workdir, "maps", f"{cell.id}.npz"),
+        records,
+        evalset.shown[count],
+        evalset.masks[idx],
+        np.asarray(maps)[idx],
+        {k: v for k, v in row.items() if k != "injected"},
+    )
