@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from softpatch_jax import data, features, memory_bank, methods, metrics, report, scoring
+from softpatch_jax import data, features, memory_bank, methods, metrics, parallel, report, scoring
 from softpatch_jax.data import noise, preprocess
 from softpatch_jax.io_utils import write_csv, write_json
 
@@ -65,10 +65,16 @@ def _load(records, cfg, timer, stage="decode"):
         return preprocess.load_records(records, cfg.dataset.resize, cfg.dataset.crop)
 
 
-def _extract(ex, images, timer, what: str):
+# embedding.store_dtype: how patch features are kept between stages (they are read in float32).
+STORE_DTYPES = {"float32": jnp.float32, "float16": jnp.float16, "bfloat16": jnp.bfloat16}
+
+
+def _extract(ex, images, timer, what: str, store_dtype: str = "float32"):
     logging.info("  features: %d %s images", images.shape[0], what)
+    if store_dtype not in STORE_DTYPES:
+        raise ValueError(f"embedding.store_dtype {store_dtype!r}; valid: {sorted(STORE_DTYPES)}")
     with timer("features"):
-        out = jax.block_until_ready(features.extract(ex, images))
+        out = jax.block_until_ready(features.extract(ex, images).astype(STORE_DTYPES[store_dtype]))
     n, h, w, d = out.shape
     return out.reshape(n, h * w, d)
 
@@ -79,8 +85,9 @@ def run_category(config, ex, specs, category: str, ratios) -> list[dict]:
     base = Timer()
     train_imgs, _ = _load(splits.train, config, base)
     test_imgs, test_masks = _load(splits.test, config, base)
-    train_feats = _extract(ex, train_imgs, base, "train")
-    test_feats = _extract(ex, test_imgs, base, "test")
+    store = config.embedding.get("store_dtype", "float32")
+    train_feats = _extract(ex, train_imgs, base, "train", store)
+    test_feats = _extract(ex, test_imgs, base, "test", store)
     test_pos = {r.path: i for i, r in enumerate(splits.test)}
     root = jax.random.fold_in(jax.random.key(config.seed), _stable_id(category))
     rows = []
@@ -97,7 +104,7 @@ def run_category(config, ex, specs, category: str, ratios) -> list[dict]:
         feats = train_feats
         if injected:
             inj_imgs, _ = _load(injected, config, timer)
-            feats = jnp.concatenate([train_feats, _extract(ex, inj_imgs, timer, "injected")])
+            feats = jnp.concatenate([train_feats, _extract(ex, inj_imgs, timer, "injected", store)])
         keep_test = np.array([test_pos[r.path] for r in noisy.test])
         labels = np.array([r.label for r in noisy.test])
         logging.info(
@@ -122,6 +129,7 @@ def run_category(config, ex, specs, category: str, ratios) -> list[dict]:
                     ex.image_size,
                     config.scoring.blur_sigma,
                     config.scoring.chunk_size,
+                    parallel=parallel.enabled(config),
                 )
                 jax.block_until_ready(maps)
             with mtimer("metrics"):
