@@ -32,8 +32,8 @@ def _lof(knn_d: jax.Array, knn_i: jax.Array) -> jax.Array:
     k_distance = knn_d[:, -1]
     reach = jnp.maximum(k_distance[knn_i], knn_d)
     # 1e-10 as scikit-learn, so that duplicates give a large finite density, not inf.
-    lrd = 1.0 / (jnp.mean(reach, axis=1) + 1e-10)
-    return jnp.mean(lrd[knn_i], axis=1) / lrd
+    lrd = 1.0 / (ops.fixed_order_mean(reach, axis=1) + 1e-10)
+    return ops.fixed_order_mean(lrd[knn_i], axis=1) / lrd
 
 
 def _tril_inverse(l_RxR: jax.Array) -> jax.Array:
@@ -68,18 +68,18 @@ def _tril_inverse(l_RxR: jax.Array) -> jax.Array:
 def _mahalanobis(x_NxR: jax.Array, eps: float) -> jax.Array:
     """sqrt((x - mu)^T S^-1 (x - mu)), S = cov(x, ddof=1) + eps*I, over all N (self included)."""
     n, r = x_NxR.shape
-    xc = x_NxR - jnp.mean(x_NxR, axis=0, keepdims=True)
+    xc = x_NxR - ops.fixed_order_mean(x_NxR, axis=0)[None, :]
     cov = jnp.matmul(xc.T, xc, precision=ops.PRECISION) / (n - 1) + eps * jnp.eye(r, dtype=xc.dtype)
     # S = L L^T, so the squared distance is |L^-1 (x - mu)|^2.
     y = jnp.matmul(xc, _tril_inverse(jnp.linalg.cholesky(cov)).T, precision=ops.PRECISION)
-    return jnp.sqrt(jnp.maximum(jnp.sum(jnp.square(y), axis=1), 0.0))
+    return jnp.sqrt(jnp.maximum(ops.sq_norms(y), 0.0))
 
 
 def _position(x_NxR: jax.Array, names: tuple[str, ...], lof_k: int, eps: float) -> dict:
     out = {}
     if "nearest" in names or "lof" in names:
         # Centering changes no distance but keeps |a|^2+|b|^2-2ab accurate in float32.
-        xc = x_NxR - jnp.mean(x_NxR, axis=0, keepdims=True)
+        xc = x_NxR - ops.fixed_order_mean(x_NxR, axis=0)[None, :]
         d2 = ops.pairwise_sqdist(xc, xc)
         d2 = jnp.where(jnp.eye(x_NxR.shape[0], dtype=bool), jnp.inf, d2)
         # Neighbours are ranked on squared distances (sqrt is monotone), so only the k picked ones
@@ -109,6 +109,14 @@ def positions_fn(names: tuple[str, ...], lof_k: int, gaussian_eps: float) -> Cal
     return lambda x_CxNxR: jax.vmap(one)(x_CxNxR.astype(jnp.float32))
 
 
+def _batch(chunk_size: int) -> int:
+    """Positions per vmapped chunk: never 1 (where data allow), because XLA drops a batch dimension
+    of size 1 and compiles the per-position matmuls differently, changing their last bits; batches
+    of 2 and more give every position the same bits whatever the batch (checked by
+    tests/test_parallel.py, whose shards hold fewer positions than one device's chunk)."""
+    return max(2, chunk_size) if chunk_size > 0 else chunk_size
+
+
 def score_local(
     pool_NxPxR: jax.Array,
     names: tuple[str, ...],
@@ -127,7 +135,7 @@ def score_local(
         chunk = jax.lax.dynamic_slice(pool_NxPxR, (0, start, 0), (n, size, r))
         return jnp.transpose(chunk, (1, 0, 2))
 
-    return ops.map_chunks(positions_fn(names, lof_k, gaussian_eps), take, p, chunk_size)
+    return ops.map_chunks(positions_fn(names, lof_k, gaussian_eps), take, p, _batch(chunk_size))
 
 
 @functools.partial(jax.jit, static_argnames=("names", "lof_k", "gaussian_eps", "chunk_size"))
@@ -160,7 +168,7 @@ def score(
     def take(start, size):
         return jax.lax.dynamic_slice(feats_PxNxR, (start, 0, 0), (size, n, r))
 
-    return ops.map_chunks(positions_fn(names, lof_k, gaussian_eps), take, p, chunk_size)
+    return ops.map_chunks(positions_fn(names, lof_k, gaussian_eps), take, p, _batch(chunk_size))
 
 
 def effective_k(lof_k: int, num_images: int) -> int:

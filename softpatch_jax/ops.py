@@ -15,13 +15,15 @@ import jax.numpy as jnp
 PRECISION = jax.lax.Precision.HIGHEST
 
 
-def fixed_order_sum(x: jax.Array) -> jax.Array:
-    """Sum over the last axis as a pairwise tree of elementwise adds (zero-padded to a power of two).
+def fixed_order_sum(x: jax.Array, axis: int = -1) -> jax.Array:
+    """Sum over `axis` as a pairwise tree of elementwise adds (zero-padded to a power of two).
 
     XLA picks a reduction's vectorisation by shape and fusion context, so the same row can sum to
-    different bits in a [139, R] block than in a [1110, R] one; elementwise adds in a fixed order
-    cannot. The sharded stages (`parallel`) rely on this to equal one device bit for bit.
+    different bits in a [139, R] block than in a [1110, R] one, or in a vmapped batch of 3 positions
+    than of 24; elementwise adds in a fixed order cannot. The sharded stages (`parallel`) rely on
+    this to equal one device bit for bit.
     """
+    x = jnp.moveaxis(x, axis, -1)
     w = x.shape[-1]
     size = 1 << max(0, (w - 1).bit_length())
     if size != w:
@@ -30,6 +32,10 @@ def fixed_order_sum(x: jax.Array) -> jax.Array:
         half = x.shape[-1] // 2
         x = x[..., :half] + x[..., half:]
     return x[..., 0]
+
+
+def fixed_order_mean(x: jax.Array, axis: int = -1) -> jax.Array:
+    return fixed_order_sum(x, axis) / x.shape[axis]
 
 
 def sq_norms(x_NxD: jax.Array) -> jax.Array:

@@ -131,7 +131,10 @@ def discriminator_scores(
     p = pool_NxPxR.shape[1]
     chunk = max(1, chunk_size // _sharing_memory(m))
     # Edge padding repeats the last position: real data, so no degenerate covariance; trimmed below.
-    x = _place(_pad(pool_NxPxR, m.size, axis=1, mode="edge"), m, P(None, AXIS, None))
+    # Every device gets at least 2 positions: a batch of one compiles differently (see
+    # `discriminators._batch`).
+    multiple = m.size * (2 if p > 1 else 1)
+    x = _place(_pad(pool_NxPxR, multiple, axis=1, mode="edge"), m, P(None, AXIS, None))
     out = _local(_discriminators_fn(m, tuple(names), lof_k, float(gaussian_eps), chunk)(x))
     return {k: v[:p] for k, v in out.items()}
 
