@@ -1,11 +1,11 @@
 """The heavy stages over every device: discriminators with positions sharded, the greedy coreset with
 the patch pool sharded, nearest-neighbour scoring with the memory bank sharded (METHOD.md sections
-3-5). Each returns what its one-device counterpart returns, replicated, with the same bits.
+3-5). Each returns what its one-device counterpart returns, on the first device, with the same bits.
 
 How each stage splits:
 - Discriminators (`discriminator_scores`): every position is independent, so each device scores its
   slice of positions with the one-device code (`discriminators.score_local`); the [P, N] scores are
-  all-gathered at the end.
+  collected onto one device afterwards.
 - Coreset (`prepare`, `select`, `greedy`): each device holds a slice of the pool's rows and its
   running min-distances. A step: local argmax; one all-gather of every device's (max, candidate
   row, its squared norm) and one of the candidates' global indices; the first device holding the
@@ -13,7 +13,8 @@ How each stage splits:
   winner's row. Per step that moves ~8*(R+3) bytes between devices and reads the local rows once.
 - Scoring (`nearest`): each device searches its slice of the bank for every query; the global
   nearest is the device-local one with the smallest squared distance (first device on ties), and
-  its directly recomputed distance is taken from the device that owns it.
+  its directly recomputed distance is taken from the device that owns it ([devices, Q] candidates,
+  picked after the sharded program).
 Row-wise arithmetic is the same code on every slice and the means used for centring come from one
 call of `ops.mean_row` on the whole array, which is what makes the results bitwise equal to one
 device (tests/test_parallel.py checks it on 8 host devices).
@@ -73,7 +74,13 @@ def enabled(config=None) -> bool:
 
 
 def _place(x, m: Mesh, spec: P) -> jax.Array:
-    """Puts a (host or one-device) array on the mesh with `spec`."""
+    """Puts a (host or one-device) array on the mesh with `spec`, once it is computed.
+
+    Waiting first matters on CPU: a program still running on one device when a sharded program
+    starts can leave the other devices blocked in a collective, holding threads of the pool that
+    program needs (observed as a rendezvous timeout with 8 host devices on 2 cores).
+    """
+    x = jax.block_until_ready(x)
     sharding = NamedSharding(m, spec)
     if jax.process_count() == 1:
         return jax.device_put(x, sharding)
@@ -84,6 +91,20 @@ def _place(x, m: Mesh, spec: P) -> jax.Array:
 def _local(x):
     """A replicated result as a plain array on this process's first device (no copy)."""
     return jax.tree.map(lambda a: a.addressable_data(0), x)
+
+
+def _collect(x):
+    """A sharded result, whole, on this process's first device, through the host (small arrays).
+
+    Not an all-gather inside the sharded program: XLA's CPU runtime runs collectives on its shared
+    thread pool, and devices that finish their share early block pool threads in the rendezvous
+    that the others still need for their work; with 8 host devices on 2 cores that deadlocked.
+    """
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return jax.tree.map(lambda a: jax.device_put(np.asarray(a), jax.local_devices()[0]), x)
 
 
 def _pad(x: jax.Array, multiple: int, axis: int, mode: str = "constant") -> jax.Array:
@@ -106,11 +127,12 @@ def _sharing_memory(m: Mesh) -> int:
 @functools.lru_cache(maxsize=32)
 def _discriminators_fn(m: Mesh, names: tuple, lof_k: int, eps: float, chunk: int):
     def local(pool_NxLxR):
-        out = discriminators.score_local(pool_NxLxR, names, lof_k, eps, chunk)
-        return {k: jax.lax.all_gather(v, AXIS, tiled=True) for k, v in out.items()}
+        return discriminators.score_local(pool_NxLxR, names, lof_k, eps, chunk)
 
     return jax.jit(
-        jax.shard_map(local, mesh=m, in_specs=P(None, AXIS, None), out_specs=P(), check_vma=False)
+        jax.shard_map(
+            local, mesh=m, in_specs=P(None, AXIS, None), out_specs=P(AXIS), check_vma=False
+        )
     )
 
 
@@ -135,7 +157,7 @@ def discriminator_scores(
     # `discriminators._batch`).
     multiple = m.size * (2 if p > 1 else 1)
     x = _place(_pad(pool_NxPxR, multiple, axis=1, mode="edge"), m, P(None, AXIS, None))
-    out = _local(_discriminators_fn(m, tuple(names), lof_k, float(gaussian_eps), chunk)(x))
+    out = _collect(_discriminators_fn(m, tuple(names), lof_k, float(gaussian_eps), chunk)(x))
     return {k: v[:p] for k, v in out.items()}
 
 
@@ -231,19 +253,20 @@ def _nearest_fn(m: Mesh, chunk_size: int):
 
         def chunk(q):
             best, idx, dist = ops.nearest_rows(q.astype(jnp.float32) - centre_1xD, bank, bank_sq)
-            all_best = jax.lax.all_gather(best, AXIS)  # [devices, C]
-            win = jnp.argmin(all_best, axis=0)[None]  # first device on ties
-            all_dist = jax.lax.all_gather(dist, AXIS)
-            all_idx = jax.lax.all_gather((idx + offset).astype(jnp.int32), AXIS)
-            pick = lambda a: jnp.take_along_axis(a, win, axis=0)[0]
-            return pick(all_dist), pick(all_idx)
+            return best, dist, (idx + offset).astype(jnp.int32)
 
-        return ops.chunked_map(chunk, query_QxD, chunk_size)
+        # Each device's candidates [1, Q]; the global pick happens after (no collective inside).
+        return jax.tree.map(lambda a: a[None], ops.chunked_map(chunk, query_QxD, chunk_size))
 
     spec = (P(), P(AXIS, None), P(AXIS), P())
-    return jax.jit(
-        jax.shard_map(local, mesh=m, in_specs=spec, out_specs=(P(), P()), check_vma=False)
-    )
+    return jax.jit(jax.shard_map(local, mesh=m, in_specs=spec, out_specs=P(AXIS), check_vma=False))
+
+
+@jax.jit
+def _pick_nearest(best_KxQ: jax.Array, dist_KxQ: jax.Array, idx_KxQ: jax.Array):
+    win = jnp.argmin(best_KxQ, axis=0)[None]  # first device on ties = the lowest global index
+    pick = lambda a: jnp.take_along_axis(a, win, axis=0)[0]
+    return pick(dist_KxQ), pick(idx_KxQ)
 
 
 def nearest(
@@ -256,4 +279,4 @@ def nearest(
     bank = _place(_pad(bank_MxD, m.size, axis=0), m, P(AXIS, None))
     fn = _nearest_fn(m, int(chunk_size))
     out = fn(_place(query_QxD, m, P()), bank, _place(valid, m, P(AXIS)), _place(centre, m, P()))
-    return _local(out)
+    return _pick_nearest(*_collect(out))
