@@ -9,7 +9,7 @@ share one pairwise-distance computation per position, vmapped over positions and
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -27,37 +27,72 @@ def check_names(names: Sequence[str]) -> tuple[str, ...]:
     return names
 
 
-def _lof(d_NxN: jax.Array, k: int) -> jax.Array:
-    """Local outlier factor from a distance matrix whose diagonal is +inf (self excluded)."""
-    knn_d, knn_i = ops.smallest_k(d_NxN, k)  # [N, k]
+def _lof(knn_d: jax.Array, knn_i: jax.Array) -> jax.Array:
+    """Local outlier factor from each point's k nearest distances and indices (self excluded)."""
     k_distance = knn_d[:, -1]
     reach = jnp.maximum(k_distance[knn_i], knn_d)
     # 1e-10 as scikit-learn, so that duplicates give a large finite density, not inf.
-    lrd = 1.0 / (jnp.mean(reach, axis=1) + 1e-10)
-    return jnp.mean(lrd[knn_i], axis=1) / lrd
+    lrd = 1.0 / (ops.fixed_order_mean(reach, axis=1) + 1e-10)
+    return ops.fixed_order_mean(lrd[knn_i], axis=1) / lrd
+
+
+def _tril_inverse(l_RxR: jax.Array) -> jax.Array:
+    """Inverse of a lower-triangular matrix by recursive 2x2 blocking, level by level.
+
+    [[A, 0], [B, C]]^-1 = [[A^-1, 0], [-C^-1 B A^-1, C^-1]]: every level is a batch of small
+    matmuls. XLA's CPU triangular solve runs a scalar loop per batch element, which made the
+    Gaussian discriminator ~20x slower than this for R = 128 vmapped over positions.
+    """
+    r = l_RxR.shape[0]
+    size = 1 << max(0, (r - 1).bit_length())
+    if size != r:  # pad to a power of two with an identity block: the inverse stays block-exact
+        l_RxR = jnp.pad(l_RxR, ((0, size - r), (0, size - r)))
+        l_RxR = l_RxR + jnp.diag(jnp.arange(size) >= r).astype(l_RxR.dtype)
+    inv = (1.0 / jnp.diagonal(l_RxR)).reshape(size, 1, 1)  # diagonal blocks of the inverse
+    b = 1
+    while b < size:
+        nb = size // (2 * b)
+        # The merged diagonal blocks of L: [nb, 2b, 2b], of which the lower-left [b, b] is B.
+        blocks = l_RxR.reshape(nb, 2 * b, nb, 2 * b)[jnp.arange(nb), :, jnp.arange(nb), :]
+        a_inv, c_inv = inv[0::2], inv[1::2]
+        mm = functools.partial(jnp.matmul, precision=ops.PRECISION)
+        lower = -mm(c_inv, mm(blocks[:, b:, :b], a_inv))
+        zeros = jnp.zeros_like(lower)
+        top = jnp.concatenate([a_inv, zeros], axis=2)
+        bottom = jnp.concatenate([lower, c_inv], axis=2)
+        inv = jnp.concatenate([top, bottom], axis=1)
+        b *= 2
+    return inv[0, :r, :r]
 
 
 def _mahalanobis(x_NxR: jax.Array, eps: float) -> jax.Array:
     """sqrt((x - mu)^T S^-1 (x - mu)), S = cov(x, ddof=1) + eps*I, over all N (self included)."""
     n, r = x_NxR.shape
-    xc = x_NxR - jnp.mean(x_NxR, axis=0, keepdims=True)
+    xc = x_NxR - ops.fixed_order_mean(x_NxR, axis=0)[None, :]
     cov = jnp.matmul(xc.T, xc, precision=ops.PRECISION) / (n - 1) + eps * jnp.eye(r, dtype=xc.dtype)
-    chol = jnp.linalg.cholesky(cov)
-    y = jax.scipy.linalg.solve_triangular(chol, xc.T, lower=True)  # [R, N]
-    return jnp.sqrt(jnp.maximum(jnp.sum(jnp.square(y), axis=0), 0.0))
+    # S = L L^T, so the squared distance is |L^-1 (x - mu)|^2.
+    y = jnp.matmul(xc, _tril_inverse(jnp.linalg.cholesky(cov)).T, precision=ops.PRECISION)
+    return jnp.sqrt(jnp.maximum(ops.sq_norms(y), 0.0))
 
 
 def _position(x_NxR: jax.Array, names: tuple[str, ...], lof_k: int, eps: float) -> dict:
     out = {}
     if "nearest" in names or "lof" in names:
         # Centering changes no distance but keeps |a|^2+|b|^2-2ab accurate in float32.
-        xc = x_NxR - jnp.mean(x_NxR, axis=0, keepdims=True)
+        xc = x_NxR - ops.fixed_order_mean(x_NxR, axis=0)[None, :]
         d2 = ops.pairwise_sqdist(xc, xc)
-        d = jnp.where(jnp.eye(x_NxR.shape[0], dtype=bool), jnp.inf, jnp.sqrt(d2))
-        if "nearest" in names:
-            out["nearest"] = jnp.min(d, axis=1)
+        d2 = jnp.where(jnp.eye(x_NxR.shape[0], dtype=bool), jnp.inf, d2)
+        # Neighbours are ranked on squared distances (sqrt is monotone), so only the k picked ones
+        # are square-rooted, not the whole [N, N] block; the nearest is the first of them.
         if "lof" in names:
-            out["lof"] = _lof(d, lof_k)
+            knn_d2, knn_i = ops.smallest_k(d2, lof_k)
+            knn_d = jnp.sqrt(knn_d2)
+            out["lof"] = _lof(knn_d, knn_i)
+            nearest = knn_d[:, 0]
+        else:
+            nearest = jnp.sqrt(jnp.min(d2, axis=1))
+        if "nearest" in names:
+            out["nearest"] = nearest
     if "gaussian" in names:
         out["gaussian"] = _mahalanobis(x_NxR, eps)
     return out
@@ -66,6 +101,54 @@ def _position(x_NxR: jax.Array, names: tuple[str, ...], lof_k: int, eps: float) 
 def chunk_size_for(n: int, r: int) -> int:
     """Positions per chunk so that the per-position [N, N] work fits a quarter of free memory."""
     return ops.chunk_rows(bytes_per_row=4 * (4 * n * n + 4 * n * r + 3 * r * r))
+
+
+def positions_fn(names: tuple[str, ...], lof_k: int, gaussian_eps: float) -> Callable:
+    """The per-chunk discriminator function [C, N, R] -> {name: [C, N]} (float32 inside)."""
+    one = functools.partial(_position, names=names, lof_k=lof_k, eps=gaussian_eps)
+    return lambda x_CxNxR: jax.vmap(one)(x_CxNxR.astype(jnp.float32))
+
+
+def _batch(chunk_size: int) -> int:
+    """Positions per vmapped chunk: never 1 (where data allow), because XLA drops a batch dimension
+    of size 1 and compiles the per-position matmuls differently, changing their last bits; batches
+    of 2 and more give every position the same bits whatever the batch (checked by
+    tests/test_parallel.py, whose shards hold fewer positions than one device's chunk)."""
+    return max(2, chunk_size) if chunk_size > 0 else chunk_size
+
+
+def score_local(
+    pool_NxPxR: jax.Array,
+    names: tuple[str, ...],
+    lof_k: int,
+    gaussian_eps: float,
+    chunk_size: int,
+) -> dict[str, jax.Array]:
+    """Unjitted body of `score_pool`, also run per device shard by `parallel`: {name: [P, N]}.
+
+    Positions are sliced out of the image-major pool and transposed one chunk at a time, so no
+    transposed copy of the whole pool is made.
+    """
+    n, p, r = pool_NxPxR.shape
+
+    def take(start, size):
+        chunk = jax.lax.dynamic_slice(pool_NxPxR, (0, start, 0), (n, size, r))
+        return jnp.transpose(chunk, (1, 0, 2))
+
+    return ops.map_chunks(positions_fn(names, lof_k, gaussian_eps), take, p, _batch(chunk_size))
+
+
+@functools.partial(jax.jit, static_argnames=("names", "lof_k", "gaussian_eps", "chunk_size"))
+def score_pool(
+    pool_NxPxR: jax.Array,
+    names: tuple[str, ...] = ("lof",),
+    lof_k: int = 6,
+    gaussian_eps: float = 0.01,
+    chunk_size: int = 64,
+) -> dict[str, jax.Array]:
+    """As `score`, on the image-major pool [N, P, R] (the layout projection produces), returning
+    {name: [P, N]}; positions are sliced and transposed one chunk at a time."""
+    return score_local(pool_NxPxR, names, lof_k, gaussian_eps, chunk_size)
 
 
 @functools.partial(jax.jit, static_argnames=("names", "lof_k", "gaussian_eps", "chunk_size"))
@@ -80,8 +163,12 @@ def score(
 
     Requires N > lof_k when "lof" is asked for (see `effective_k`).
     """
-    fn = jax.vmap(functools.partial(_position, names=names, lof_k=lof_k, eps=gaussian_eps))
-    return ops.chunked_map(fn, feats_PxNxR.astype(jnp.float32), chunk_size)
+    p, n, r = feats_PxNxR.shape
+
+    def take(start, size):
+        return jax.lax.dynamic_slice(feats_PxNxR, (start, 0, 0), (size, n, r))
+
+    return ops.map_chunks(positions_fn(names, lof_k, gaussian_eps), take, p, _batch(chunk_size))
 
 
 def effective_k(lof_k: int, num_images: int) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 
 import flax.struct
@@ -18,6 +19,7 @@ import numpy as np
 from absl import logging
 
 from softpatch_jax import coreset, discriminators, methods, ops
+from softpatch_jax import parallel as parallel_lib
 
 # Named random streams derived from the root key (STYLE.md: no global RNG).
 STREAMS = {"noise": 0, "projection": 1, "coreset": 2}
@@ -59,23 +61,108 @@ def project(feats_NxD: jax.Array, projection_DxR: jax.Array) -> jax.Array:
     return jnp.matmul(feats_NxD.astype(jnp.float32), projection_DxR, precision=ops.PRECISION)
 
 
+@jax.jit
+def _project_device(feats_NxPxD: jax.Array, projection_DxR: jax.Array | None) -> jax.Array:
+    # Reshaped inside the jit (a bitcast); outside it, reshaping a device array copies it.
+    n, p, d = feats_NxPxD.shape
+    flat = feats_NxPxD.reshape(n * p, d)
+    out = flat.astype(jnp.float32) if projection_DxR is None else project(flat, projection_DxR)
+    return out.reshape(n, p, -1)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _project_into(
+    pool_NxPxR: jax.Array, block_BxPxD: jax.Array, projection_DxR: jax.Array | None, start
+) -> jax.Array:
+    y = block_BxPxD.astype(jnp.float32)
+    if projection_DxR is not None:
+        y = jnp.matmul(y, projection_DxR, precision=ops.PRECISION)
+    return jax.lax.dynamic_update_slice_in_dim(pool_NxPxR, y, start, axis=0)
+
+
+def images_per_block(feats_NxPxD, out_dim: int) -> int:
+    """Images per host->device block: input, its float32 cast and the output in 1/4 of free memory."""
+    n, p, d = feats_NxPxD.shape
+    itemsize = np.dtype(feats_NxPxD.dtype).itemsize
+    return max(1, min(n, ops.chunk_rows(p * (d * (itemsize + 4) + 4 * out_dim))))
+
+
+def project_pool(feats_NxPxD, projection_DxR: jax.Array | None) -> jax.Array:
+    """The discriminators' and coreset's pool [N, P, R] (float32, on device); R = D without a
+    projection.
+
+    `feats_NxPxD` is a device array, or a host source: anything with `.shape`, `.dtype` and numpy
+    slicing over images (a numpy array or memmap, possibly float16, or a lazy reader). A host source
+    is streamed in blocks of images into the pool, so the full-D features are never on the device
+    at once: at N=5000, P=784, D=1024 they are 16 GB in float32, the R=128 pool 2 GB.
+    """
+    if isinstance(feats_NxPxD, jax.Array):
+        return _project_device(feats_NxPxD, projection_DxR)
+    n, p, d = feats_NxPxD.shape
+    r = d if projection_DxR is None else projection_DxR.shape[1]
+    b = images_per_block(feats_NxPxD, r)
+    pool = jnp.zeros((n, p, r), jnp.float32)
+    # Equal-size blocks (one compile); the last is shifted back to end at image n.
+    for lo in sorted({min(i, n - b) for i in range(0, n, b)}):
+        block = np.asarray(feats_NxPxD[lo : lo + b])
+        pool = _project_into(pool, block, projection_DxR, jnp.int32(lo))
+    return pool
+
+
+# Donated: the flat view reuses the pool's buffer; reshaping outside a jit would copy it.
+_flatten_images = jax.jit(lambda x_NxPxR: x_NxPxR.reshape(-1, x_NxPxR.shape[-1]), donate_argnums=0)
+
+
+@jax.jit
+def _gather_device(feats_NxPxD: jax.Array, idx_M: jax.Array) -> jax.Array:
+    n, p, d = feats_NxPxD.shape
+    return feats_NxPxD.reshape(n * p, d)[idx_M]
+
+
+def gather_rows(feats_NxPxD, idx_M: jax.Array) -> jax.Array:
+    """The full-D features [M, D] of flat patch indices n*P + p, in the source's dtype.
+
+    For a host source only the blocks of images holding picked patches are read (see `project_pool`).
+    """
+    if isinstance(feats_NxPxD, jax.Array):
+        return _gather_device(feats_NxPxD, idx_M)
+    n, p, d = feats_NxPxD.shape
+    img, pos = np.divmod(np.asarray(idx_M), p)
+    if isinstance(feats_NxPxD, np.ndarray):  # numpy and memmaps index directly
+        return jnp.asarray(feats_NxPxD[img, pos])
+    out = np.empty((img.shape[0], d), np.dtype(feats_NxPxD.dtype))
+    b = images_per_block(feats_NxPxD, 0)
+    for lo in range(0, n, b):
+        sel = (img >= lo) & (img < lo + b)
+        if sel.any():
+            block = np.asarray(feats_NxPxD[lo : min(n, lo + b)])
+            out[sel] = block[img[sel] - lo, pos[sel]]
+    return jnp.asarray(out)
+
+
 def discriminator_scores(
-    proj_NxPxR: jax.Array, names: Sequence[str], lof_k: int, gaussian_eps: float
+    proj_NxPxR: jax.Array,
+    names: Sequence[str],
+    lof_k: int,
+    gaussian_eps: float,
+    *,
+    parallel: bool = False,
 ) -> dict[str, jax.Array]:
-    """Raw per-position scores {name: [N, P]} of every training patch."""
+    """Raw per-position scores {name: [N, P]} of every training patch.
+
+    parallel: shard the positions over all devices (`parallel.discriminator_scores`); same values.
+    """
     n, _, r = proj_NxPxR.shape
     if not names:
         return {}
     k = discriminators.effective_k(lof_k, n)
     if k != lof_k and "lof" in names:
         logging.warning("LOF k=%d needs more than %d training images: using k=%d", lof_k, n, k)
-    out = discriminators.score(
-        jnp.transpose(proj_NxPxR, (1, 0, 2)),
-        names=tuple(names),
-        lof_k=k,
-        gaussian_eps=gaussian_eps,
-        chunk_size=discriminators.chunk_size_for(n, r),
-    )
+    args = (proj_NxPxR, tuple(names), k, gaussian_eps, discriminators.chunk_size_for(n, r))
+    if parallel:
+        out = parallel_lib.discriminator_scores(*args)
+    else:
+        out = discriminators.score_pool(*args)
     return {name: s.T for name, s in out.items()}
 
 
@@ -117,7 +204,7 @@ def _null_timer(_stage: str):
 
 def fit_many(
     key: jax.Array,
-    feats_NxPxD: jax.Array,
+    feats_NxPxD,
     config: ml_collections.ConfigDict,
     specs: Sequence[methods.MethodSpec],
     *,
@@ -125,42 +212,56 @@ def fit_many(
     starts: jax.Array | None = None,
     scores_NxP: dict[str, jax.Array] | None = None,
     timer: Callable = _null_timer,
+    parallel: bool | None = None,
 ) -> FitOutput:
     """Fits every method in `specs` on the same features, sharing projection, discriminator scores
-    and coreset runs between them.
+    and the coreset's preparation between them.
+
+    Only the projected pool [N*P, R] is resident for the discriminators and the coreset; the full-D
+    features are read twice: once to project them, once for the picked bank rows.
 
     Args:
       key: root key; the projection and coreset starts come from its named streams.
-      feats_NxPxD: training patch features (N images, P positions, D dims).
-      config: the run config (sections softpatch, coreset).
+      feats_NxPxD: training patch features (N images, P positions, D dims): a device array or a host
+        source (see `project_pool`), any float dtype (e.g. float16 storage).
+      config: the run config (sections softpatch, coreset; parallel.enabled if present).
       projection: explicit [D, R] projection (overrides the random one; R = D for none).
       starts: explicit coreset start indices into the N*P pool.
       scores_NxP: precomputed raw discriminator scores (e.g. from a sweep cache).
       timer: stage name -> context manager, for the pipeline's timings.
+      parallel: shard discriminators and coreset over all devices (same results); None reads
+        `config.parallel.enabled` ("auto": when there is more than one device).
     """
     n, p, d = feats_NxPxD.shape
-    flat_feats = feats_NxPxD.reshape(n * p, d)
+    use_parallel = parallel_lib.enabled(config) if parallel is None else bool(parallel)
     r = config.softpatch.projection_dim
     if projection is None and r:
         projection = random_projection(stream(key, "projection"), d, r)
     with timer("projection"):
-        pool = flat_feats if projection is None else project(flat_feats, projection)
-        pool = jax.block_until_ready(pool)
+        pool = jax.block_until_ready(project_pool(feats_NxPxD, projection))
     names = tuple(n_ for n_ in discriminators.NAMES if any(n_ in s.discriminators() for s in specs))
     scores = dict(scores_NxP or {})
     missing = tuple(n_ for n_ in names if n_ not in scores)
     with timer("discriminators"):
         scores.update(
             discriminator_scores(
-                pool.reshape(n, p, -1),
+                pool,
                 missing,
                 config.softpatch.lof_k,
                 config.softpatch.gaussian_eps,
+                parallel=use_parallel,
             )
         )
         jax.block_until_ready(scores)
     if starts is None:
         starts = coreset.draw_starts(stream(key, "coreset"), n * p, config.coreset.num_starts)
+    with timer("coreset"):
+        flat_pool = _flatten_images(pool)
+        del pool
+        prep = parallel_lib.prepare if use_parallel else coreset.prepare
+        prepared = jax.block_until_ready(prep(flat_pool, starts))
+        del flat_pool  # the loop reads only its feature-major copy
+    select = parallel_lib.select if use_parallel else coreset.select
     coresets: dict[tuple, jax.Array] = {}
     banks: dict[str, Banks] = {}
     keeps: dict[str, jax.Array] = {}
@@ -173,11 +274,12 @@ def fit_many(
                 with timer("coreset"):
                     kept = int(jnp.sum(keep))
                     m = coreset.num_samples(config.coreset.ratio, n * p, kept)
-                    idx = coreset.greedy(pool, keep.reshape(-1), starts, num_samples=m)
+                    idx = select(prepared, keep.reshape(-1), num_samples=m)
                     coresets[ck] = jax.block_until_ready(idx)
             idx = coresets[ck]
             weights = soft_weights(bank, scores, (n, p)).reshape(-1)
-            built.append(MemoryBank(flat_feats[idx], weights[idx], idx))
+            with timer("bank_gather"):
+                built.append(MemoryBank(gather_rows(feats_NxPxD, idx), weights[idx], idx))
             if bank is spec.cls:
                 keeps[spec.name] = keep
         banks[spec.name] = Banks(cls=built[0], seg=built[1])

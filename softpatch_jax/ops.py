@@ -1,9 +1,11 @@
-"""Array primitives shared by every stage: pairwise distances at pinned precision, smallest-k, and a
-chunked map over a leading axis that bounds peak memory with a static chunk size.
+"""Array primitives shared by every stage: pairwise distances at pinned precision, smallest-k, a
+nearest-row search, a chunked map over a leading axis that bounds peak memory with a static chunk
+size, and chunk sizes derived from the memory actually free on the device (host RAM on CPU).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import jax
@@ -13,8 +15,32 @@ import jax.numpy as jnp
 PRECISION = jax.lax.Precision.HIGHEST
 
 
+def fixed_order_sum(x: jax.Array, axis: int = -1) -> jax.Array:
+    """Sum over `axis` as a pairwise tree of elementwise adds (zero-padded to a power of two).
+
+    XLA picks a reduction's vectorisation by shape and fusion context, so the same row can sum to
+    different bits in a [139, R] block than in a [1110, R] one, or in a vmapped batch of 3 positions
+    than of 24; elementwise adds in a fixed order cannot. The sharded stages (`parallel`) rely on
+    this to equal one device bit for bit.
+    """
+    x = jnp.moveaxis(x, axis, -1)
+    w = x.shape[-1]
+    size = 1 << max(0, (w - 1).bit_length())
+    if size != w:
+        x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, size - w)])
+    while x.shape[-1] > 1:
+        half = x.shape[-1] // 2
+        x = x[..., :half] + x[..., half:]
+    return x[..., 0]
+
+
+def fixed_order_mean(x: jax.Array, axis: int = -1) -> jax.Array:
+    return fixed_order_sum(x, axis) / x.shape[axis]
+
+
 def sq_norms(x_NxD: jax.Array) -> jax.Array:
-    return jnp.sum(jnp.square(x_NxD), axis=-1)
+    """Squared row norms, bitwise the same for a row whatever block it sits in (`fixed_order_sum`)."""
+    return fixed_order_sum(jnp.square(x_NxD))
 
 
 def pairwise_sqdist(
@@ -30,6 +56,13 @@ def pairwise_sqdist(
     return jnp.maximum(a_sq[:, None] + b_sq[None, :] - 2.0 * ab, 0.0)
 
 
+@jax.jit
+def mean_row(x_NxD: jax.Array) -> jax.Array:
+    """Column means [1, D] in float32. Its own jitted function so that every caller (one device or
+    sharded) centres on bitwise the same vector."""
+    return jnp.mean(x_NxD.astype(jnp.float32), axis=0, keepdims=True)
+
+
 def pairwise_dist(a_MxD: jax.Array, b_NxD: jax.Array) -> jax.Array:
     return jnp.sqrt(pairwise_sqdist(a_MxD, b_NxD))
 
@@ -40,43 +73,101 @@ def smallest_k(x_NxM: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     return -neg, idx
 
 
+def map_chunks(fn: Callable, take: Callable, n: int, chunk_size: int):
+    """Runs `fn` over rows [0, n) of the caller's data, `chunk_size` rows at a time (lax.map), and
+    concatenates the results.
+
+    `take(start, size)` returns the chunk of rows [start, start+size) (a pytree of [size, ...]); `fn`
+    maps it to a pytree of [size, ...] arrays. Every chunk has the same static size, so the last one
+    is shifted back to end at row n (overlapping the one before; its repeated rows are dropped)
+    instead of padding: no padded copy of the whole input is ever made.
+    """
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    c = min(chunk_size, n)
+    num = -(-n // c)
+    if num == 1:
+        return fn(take(0, c))
+    out = jax.lax.map(lambda i: fn(take(jnp.minimum(i * c, n - c), c)), jnp.arange(num))
+    seen = num * c - n  # leading rows of the last chunk that the one before already covered
+
+    def stitch(y):
+        return jnp.concatenate([y[:-1].reshape(-1, *y.shape[2:]), y[-1, seen:]], axis=0)
+
+    return jax.tree.map(stitch, out)
+
+
 def chunked_map(fn: Callable, xs, chunk_size: int):
     """Applies `fn` to chunks of `chunk_size` rows of every leaf of `xs` (sequentially, via lax.map)
-    and concatenates the results; the last chunk is padded with copies of row 0 and trimmed.
+    and concatenates the results (see `map_chunks`: the last chunk overlaps, nothing is padded).
 
     `fn` maps a pytree of [chunk_size, ...] arrays to a pytree of [chunk_size, ...] arrays.
     """
-    leaves = jax.tree.leaves(xs)
-    n = leaves[0].shape[0]
-    if chunk_size <= 0:
-        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    if n <= chunk_size:
-        return fn(xs)
-    num_chunks = -(-n // chunk_size)
-    pad = num_chunks * chunk_size - n
+    n = jax.tree.leaves(xs)[0].shape[0]
 
-    def split(x):
-        if pad:
-            x = jnp.concatenate([x, jnp.broadcast_to(x[:1], (pad, *x.shape[1:]))], axis=0)
-        return x.reshape(num_chunks, chunk_size, *x.shape[1:])
+    def take(start, size):
+        return jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, start, size, axis=0), xs)
 
-    out = jax.lax.map(fn, jax.tree.map(split, xs))
-    return jax.tree.map(lambda y: y.reshape(num_chunks * chunk_size, *y.shape[2:])[:n], out)
+    return map_chunks(fn, take, n, chunk_size)
+
+
+def nearest_rows(
+    query_QxD: jax.Array, bank_MxD: jax.Array, bank_sq_M: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """For each query row: the smallest expanded squared distance to a bank row, that row's index
+    (first on ties), and the distance recomputed directly as |q - b| (the expanded form loses small
+    distances to cancellation in float32). Callers centre both sides on the bank mean first.
+
+    A bank row whose `bank_sq_M` is +inf is never picked (padding in the sharded search).
+    """
+    d2 = pairwise_sqdist(query_QxD, bank_MxD, b_sq_N=bank_sq_M)
+    idx = jnp.argmin(d2, axis=1)
+    best = jnp.take_along_axis(d2, idx[:, None], axis=1)[:, 0]
+    return best, idx, jnp.sqrt(sq_norms(query_QxD - bank_MxD[idx]))
+
+
+def host_available_bytes() -> int | None:
+    """Memory the OS can still hand this process (Linux MemAvailable, else free pages), or None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def device_memory_bytes(default: int = 4 << 30) -> int:
-    """Free memory of the first local device, or `default` where the backend does not say (CPU)."""
+    """Free memory of the first local device.
+
+    Accelerators report it through `memory_stats()`; the CPU backend does not, and there the device
+    *is* host memory, so the system's available memory is used. `default` only where neither says.
+    """
+    device = jax.local_devices()[0]
     try:
-        stats = jax.local_devices()[0].memory_stats() or {}
+        stats = device.memory_stats() or {}
     except Exception:  # some backends raise instead of returning None
         stats = {}
     limit = stats.get("bytes_limit")
-    if limit is None:
-        return default
-    return max(int(limit) - int(stats.get("bytes_in_use", 0)), 1 << 28)
+    if limit is not None:
+        return max(int(limit) - int(stats.get("bytes_in_use", 0)), 1 << 28)
+    if device.platform == "cpu":
+        avail = host_available_bytes()
+        if avail is not None:
+            return max(avail, 1 << 28)
+    return default
 
 
 def chunk_rows(bytes_per_row: int, budget_bytes: int | None = None, fraction: float = 0.25) -> int:
-    """How many rows of `bytes_per_row` fit in `fraction` of the free device memory (at least 1)."""
+    """How many rows of `bytes_per_row` fit in `fraction` of the free device memory (at least 1).
+
+    Rounded down to a power of two: chunk sizes are static arguments of jitted functions, and free
+    memory drifts between calls, so exact sizes would recompile on every small change.
+    """
     budget = device_memory_bytes() if budget_bytes is None else budget_bytes
-    return max(1, int(budget * fraction) // max(1, bytes_per_row))
+    rows = max(1, int(budget * fraction) // max(1, bytes_per_row))
+    return 1 << (rows.bit_length() - 1)

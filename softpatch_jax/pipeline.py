@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from softpatch_jax import data, features, memory_bank, methods, metrics, report, scoring
+from softpatch_jax import data, features, memory_bank, methods, metrics, parallel, report, scoring
 from softpatch_jax.data import noise
 from softpatch_jax.io_utils import atomic_open, write_csv, write_json
 
@@ -66,10 +66,16 @@ def _load(load, records, timer, stage="decode"):
         return load(records)
 
 
-def _extract(ex, images, timer, what: str):
+# embedding.store_dtype: how patch features are kept between stages (they are read in float32).
+STORE_DTYPES = {"float32": jnp.float32, "float16": jnp.float16, "bfloat16": jnp.bfloat16}
+
+
+def _extract(ex, images, timer, what: str, store_dtype: str = "float32"):
     logging.info("  features: %d %s images", images.shape[0], what)
+    if store_dtype not in STORE_DTYPES:
+        raise ValueError(f"embedding.store_dtype {store_dtype!r}; valid: {sorted(STORE_DTYPES)}")
     with timer("features"):
-        out = jax.block_until_ready(features.extract(ex, images))
+        out = jax.block_until_ready(features.extract(ex, images).astype(STORE_DTYPES[store_dtype]))
     n, h, w, d = out.shape
     return out.reshape(n, h * w, d)
 
@@ -135,6 +141,7 @@ def evaluate_banks(banks, feats_TxPxD, labels, masks, ex, config, timer):
             ex.image_size,
             config.scoring.blur_sigma,
             config.scoring.chunk_size,
+            parallel=parallel.enabled(config),
         )
         jax.block_until_ready(maps)
     with timer("metrics"):
@@ -184,8 +191,9 @@ def run_category(config, ex, specs, category: str, ratios, workdir: str = "") ->
         load = data.loader(config.dataset, category)
     train_imgs, _ = _load(load, splits.train, base)
     test_imgs, test_masks = _load(load, splits.test, base)
-    train_feats = _extract(ex, train_imgs, base, "train")
-    test_feats = _extract(ex, test_imgs, base, "test")
+    store = config.embedding.get("store_dtype", "float32")
+    train_feats = _extract(ex, train_imgs, base, "train", store)
+    test_feats = _extract(ex, test_imgs, base, "test", store)
     test_pos = {r.path: i for i, r in enumerate(splits.test)}
     root = category_key(config.seed, category)
     num_maps = int(config.eval.get("save_maps", 0))
@@ -196,7 +204,7 @@ def run_category(config, ex, specs, category: str, ratios, workdir: str = "") ->
         feats = train_feats
         if injected:
             inj_imgs, _ = _load(load, injected, timer)
-            feats = jnp.concatenate([train_feats, _extract(ex, inj_imgs, timer, "injected")])
+            feats = jnp.concatenate([train_feats, _extract(ex, inj_imgs, timer, "injected", store)])
         keep_test = np.array([test_pos[r.path] for r in noisy.test])
         labels = np.array([r.label for r in noisy.test])
         logging.info(

@@ -13,36 +13,61 @@ import jax.numpy as jnp
 import numpy as np
 
 from softpatch_jax import embedding, ops
+from softpatch_jax import parallel as parallel_lib
 from softpatch_jax.memory_bank import Banks, MemoryBank
 
 
 def nearest(
-    query_QxD: jax.Array, bank_MxD: jax.Array, chunk_size: int
+    query_QxD: jax.Array,
+    bank_MxD: jax.Array,
+    chunk_size: int,
+    centre_1xD: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Distance to and index of the nearest bank row for each query row (L2, full D).
 
     The search uses |q|^2 + |b|^2 - 2qb on bank-centred data; the winner's distance is then recomputed
     as |q - b| directly, since the expanded form loses small distances to cancellation in float32.
+    `centre_1xD` (default: the bank mean) is passed in by `patch_scores`, computed by one call of
+    `ops.mean_row` as the sharded search (`parallel.nearest`) does, so both give the same bits.
     """
-    bank = bank_MxD.astype(jnp.float32)
-    centre = jnp.mean(bank, axis=0, keepdims=True)
-    bank = bank - centre
+    centre = jnp.mean(bank_MxD.astype(jnp.float32), axis=0, keepdims=True)
+    centre = centre if centre_1xD is None else centre_1xD
+    bank = bank_MxD.astype(jnp.float32) - centre
     bank_sq = ops.sq_norms(bank)
 
     def chunk(q):
-        q = q.astype(jnp.float32) - centre
-        idx = jnp.argmin(ops.pairwise_sqdist(q, bank, b_sq_N=bank_sq), axis=1)
-        return jnp.sqrt(ops.sq_norms(q - bank[idx])), idx
+        _, idx, dist = ops.nearest_rows(q.astype(jnp.float32) - centre, bank, bank_sq)
+        return dist, idx
 
     return ops.chunked_map(chunk, query_QxD, chunk_size)
 
 
 @functools.partial(jax.jit, static_argnames=("chunk_size",))
-def patch_scores(bank: MemoryBank, feats_TxPxD: jax.Array, chunk_size: int) -> jax.Array:
-    """[T, P]: weighted nearest-neighbour distance of every test patch."""
+def _patch_scores(
+    bank: MemoryBank, feats_TxPxD: jax.Array, centre_1xD: jax.Array, chunk_size: int
+) -> jax.Array:
     t, p, d = feats_TxPxD.shape
-    dist, idx = nearest(feats_TxPxD.reshape(t * p, d), bank.feats_MxD, chunk_size)
+    dist, idx = nearest(feats_TxPxD.reshape(t * p, d), bank.feats_MxD, chunk_size, centre_1xD)
     return (bank.weights_M[idx] * dist).reshape(t, p)
+
+
+def patch_scores(
+    bank: MemoryBank, feats_TxPxD: jax.Array, chunk_size: int, *, parallel: bool = False
+) -> jax.Array:
+    """[T, P]: weighted nearest-neighbour distance of every test patch.
+
+    parallel: shard the bank over all devices (`parallel.nearest`); same values.
+    """
+    if parallel:
+        t, p, d = feats_TxPxD.shape
+        dist, idx = parallel_lib.nearest(feats_TxPxD.reshape(t * p, d), bank.feats_MxD, chunk_size)
+        return _weigh(bank.weights_M, idx, dist).reshape(t, p)
+    return _patch_scores(bank, feats_TxPxD, ops.mean_row(bank.feats_MxD), chunk_size)
+
+
+@jax.jit
+def _weigh(weights_M: jax.Array, idx_Q: jax.Array, dist_Q: jax.Array) -> jax.Array:
+    return weights_M[idx_Q] * dist_Q
 
 
 def gaussian_kernel(sigma: float, truncate: float = 4.0) -> np.ndarray:
@@ -95,14 +120,19 @@ def predict(
     image_size: tuple[int, int],
     blur_sigma: float = 4.0,
     chunk_size: int = 0,
+    *,
+    parallel: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
-    """Library API: image scores [T] and anomaly maps [T, H, W] for test features [T, P, D]."""
+    """Library API: image scores [T] and anomaly maps [T, H, W] for test features [T, P, D].
+
+    parallel: shard each memory bank over all devices for the search (`parallel.nearest`).
+    """
     cls_chunk = chunk_size or chunk_size_for(banks.cls.feats_MxD.shape[0])
-    cls_scores = patch_scores(banks.cls, feats_TxPxD, cls_chunk)
+    cls_scores = patch_scores(banks.cls, feats_TxPxD, cls_chunk, parallel=parallel)
     if banks.seg is banks.cls:
         seg_scores = cls_scores
     else:
         seg_chunk = chunk_size or chunk_size_for(banks.seg.feats_MxD.shape[0])
-        seg_scores = patch_scores(banks.seg, feats_TxPxD, seg_chunk)
+        seg_scores = patch_scores(banks.seg, feats_TxPxD, seg_chunk, parallel=parallel)
     maps = anomaly_maps(seg_scores, tuple(grid), tuple(image_size), float(blur_sigma))
     return jnp.max(cls_scores, axis=1), maps

@@ -1,0 +1,282 @@
+"""The heavy stages over every device: discriminators with positions sharded, the greedy coreset with
+the patch pool sharded, nearest-neighbour scoring with the memory bank sharded (METHOD.md sections
+3-5). Each returns what its one-device counterpart returns, on the first device, with the same bits.
+
+How each stage splits:
+- Discriminators (`discriminator_scores`): every position is independent, so each device scores its
+  slice of positions with the one-device code (`discriminators.score_local`); the [P, N] scores are
+  collected onto one device afterwards.
+- Coreset (`prepare`, `select`, `greedy`): each device holds a slice of the pool's rows and its
+  running min-distances. A step: local argmax; one all-gather of every device's (max, candidate
+  row, its squared norm) and one of the candidates' global indices; the first device holding the
+  global max wins (the one-device argmax's tie rule); every device lowers its min-distances with the
+  winner's row. Per step that moves ~8*(R+3) bytes between devices and reads the local rows once.
+- Scoring (`nearest`): each device searches its slice of the bank for every query; the global
+  nearest is the device-local one with the smallest squared distance (first device on ties), and
+  its directly recomputed distance is taken from the device that owns it ([devices, Q] candidates,
+  picked after the sharded program).
+Row-wise arithmetic is the same code on every slice and the means used for centring come from one
+call of `ops.mean_row` on the whole array, which is what makes the results bitwise equal to one
+device (tests/test_parallel.py checks it on 8 host devices).
+
+On one host, the mesh spans `jax.devices()`. On CPU, XLA's `--xla_force_host_platform_device_count`
+splits the host into several devices (how the tests run this code); they share the host's memory
+and cores, so chunk budgets are divided among them.
+
+Several hosts: start every process with the same inputs and call, before any other JAX call,
+
+    jax.distributed.initialize(coordinator_address="host0:1234", num_processes=H, process_id=i)
+
+(on Cloud TPU and under SLURM/Open MPI, `jax.distributed.initialize()` with no arguments finds
+these). `jax.devices()` then lists every host's devices, the mesh spans them all, inputs are placed
+with `jax.make_array_from_callback` (each process fills its own devices' slices from its host copy)
+and the replicated results are read from a local device. Not run here: one host only.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from softpatch_jax import coreset, discriminators, ops
+
+AXIS = "shards"
+
+
+def default_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A 1-D mesh over `devices` (default: every device of every process)."""
+    return Mesh(np.asarray(list(devices or jax.devices())), (AXIS,))
+
+
+def enabled(config=None) -> bool:
+    """Whether the pipeline should use this module: `config.parallel.enabled` ("auto" = more than
+    one device; also true/false), "auto" when the config has no such field."""
+    value = "auto"
+    section = config.get("parallel") if config is not None else None
+    if section is not None:
+        value = section.get("enabled", "auto")
+    if isinstance(value, str):
+        v = value.strip().lower()
+        if v == "auto":
+            return jax.device_count() > 1
+        if v in ("true", "1", "yes"):
+            return True
+        if v in ("false", "0", "no"):
+            return False
+        raise ValueError(f"parallel.enabled must be auto, true or false, got {value!r}")
+    return bool(value)
+
+
+def _place(x, m: Mesh, spec: P) -> jax.Array:
+    """Puts a (host or one-device) array on the mesh with `spec`, once it is computed.
+
+    Waiting first matters on CPU: a program still running on one device when a sharded program
+    starts can leave the other devices blocked in a collective, holding threads of the pool that
+    program needs (observed as a rendezvous timeout with 8 host devices on 2 cores).
+    """
+    x = jax.block_until_ready(x)
+    sharding = NamedSharding(m, spec)
+    if jax.process_count() == 1:
+        return jax.device_put(x, sharding)
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def _local(x):
+    """A replicated result as a plain array on this process's first device (no copy)."""
+    return jax.tree.map(lambda a: a.addressable_data(0), x)
+
+
+def _collect(x):
+    """A sharded result, whole, on this process's first device, through the host (small arrays).
+
+    Not an all-gather inside the sharded program: XLA's CPU runtime runs collectives on its shared
+    thread pool, and devices that finish their share early block pool threads in the rendezvous
+    that the others still need for their work; with 8 host devices on 2 cores that deadlocked.
+    """
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return jax.tree.map(lambda a: jax.device_put(np.asarray(a), jax.local_devices()[0]), x)
+
+
+def _pad(x: jax.Array, multiple: int, axis: int, mode: str = "constant") -> jax.Array:
+    pad = (-x.shape[axis]) % multiple
+    if not pad:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, pad)
+    return jnp.pad(x, widths, mode=mode)
+
+
+def _sharing_memory(m: Mesh) -> int:
+    """How many mesh devices share one memory pool: all of them on CPU (host RAM), else one."""
+    return m.size if m.devices.flat[0].platform == "cpu" else 1
+
+
+# --- discriminators: positions sharded ---------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=32)
+def _discriminators_fn(m: Mesh, names: tuple, lof_k: int, eps: float, chunk: int):
+    def local(pool_NxLxR):
+        return discriminators.score_local(pool_NxLxR, names, lof_k, eps, chunk)
+
+    return jax.jit(
+        jax.shard_map(
+            local, mesh=m, in_specs=P(None, AXIS, None), out_specs=P(AXIS), check_vma=False
+        )
+    )
+
+
+def discriminator_scores(
+    pool_NxPxR: jax.Array,
+    names: tuple[str, ...],
+    lof_k: int,
+    gaussian_eps: float,
+    chunk_size: int,
+    mesh: Mesh | None = None,
+) -> dict[str, jax.Array]:
+    """`discriminators.score_pool` with positions sharded: {name: [P, N]}.
+
+    chunk_size: positions per chunk for one device with the whole memory to itself; divided among
+    devices that share memory.
+    """
+    m = mesh or default_mesh()
+    p = pool_NxPxR.shape[1]
+    chunk = max(1, chunk_size // _sharing_memory(m))
+    # Edge padding repeats the last position: real data, so no degenerate covariance; trimmed below.
+    # Every device gets at least 2 positions: a batch of one compiles differently (see
+    # `discriminators._batch`).
+    multiple = m.size * (2 if p > 1 else 1)
+    x = _place(_pad(pool_NxPxR, multiple, axis=1, mode="edge"), m, P(None, AXIS, None))
+    out = _collect(_discriminators_fn(m, tuple(names), lof_k, float(gaussian_eps), chunk)(x))
+    return {k: v[:p] for k, v in out.items()}
+
+
+# --- coreset: pool rows sharded ----------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=8)
+def _prepare_fn(m: Mesh):
+    spec = coreset.Prepared(P(None, AXIS), P(AXIS), P(AXIS))
+    return jax.jit(
+        jax.shard_map(
+            coreset.prepare_rows,
+            mesh=m,
+            in_specs=(P(AXIS, None), P(), P()),
+            out_specs=spec,
+            check_vma=False,
+        )
+    )
+
+
+def prepare(
+    feats_NxR: jax.Array, starts_S: jax.Array, mesh: Mesh | None = None
+) -> coreset.Prepared:
+    """`coreset.prepare` with the pool's rows sharded (padded with zero rows to a multiple of the
+    device count; `select` never picks them)."""
+    m = mesh or default_mesh()
+    centre = ops.mean_row(feats_NxR)
+    start_rows = feats_NxR[starts_S]
+    x = _place(_pad(feats_NxR, m.size, axis=0), m, P(AXIS, None))
+    return _prepare_fn(m)(x, _place(centre, m, P()), _place(start_rows, m, P()))
+
+
+@functools.lru_cache(maxsize=32)
+def _select_fn(m: Mesh, num_samples: int):
+    def local(x_RxL, x_sq_L, start_L, keep_L):
+        me = jax.lax.axis_index(AXIS)
+        offset = me * x_sq_L.shape[0]
+        min_d = jnp.where(keep_L, start_L, -1.0)
+
+        def step(i, carry):
+            min_d, picked = carry
+            lj = jnp.argmax(min_d)
+            c = jax.lax.dynamic_index_in_dim(x_RxL, lj, axis=1, keepdims=False)
+            # One gather carries every device's candidate: its min-distance, squared norm and row.
+            cand = jnp.concatenate([min_d[lj][None], x_sq_L[lj][None], c])
+            all_cand = jax.lax.all_gather(cand, AXIS)  # [devices, R + 2]
+            all_idx = jax.lax.all_gather((lj + offset).astype(jnp.int32), AXIS)
+            best = jnp.argmax(all_cand[:, 0])  # first device on ties = the global first index
+            win = all_cand[best]
+            min_d = jnp.minimum(min_d, coreset.step_distances(x_RxL, x_sq_L, win[2:], win[1]))
+            min_d = min_d.at[lj].set(jnp.where(me == best, -1.0, min_d[lj]))
+            return min_d, picked.at[i].set(all_idx[best])
+
+        _, picked = jax.lax.fori_loop(
+            0, num_samples, step, (min_d, jnp.zeros((num_samples,), jnp.int32))
+        )
+        return picked
+
+    spec = (P(None, AXIS), P(AXIS), P(AXIS), P(AXIS))
+    return jax.jit(jax.shard_map(local, mesh=m, in_specs=spec, out_specs=P(), check_vma=False))
+
+
+def select(
+    prepared: coreset.Prepared, keep_N: jax.Array, num_samples: int, mesh: Mesh | None = None
+) -> jax.Array:
+    """`coreset.select` on `prepare`'s sharded inputs: indices [num_samples] into the unpadded pool."""
+    m = mesh or default_mesh()
+    keep = _place(_pad(keep_N, m.size, axis=0), m, P(AXIS))  # padding rows: False, never picked
+    return _local(_select_fn(m, int(num_samples))(*prepared, keep))
+
+
+def greedy(
+    feats_NxR: jax.Array,
+    keep_N: jax.Array,
+    starts_S: jax.Array,
+    num_samples: int,
+    mesh: Mesh | None = None,
+) -> jax.Array:
+    """`coreset.greedy` with the pool sharded; bitwise the same indices."""
+    m = mesh or default_mesh()
+    return select(prepare(feats_NxR, starts_S, m), keep_N, num_samples, m)
+
+
+# --- scoring: memory bank sharded --------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=32)
+def _nearest_fn(m: Mesh, chunk_size: int):
+    def local(query_QxD, bank_LxD, valid_L, centre_1xD):
+        offset = jax.lax.axis_index(AXIS) * bank_LxD.shape[0]
+        bank = bank_LxD.astype(jnp.float32) - centre_1xD
+        bank_sq = jnp.where(valid_L, ops.sq_norms(bank), jnp.inf)
+
+        def chunk(q):
+            best, idx, dist = ops.nearest_rows(q.astype(jnp.float32) - centre_1xD, bank, bank_sq)
+            return best, dist, (idx + offset).astype(jnp.int32)
+
+        # Each device's candidates [1, Q]; the global pick happens after (no collective inside).
+        return jax.tree.map(lambda a: a[None], ops.chunked_map(chunk, query_QxD, chunk_size))
+
+    spec = (P(), P(AXIS, None), P(AXIS), P())
+    return jax.jit(jax.shard_map(local, mesh=m, in_specs=spec, out_specs=P(AXIS), check_vma=False))
+
+
+@jax.jit
+def _pick_nearest(best_KxQ: jax.Array, dist_KxQ: jax.Array, idx_KxQ: jax.Array):
+    win = jnp.argmin(best_KxQ, axis=0)[None]  # first device on ties = the lowest global index
+    pick = lambda a: jnp.take_along_axis(a, win, axis=0)[0]
+    return pick(dist_KxQ), pick(idx_KxQ)
+
+
+def nearest(
+    query_QxD: jax.Array, bank_MxD: jax.Array, chunk_size: int, mesh: Mesh | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """`scoring.nearest` with the bank's rows sharded: distance [Q] and bank index [Q]."""
+    m = mesh or default_mesh()
+    centre = ops.mean_row(bank_MxD)
+    valid = _pad(jnp.ones((bank_MxD.shape[0],), bool), m.size, axis=0)
+    bank = _place(_pad(bank_MxD, m.size, axis=0), m, P(AXIS, None))
+    fn = _nearest_fn(m, int(chunk_size))
+    out = fn(_place(query_QxD, m, P()), bank, _place(valid, m, P(AXIS)), _place(centre, m, P()))
+    return _pick_nearest(*_collect(out))

@@ -1,0 +1,131 @@
+"""The sharded stages on 8 host devices equal the one-device functions bit for bit.
+
+JAX fixes its device count when it starts, so the 8-device checks run in a child Python started
+with XLA_FLAGS=--xla_force_host_platform_device_count=8; it prints one JSON line of verdicts.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import ml_collections
+import pytest
+
+from softpatch_jax import parallel
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+CHILD = r"""
+import json
+import jax
+import ml_collections
+jax.config.update("jax_numpy_rank_promotion", "raise")
+import jax.numpy as jnp
+import numpy as np
+from configs import base
+from softpatch_jax import coreset, discriminators, memory_bank, methods, parallel, scoring
+from softpatch_jax.memory_bank import MemoryBank
+
+out = {"devices": jax.device_count()}
+same = lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b)))
+rng = np.random.default_rng(0)
+
+# Discriminators: 37 positions (not a multiple of 8), chunks of 3 positions per device.
+pool = jnp.asarray(rng.normal(size=(30, 37, 12)).astype(np.float32) + 2.0)
+names = ("nearest", "gaussian", "lof")
+one = discriminators.score_pool(pool, names, 6, 0.01, 24)
+many = parallel.discriminator_scores(pool, names, 6, 0.01, 24)
+small = parallel.discriminator_scores(pool, names, 6, 0.01, 8)  # 1 position per chunk asked
+out["discriminators"] = {k: same(one[k], many[k]) and same(one[k], small[k]) for k in names}
+
+# Coreset: a pool of 1110 rows with duplicated rows spread over shards (ties in the argmax).
+x = rng.normal(size=(1110, 12)).astype(np.float32) * rng.uniform(0.5, 3.0, 12).astype(np.float32)
+x[700:760] = x[10:70]
+keep = jnp.asarray(rng.random(1110) > 0.15)
+starts = jnp.asarray(rng.choice(1110, 10, replace=False))
+a = coreset.greedy(jnp.asarray(x), keep, starts, num_samples=300)
+b = parallel.greedy(jnp.asarray(x), keep, starts, num_samples=300)
+out["coreset"] = same(a, b)
+ties = jnp.zeros((50, 4), jnp.float32)  # every distance 0: picks must follow the index order
+out["coreset_ties"] = same(
+    coreset.greedy(ties, jnp.ones(50, bool), jnp.arange(3), num_samples=20),
+    parallel.greedy(ties, jnp.ones(50, bool), jnp.arange(3), num_samples=20),
+)
+
+# Scoring: a bank of 203 rows (padded to 208), queries in chunks of 64.
+bank = MemoryBank(
+    jnp.asarray(rng.normal(size=(203, 32)).astype(np.float32)),
+    jnp.asarray(rng.uniform(1.0, 2.0, 203).astype(np.float32)),
+    jnp.arange(203),
+)
+test = jnp.asarray(rng.normal(size=(3, 50, 32)).astype(np.float32))
+out["patch_scores"] = same(
+    scoring.patch_scores(bank, test, 64), scoring.patch_scores(bank, test, 64, parallel=True)
+)
+
+# The library path: fit_many and predict with and without parallel.
+cfg = base.get_config()
+cfg.softpatch.projection_dim = 8
+feats = jnp.asarray(rng.normal(size=(14, 36, 16)).astype(np.float32))
+specs = [methods.spec("softpatch_plus", cfg.softpatch)]
+f1 = memory_bank.fit_many(jax.random.key(3), feats, cfg, specs, parallel=False)
+f2 = memory_bank.fit_many(jax.random.key(3), feats, cfg, specs, parallel=True)
+b1, b2 = f1.banks["softpatch_plus"], f2.banks["softpatch_plus"]
+out["fit_many"] = all(
+    same(getattr(getattr(b1, s), f), getattr(getattr(b2, s), f))
+    for s in ("cls", "seg")
+    for f in ("index_M", "weights_M", "feats_MxD")
+) and all(same(f1.scores_NxP[k], f2.scores_NxP[k]) for k in f1.scores_NxP)
+p1 = scoring.predict(b1, feats[:3], (6, 6), (24, 24), 4.0, 32)
+p2 = scoring.predict(b1, feats[:3], (6, 6), (24, 24), 4.0, 32, parallel=True)
+out["predict"] = same(p1[0], p2[0]) and same(p1[1], p2[1])
+cfg.parallel = ml_collections.ConfigDict({"enabled": "auto"})
+out["auto"] = parallel.enabled(cfg)
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def child_result():
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (
+        env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    ).strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_child_sees_eight_devices(child_result):
+    assert child_result["devices"] == 8
+    assert child_result["auto"] is True  # "auto" turns the sharded path on with >1 device
+
+
+def test_discriminators_bitwise_equal(child_result):
+    assert child_result["discriminators"] == {"nearest": True, "gaussian": True, "lof": True}
+
+
+def test_coreset_indices_bitwise_equal_including_ties(child_result):
+    assert child_result["coreset"]
+    assert child_result["coreset_ties"]
+
+
+def test_scoring_and_library_path_equal(child_result):
+    assert child_result["patch_scores"]
+    assert child_result["fit_many"]
+    assert child_result["predict"]
+
+
+def test_enabled_reads_config_and_defaults_to_auto():
+    assert parallel.enabled(None) is False  # one device in the test process
+    cfg = ml_collections.ConfigDict({"parallel": {"enabled": "true"}})
+    assert parallel.enabled(cfg) is True
+    assert parallel.enabled(ml_collections.ConfigDict({"parallel": {"enabled": False}})) is False
+    assert parallel.enabled(ml_collections.ConfigDict({"seed": 0})) is False
+    with pytest.raises(ValueError, match="auto, true or false"):
+        parallel.enabled(ml_collections.ConfigDict({"parallel": {"enabled": "sometimes"}}))
