@@ -46,6 +46,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.embedding.patch_size = 3  # local aggregation window
     c.embedding.pretrain_dim = 1024  # each layer's unfolded vector is pooled to this
     c.embedding.target_dim = 1024  # D: the concatenation is pooled to this
+    # How patch features are kept between stages (read back in float32). float16 halves host/device
+    # memory for large N; distances then move by ~1e-3 relative.
+    c.embedding.store_dtype = "float32"
 
     # Methods run on the same features: patchcore, softpatch (uses softpatch.discriminator),
     # softpatch_nearest, softpatch_gaussian, softpatch_lof, softpatch_plus, image_denoise.
@@ -73,6 +76,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.scoring.blur_sigma = 4.0
     c.scoring.chunk_size = 0  # test patches per nearest-neighbour chunk; 0 = sized from memory
 
+    # Multi-device: "auto" shards positions / the coreset pool / the memory bank over all local
+    # devices when there is more than one (softpatch_jax/parallel.py); "true" / "false" force it.
+    c.parallel = ml_collections.ConfigDict()
+    c.parallel.enabled = "auto"
+
     c.eval = ml_collections.ConfigDict()
-    c.eval.metrics = "image_auroc,pixel_auroc"
+    c.eval.save_maps = 0  # test images per class whose anomaly maps are saved (maps/*.npz) for figures
     return c
