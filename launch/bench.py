@@ -405,14 +405,13 @@ def bench_maps(args, key, n: int, p: int) -> dict:
     return {**res, "maps": args.test_images, "image_size": list(size)}
 
 
-def make_features(args, n: int, p: int):
-    dtype = DTYPES[args.store_dtype]
+def make_features(args, n: int, p: int, store_dtype: str | None = None):
+    """Training features in the store dtype, generated image by image (never a float32 copy)."""
+    lazy = LazyFeatures(n, p, args.d, DTYPES[store_dtype or args.store_dtype], args.seed)
     if args.source == "lazy":
-        return LazyFeatures(n, p, args.d, np.float32 if dtype is jnp.bfloat16 else dtype, args.seed)
-    feats = LazyFeatures(n, p, args.d, np.float32, args.seed)[0:n]
-    if args.source == "host":
-        return feats.astype(dtype)
-    return jnp.asarray(feats).astype(dtype)
+        return lazy
+    feats = lazy[0:n]
+    return feats if args.source == "host" else jnp.asarray(feats)
 
 
 def end_to_end_config(args, n: int, p: int):
@@ -465,11 +464,11 @@ def bench_end_to_end(args, key, n: int, p: int) -> dict:
         "bank_sizes": [int(banks.cls.feats_MxD.shape[0]), int(banks.seg.feats_MxD.shape[0])],
         "fit_stages_s": stages,
         "resident_pool_gb": n * p * args.r * 4 / 2**30,
+        "stored_features_gb": n * p * args.d * np.dtype(DTYPES[args.store_dtype]).itemsize / 2**30,
         "full_features_f32_gb": n * p * args.d * 4 / 2**30,
     }
     if args.store_dtype != "float32" and args.source != "lazy":
-        ref_args = argparse.Namespace(**{**vars(args), "store_dtype": "float32"})
-        ref_feats = make_features(ref_args, n, p)
+        ref_feats = make_features(args, n, p, "float32")
         ref = memory_bank.fit_many(key, ref_feats, cfg, [spec]).banks[spec.name]
         ref_scores, _ = scoring.predict(ref, test, grid, (grid[0] * 8, grid[1] * 8), 4.0)
         same = np.intersect1d(np.asarray(ref.cls.index_M), np.asarray(banks.cls.index_M)).size

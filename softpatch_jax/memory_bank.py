@@ -87,7 +87,9 @@ def images_per_block(feats_NxPxD, out_dim: int) -> int:
     return max(1, min(n, ops.chunk_rows(p * (d * (itemsize + 4) + 4 * out_dim))))
 
 
-def project_pool(feats_NxPxD, projection_DxR: jax.Array | None) -> jax.Array:
+def project_pool(
+    feats_NxPxD, projection_DxR: jax.Array | None, *, block_images: int = 0
+) -> jax.Array:
     """The discriminators' and coreset's pool [N, P, R] (float32, on device); R = D without a
     projection.
 
@@ -95,12 +97,13 @@ def project_pool(feats_NxPxD, projection_DxR: jax.Array | None) -> jax.Array:
     slicing over images (a numpy array or memmap, possibly float16, or a lazy reader). A host source
     is streamed in blocks of images into the pool, so the full-D features are never on the device
     at once: at N=5000, P=784, D=1024 they are 16 GB in float32, the R=128 pool 2 GB.
+    block_images: images per block (0: sized from free memory).
     """
     if isinstance(feats_NxPxD, jax.Array):
         return _project_device(feats_NxPxD, projection_DxR)
     n, p, d = feats_NxPxD.shape
     r = d if projection_DxR is None else projection_DxR.shape[1]
-    b = images_per_block(feats_NxPxD, r)
+    b = min(n, block_images) if block_images > 0 else images_per_block(feats_NxPxD, r)
     pool = jnp.zeros((n, p, r), jnp.float32)
     # Equal-size blocks (one compile); the last is shifted back to end at image n.
     for lo in sorted({min(i, n - b) for i in range(0, n, b)}):
@@ -122,21 +125,20 @@ def _gather_device(feats_NxPxD: jax.Array, idx_M: jax.Array) -> jax.Array:
 def gather_rows(feats_NxPxD, idx_M: jax.Array) -> jax.Array:
     """The full-D features [M, D] of flat patch indices n*P + p, in the source's dtype.
 
-    For a host source only the blocks of images holding picked patches are read (see `project_pool`).
+    For a host source only the images holding picked patches are read (see `project_pool`).
     """
     if isinstance(feats_NxPxD, jax.Array):
         return _gather_device(feats_NxPxD, idx_M)
-    n, p, d = feats_NxPxD.shape
+    _, p, d = feats_NxPxD.shape
     img, pos = np.divmod(np.asarray(idx_M), p)
     if isinstance(feats_NxPxD, np.ndarray):  # numpy and memmaps index directly
         return jnp.asarray(feats_NxPxD[img, pos])
     out = np.empty((img.shape[0], d), np.dtype(feats_NxPxD.dtype))
-    b = images_per_block(feats_NxPxD, 0)
-    for lo in range(0, n, b):
-        sel = (img >= lo) & (img < lo + b)
-        if sel.any():
-            block = np.asarray(feats_NxPxD[lo : min(n, lo + b)])
-            out[sel] = block[img[sel] - lo, pos[sel]]
+    order = np.argsort(img, kind="stable")
+    images, first = np.unique(img[order], return_index=True)
+    # Only the images holding picked patches, one at a time.
+    for i, rows in zip(images, np.split(order, first[1:])):
+        out[rows] = np.asarray(feats_NxPxD[i : i + 1])[0, pos[rows]]
     return jnp.asarray(out)
 
 

@@ -21,7 +21,12 @@ device (tests/test_parallel.py checks it on 8 host devices).
 
 On one host, the mesh spans `jax.devices()`. On CPU, XLA's `--xla_force_host_platform_device_count`
 splits the host into several devices (how the tests run this code); they share the host's memory
-and cores, so chunk budgets are divided among them.
+and cores, so chunk budgets are divided among them. XLA's CPU runtime executes collectives on its
+shared thread pool and blocks there until every device arrives: only the coreset loop keeps them
+(one rendezvous per step, ~0.5 ms each on this 2-core host, so it is slower than one device there),
+and inputs are waited for before a sharded program starts, so no half-finished program competes for
+the pool (8 host devices on 2 cores deadlocked otherwise). Accelerators run collectives on their
+own streams; their speedups are unmeasured here.
 
 Several hosts: start every process with the same inputs and call, before any other JAX call,
 
@@ -29,8 +34,9 @@ Several hosts: start every process with the same inputs and call, before any oth
 
 (on Cloud TPU and under SLURM/Open MPI, `jax.distributed.initialize()` with no arguments finds
 these). `jax.devices()` then lists every host's devices, the mesh spans them all, inputs are placed
-with `jax.make_array_from_callback` (each process fills its own devices' slices from its host copy)
-and the replicated results are read from a local device. Not run here: one host only.
+with `jax.make_array_from_callback` (each process fills its own devices' slices from its host copy),
+replicated results are read from a local device and sharded ones gathered with
+`multihost_utils.process_allgather`. Not run here: one host only.
 """
 
 from __future__ import annotations

@@ -97,3 +97,48 @@ def test_image_level_denoising_removes_whole_images():
 def test_unknown_method_lists_valid_names():
     with pytest.raises(ValueError, match="softpatch_plus"):
         methods.spec("softpach", base.get_config().softpatch)
+
+
+class _Reader:
+    """A host source as `fit_many` accepts one: shape, dtype and slicing over images only."""
+
+    def __init__(self, array):
+        self.array, self.shape, self.dtype = array, array.shape, array.dtype
+
+    def __getitem__(self, index):
+        assert isinstance(index, slice), "host sources are read by slices of images"
+        return self.array[index]
+
+
+def test_host_sources_stream_to_the_same_banks_as_a_device_array():
+    cfg = small_config(tau=0.15)
+    feats = features(3, n=14)
+    spec = methods.spec("softpatch_plus", cfg.softpatch)
+    want = memory_bank.fit_many(jax.random.key(4), jnp.asarray(feats), cfg, [spec])
+    proj = want.projection_DxR
+    pooled = memory_bank.project_pool(_Reader(feats), proj, block_images=4)  # blocks 0,4,8,10
+    np.testing.assert_allclose(
+        np.asarray(pooled),
+        np.asarray(memory_bank.project_pool(jnp.asarray(feats), proj)),
+        atol=1e-6,
+    )
+    for source in (_Reader(feats), feats):  # a lazy reader, and a numpy array
+        got = memory_bank.fit_many(jax.random.key(4), source, cfg, [spec])
+        for name in ("cls", "seg"):
+            a = getattr(want.banks[spec.name], name)
+            b = getattr(got.banks[spec.name], name)
+            np.testing.assert_array_equal(np.asarray(a.index_M), np.asarray(b.index_M))
+            np.testing.assert_array_equal(np.asarray(a.feats_MxD), np.asarray(b.feats_MxD))
+
+
+def test_float16_storage_keeps_its_dtype_in_the_bank():
+    cfg = small_config(tau=0.15)
+    feats = features(4, n=14)
+    spec = methods.spec("softpatch_lof", cfg.softpatch)
+    got = memory_bank.fit_many(jax.random.key(5), feats.astype(np.float16), cfg, [spec])
+    bank = got.banks[spec.name].cls
+    assert bank.feats_MxD.dtype == jnp.float16
+    idx = np.asarray(bank.index_M)
+    np.testing.assert_array_equal(
+        np.asarray(bank.feats_MxD), feats.astype(np.float16).reshape(-1, 16)[idx]
+    )
