@@ -1,7 +1,10 @@
 """Denoised, soft-weighted memory banks (METHOD.md section 4): project -> discriminate -> remove the
 top tau -> greedy coreset of the rest -> keep the picked patches' full features and soft weights.
 
-Patches are flattened image-major: patch p of training image n has index n*P + p.
+Patches are flattened image-major: patch p of training image n has index n*P + p. Only the projected
+pool [N*P, R] is resident through discrimination and coreset; the full-D features may live on the
+host (any dtype, or a lazy reader) and are read twice: streamed once into the pool, and for the
+picked bank rows.
 """
 
 from __future__ import annotations
