@@ -82,5 +82,5 @@ def get_config() -> ml_collections.ConfigDict:
     c.parallel.enabled = "auto"
 
     c.eval = ml_collections.ConfigDict()
-    c.eval.save_maps = 0  # test images per class whose anomaly maps are saved (maps/*.npz) for figures
+    c.eval.save_maps = 0  # test images per class whose anomaly maps go to maps/*.npz (figures)
     return c

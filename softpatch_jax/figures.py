@@ -27,6 +27,10 @@ DEFAULT_MAP_METHODS = (
 )
 
 
+def _count(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.=-]+", "_", text).strip("_")
 
@@ -77,8 +81,10 @@ def curves(rows: Sequence[dict], x: str, columns: Sequence[str], out_dir: str) -
         axes[0][-1].legend(fontsize=8, loc="best")
         seeds = len({r["seed"] for r in sel})
         title = [f"AUROC vs {x}"] + [report.describe(k, v) for k, v in setting.items()]
+        cats = len({r["category"] for r in sel})
         title.append(
-            f"mean over {len({r['category'] for r in sel})} categories, ± std over {seeds} seeds"
+            f"mean over {_count(cats, 'category', 'categories')}, ± std over "
+            f"{_count(seeds, 'seed', 'seeds')}"
         )
         if report.is_random_init(sel):
             title.append(report.RANDOM_INIT_TAG)

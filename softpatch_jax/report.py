@@ -167,8 +167,20 @@ class Table:
         ]
 
 
+def _order(value):
+    """Sort key: numbers by value (0.0 < 0.05 < 0.1, unlike their text), None first, the rest as
+    JSON text; tuples element by element."""
+    if isinstance(value, (tuple, list)):
+        return tuple(_order(v) for v in value)
+    if value is None:
+        return (0, 0.0, "")
+    if isinstance(value, (int, float)):
+        return (1, float(value), "")
+    return (2, 0.0, json.dumps(value, sort_keys=True))
+
+
 def _sorted_keys(values) -> list:
-    return sorted(values, key=lambda v: json.dumps(v, sort_keys=True))
+    return sorted(values, key=_order)
 
 
 def tables(

@@ -51,3 +51,17 @@ def test_defect_changes_exactly_the_masked_region_mostly():
     changed = np.abs(dirty.astype(int) - clean.astype(int)).max(-1) > 40
     assert mask.any()
     assert (changed & mask).sum() >= 0.8 * mask.sum()  # the masked pixels did change
+
+
+def test_opacity_fades_the_defect_but_not_its_mask():
+    # Same seed, same defect: half the opacity moves the masked pixels half as far from the image
+    # with the defect at opacity 0 (same random stream, so same lighting, blur and noise), and the
+    # mask is the defect's shape either way.
+    clean, _ = demo.render("fabric", np.random.default_rng(3), 96, "stain", 1.0, (0.0, 0.0))
+    full, mask_full = demo.render("fabric", np.random.default_rng(3), 96, "stain", 1.0, (1.0, 1.0))
+    half, mask_half = demo.render("fabric", np.random.default_rng(3), 96, "stain", 1.0, (0.5, 0.5))
+    np.testing.assert_array_equal(mask_full, mask_half)
+    assert mask_full.sum() > 50
+    shift_full = np.abs(full.astype(float) - clean)[mask_full].mean()
+    shift_half = np.abs(half.astype(float) - clean)[mask_full].mean()
+    assert 0.35 * shift_full < shift_half < 0.65 * shift_full, (shift_full, shift_half)

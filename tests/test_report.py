@@ -87,6 +87,14 @@ def test_a_swept_field_can_name_the_columns():
     assert image.columns == ["lof_k=4", "lof_k=6"] and image.setting == {}
 
 
+def test_settings_are_ordered_by_value_not_by_text():
+    # As text "[0.05]" sorts before "[0.0]" and "[0.25]" before "[0.2]".
+    taus = (0.5, 0.05, 0.25, 0.0, 0.2, 0.1)
+    rows = [{**r, "softpatch.tau": t} for t in taus for r in make_rows()]
+    image_tables = [t for t in report.tables(rows) if t.metric == "image_auroc"]
+    assert [t.setting["softpatch.tau"] for t in image_tables] == sorted(taus)
+
+
 def _check_png(path):
     with open(path, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n", path

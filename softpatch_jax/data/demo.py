@@ -29,12 +29,14 @@ DEFECTS = ("scratch", "hole", "stain", "crack", "missing")
 @dataclasses.dataclass(frozen=True)
 class DemoSpec:
     size: int = 256
-    num_train: int = 30
+    num_train: int = 60  # 20% noise injects 12 of the 25 test anomalies, as in MVTec's proportions
     num_test_good: int = 15
     num_per_defect: int = 5
     categories: tuple[str, ...] = CATEGORIES
     seed: int = 0
     defect_scale: float = 1.5  # multiplies every defect's size (1.0: small, MVTec-like hairlines)
+    # Each defect's opacity is drawn uniform in this range: faint to bold, as real defects vary.
+    opacity: tuple[float, float] = (0.6, 1.0)
 
     def fingerprint(self) -> str:
         text = json.dumps({**dataclasses.asdict(self), "version": 1}, sort_keys=True)
@@ -145,7 +147,7 @@ def _location(rng, body, margin):
     return np.array([ys[i], xs[i]], np.float32) + rng.uniform(-0.5, 0.5, 2) * (size / 256)
 
 
-def _defect(kind, rng, img, body, bg, scale=1.0):
+def _defect(kind, rng, img, body, bg, scale=1.0, opacity=(1.0, 1.0)):
     size = img.shape[0]
     s = size / 256 * scale
     margin = int(40 * s)
@@ -194,7 +196,7 @@ def _defect(kind, rng, img, body, bg, scale=1.0):
         colour = None
     else:
         raise ValueError(f"unknown defect {kind!r}; valid: {DEFECTS}")
-    a = alpha[..., None]
+    a = alpha[..., None] * rng.uniform(*opacity)
     target = bg if colour is None else colour
     return img * (1 - a) + a * target, alpha >= 0.5
 
@@ -205,13 +207,14 @@ def render(
     size: int,
     defect: str | None = None,
     defect_scale: float = 1.0,
+    opacity: tuple[float, float] = (1.0, 1.0),
 ):
     """One image (uint8 HxWx3) and its mask (bool HxW, all False for normal images)."""
     img, body = RENDER[category](rng, size)
     mask = np.zeros((size, size), bool)
     if defect is not None:
         bg = _object_canvas(rng, size) if category in OBJECTS else np.full((size, size, 3), 0.08)
-        img, mask = _defect(defect, rng, img, body, bg, defect_scale)
+        img, mask = _defect(defect, rng, img, body, bg, defect_scale, opacity)
     # Per-image illumination (gain and a gentle gradient) and sensor noise: the nuisance variation
     # of a real line, without which any defect, even one seen in training, stands out.
     y, x = _grid(size) / size - 0.5
@@ -254,7 +257,7 @@ def write(root: str, spec: DemoSpec = DemoSpec()) -> str:
             for d, defect in enumerate(DEFECTS):
                 for i in range(spec.num_per_defect):
                     rng = _rng(spec, cat, 2 + d, i)
-                    img, mask = render(cat, rng, spec.size, defect, spec.defect_scale)
+                    img, mask = render(cat, rng, spec.size, defect, spec.defect_scale, spec.opacity)
                     _save(os.path.join(tmp, cat, "test", defect, f"{i:03d}.png"), img)
                     m = mask.astype(np.uint8) * 255
                     _save(os.path.join(tmp, cat, "ground_truth", defect, f"{i:03d}_mask.png"), m)
