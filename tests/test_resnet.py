@@ -118,12 +118,19 @@ def test_wide_resnet50_2_matches_torchvision_at_224(tmp_path):
     module = resnet.wide_resnet50_2(out_layers=resnet.STAGES)
     errors32 = _max_errors(module, variables, images, want32)
     assert errors32["layer1"] < 1e-4 and errors32["layer2"] < 1e-4, errors32
-    # Deeper stages accumulate float32 rounding in both libraries (values reach ~15): hold ours to
-    # 1e-4 of the activation range, and to the size of torchvision's own float32-vs-float64 error.
+    # Deeper stages accumulate float32 rounding in both libraries (values reach ~15): torchvision's
+    # own float32 layer3 is ~3.6e-4 from the exact (float64) value, so no float32 implementation
+    # can promise 1e-4 against it. Hold ours to 1e-4 of the activation range, to the size of
+    # torchvision's own float32 error, and check ours is as close to the exact value as it is.
+    ours_vs_exact = _max_errors(module, variables, images, want64)
     for stage in ("layer3", "layer4"):
         scale = np.abs(want64[stage]).max()
         torch_own = np.abs(want32[stage] - want64[stage]).max()
-        print(f"{stage}: ours {errors32[stage]:.1e}, torchvision f32 vs f64 {torch_own:.1e}")
+        print(
+            f"{stage}: ours vs torchvision f32 {errors32[stage]:.1e}; vs exact: ours "
+            f"{ours_vs_exact[stage]:.1e}, torchvision {torch_own:.1e}; max |value| {scale:.1f}"
+        )
+        assert ours_vs_exact[stage] < 2 * torch_own, (stage, ours_vs_exact, torch_own)
         assert errors32[stage] < 1e-4 * scale, (stage, errors32, scale)
         assert errors32[stage] < 3 * torch_own, (stage, errors32, torch_own)
 
