@@ -82,5 +82,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.parallel.enabled = "auto"
 
     c.eval = ml_collections.ConfigDict()
-    c.eval.save_maps = 0  # test images per class whose anomaly maps go to maps/*.npz (figures)
+    # Anomaly maps saved to maps/*.npz for the report's figures: this many test images per category
+    # (one good, the rest spread over the defects), plus the images named in map_images, a comma
+    # list of CATEGORY/PATH under the category's test images, e.g. "pill/crack/003.png".
+    c.eval.save_maps = 0
+    c.eval.map_images = ""
     return c

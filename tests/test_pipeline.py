@@ -107,3 +107,55 @@ def test_bad_config_values_are_named(tiny_root, tmp_path):
     cfg = tiny_config(tiny_root, dataset__categories="carpet")
     with pytest.raises(ValueError, match="carpet"):
         pipeline.run(cfg, str(tmp_path))
+
+
+def _records(*paths):
+    from softpatch_jax.data.records import Record
+
+    return tuple(Record(path=p, label=int("good" not in p), defect=p.split("/")[-2]) for p in paths)
+
+
+def test_map_indices_adds_the_chosen_images_and_names_a_missing_one():
+    recs = _records(
+        "/d/pill/test/good/000.png",
+        "/d/pill/test/good/001.png",
+        "/d/pill/test/crack/000.png",
+        "/d/pill/test/crack/003.png",
+        "/d/pill/test/hole/000.png",
+    )
+    labels = np.array([r.label for r in recs])
+    # The default pick (one good, one anomaly) plus the chosen crack/003; another category's
+    # choice is not this category's business.
+    chosen = pipeline.parse_map_images("pill/crack/003.png, wood/good/000.png")
+    assert chosen == [("pill", "crack/003.png"), ("wood", "good/000.png")]
+    assert pipeline.map_indices(labels, 2, recs, "pill", chosen).tolist() == [0, 2, 3]
+    assert pipeline.map_indices(labels, 0, recs, "pill", chosen).tolist() == [3]
+    assert pipeline.map_indices(labels, 0, recs, "pill", chosen[1:]).tolist() == []
+    # A suffix must match whole path components: "rack/003.png" is not crack/003.png.
+    with pytest.raises(ValueError, match=r"'pill/rack/003\.png' matches none of the 5 test images"):
+        pipeline.map_indices(labels, 0, recs, "pill", [("pill", "rack/003.png")])
+    assert (
+        pipeline.map_indices(labels, 0, recs, "pill", [("pill", "x.png")], required=False).size == 0
+    )
+    with pytest.raises(ValueError, match=r"'pill': expected CATEGORY/PATH"):
+        pipeline.parse_map_images("pill")
+
+
+@pytest.mark.slow
+def test_chosen_images_get_their_maps_saved(tiny_root, tmp_path):
+    cfg = tiny_config(tiny_root, noise__ratios="0.0", dataset__categories="pill")
+    cfg.methods = "patchcore"
+    cfg.eval.save_maps = 0  # the chosen image alone
+    cfg.eval.map_images = "pill/hole/001.png"
+    pipeline.run(cfg, str(tmp_path / "ok"))
+    with np.load(tmp_path / "ok" / "maps" / "pill_patchcore_r0_s0.npz") as z:
+        assert [p.replace(os.sep, "/").rsplit("/", 2)[-2:] for p in z["paths"]] == [
+            ["hole", "001.png"]
+        ]
+        assert z["maps"].shape[0] == 1 and z["masks"][0].any()
+    cfg.eval.map_images = "pill/hole/009.png"
+    with pytest.raises(ValueError, match=r"hole/009\.png"):
+        pipeline.run(cfg, str(tmp_path / "bad"))
+    cfg.eval.map_images = "carpet/hole/000.png"
+    with pytest.raises(ValueError, match="carpet"):
+        pipeline.run(cfg, str(tmp_path / "bad2"))

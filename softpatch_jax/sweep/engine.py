@@ -123,6 +123,8 @@ def run(
     for category, ccells in grid.group(pending, lambda c: c.category).items():
         for scells in grid.group(ccells, lambda c: _setting(c.config)).values():
             splits = data.read(scells[0].config.dataset, category)
+            chosen = pipeline.parse_map_images(scells[0].config.eval.get("map_images", ""))
+            pipeline.map_indices(np.zeros(len(splits.test)), 0, splits.test, category, chosen)
             noisy = {}
             for c in scells:
                 if c.noisy not in noisy:
@@ -242,8 +244,9 @@ def _finish_cell(ctx, ex, cell, result, banks, maps, evalset, feats, injected, t
     )
     row = {"cell_id": cell.id, **row, **cell.row_fields(), "axes": cell.axes}
     num_maps = int(cell.config.eval.get("save_maps", 0))
-    if num_maps:
-        _save_maps(ctx, cell, row, maps, evalset, num_maps)
+    chosen = pipeline.parse_map_images(cell.config.eval.get("map_images", ""))
+    if num_maps or chosen:
+        _save_maps(ctx, cell, row, maps, evalset, num_maps, chosen)
     jsonl.append(os.path.join(ctx.workdir, RESULTS), row)
     ctx.stats.add("cells_run")
     ctx.done += 1
@@ -267,16 +270,23 @@ def _finish_cell(ctx, ex, cell, result, banks, maps, evalset, feats, injected, t
         ctx.on_cell(row)
 
 
-def _save_maps(ctx, cell, row, maps, evalset, count) -> None:
-    idx = pipeline.map_indices(evalset.labels, count)
+def _save_maps(ctx, cell, row, maps, evalset, count, chosen) -> None:
+    # Chosen images were checked against the full test set up front; a no-overlap noisy set may
+    # have moved some of them into training.
+    idx = pipeline.map_indices(
+        evalset.labels, count, evalset.records, row["category"], chosen, required=False
+    )
+    if not len(idx):
+        return
     records = [evalset.records[i] for i in idx]
-    if count not in evalset.shown:
+    shown_key = tuple(idx.tolist())
+    if shown_key not in evalset.shown:
         ds = cell.config.dataset
-        evalset.shown[count] = data.loader(ds, row["category"])(records)[0]
+        evalset.shown[shown_key] = data.loader(ds, row["category"])(records)[0]
     pipeline.save_maps(
         os.path.join(ctx.workdir, "maps", f"{cell.id}.npz"),
         records,
-        evalset.shown[count],
+        evalset.shown[shown_key],
         evalset.masks[idx],
         np.asarray(maps)[idx],
         {k: v for k, v in row.items() if k != "injected"},

@@ -36,7 +36,13 @@ from softpatch_jax.pipeline import parse_ratios
 # Comma lists in the run config that `pipeline.run` loops over: always expanded into single values.
 IMPLICIT = ("dataset.categories", "noise.ratios", "methods")
 # Fields that do not change any number (batching, memory chunking, caching, what is saved).
-NO_EFFECT = ("dataset.batch_size", "scoring.chunk_size", "backbone.cache_dir", "eval.save_maps")
+NO_EFFECT = (
+    "dataset.batch_size",
+    "scoring.chunk_size",
+    "backbone.cache_dir",
+    "eval.save_maps",
+    "eval.map_images",
+)
 # Fields that only choose which banks are built from the same features and discriminator scores.
 BANK_ONLY = (
     "methods",
