@@ -19,15 +19,7 @@ CATEGORIES = ("01", "02", "03")
 
 def list_categories(root: str) -> list[str]:
     """Sub-folders of `root` that have a train/ok folder."""
-    validate.require_root(root, "btad")
-    cats = sorted(
-        d
-        for d in os.listdir(root)
-        if not d.startswith(".") and os.path.isdir(os.path.join(root, d, "train", NORMAL))
-    )
-    if not cats:
-        raise validate.wrong_layout(root, "btad", f"no category with train/{NORMAL} under {root!r}")
-    return cats
+    return validate.categories_with_train(root, "btad", NORMAL)
 
 
 def read_category(root: str, category: str) -> CategorySplits:

@@ -22,17 +22,7 @@ CATEGORIES = (
 
 def list_categories(root: str) -> list[str]:
     """Sub-folders of `root` that have a train/good folder."""
-    validate.require_root(root, "mvtec")
-    cats = sorted(
-        d
-        for d in os.listdir(root)
-        if not d.startswith(".") and os.path.isdir(os.path.join(root, d, "train", NORMAL))
-    )
-    if not cats:
-        raise validate.wrong_layout(
-            root, "mvtec", f"no category with train/{NORMAL} under {root!r}"
-        )
-    return cats
+    return validate.categories_with_train(root, "mvtec", NORMAL)
 
 
 def read_category(root: str, category: str, normal: str = NORMAL) -> CategorySplits:

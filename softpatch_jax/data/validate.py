@@ -57,6 +57,20 @@ def require_root(root: str, layout: str) -> None:
         raise FileNotFoundError(f"dataset root {root!r} does not exist or is not a directory")
 
 
+def categories_with_train(root: str, layout: str, normal: str) -> list[str]:
+    """Sub-folders of `root` that have a train/`normal` folder (MVTec's and BTAD's layouts); an
+    error naming the layout when there are none."""
+    require_root(root, layout)
+    cats = sorted(
+        d
+        for d in os.listdir(root)
+        if not d.startswith(".") and os.path.isdir(os.path.join(root, d, "train", normal))
+    )
+    if not cats:
+        raise wrong_layout(root, layout, f"no category with train/{normal} under {root!r}")
+    return cats
+
+
 def wrong_layout(root: str, layout: str, detail: str) -> FileNotFoundError:
     """The error for a root that is not in `layout`'s layout, with a guess at what it is."""
     guess = guess_layout(root)
