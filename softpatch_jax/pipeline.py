@@ -121,30 +121,17 @@ def parse_map_images(spec: str) -> list[tuple[str, str]]:
     return out
 
 
-def map_indices(
-    labels: np.ndarray,
-    count: int,
-    records=(),
-    category: str = "",
-    chosen: Sequence[tuple[str, str]] = (),
-    required: bool = True,
-) -> np.ndarray:
-    """Which test images get their anomaly maps saved: `count` of them, one normal image and the
-    rest anomalies spread evenly over the (defect-sorted) anomalous ones, so several defect types
-    show; plus every image of `category` named in `chosen` ((category, path suffix) pairs, matched
-    against `records[i].path`).
+def chosen_indices(
+    records, category: str, chosen: Sequence[tuple[str, str]], required: bool = True
+) -> list[int]:
+    """Indices into `records` of the images of `category` named in `chosen` ((category, path
+    suffix) pairs from `parse_map_images`, matched against the end of each record's path).
 
-    Raises ValueError naming a chosen image of this category that no test record matches, unless
-    not `required` (a no-overlap noisy set has moved some test anomalies into training).
+    Raises ValueError naming a chosen image of this category that no record matches, unless not
+    `required` (a no-overlap noisy set has moved some test anomalies into training).
     """
-    labels = np.asarray(labels)
-    anomalous = np.flatnonzero(labels == 1)
-    normal = np.flatnonzero(labels == 0)
-    picks = list(normal[:1]) if count > 1 else []
-    k = min(count - len(picks), len(anomalous))
-    if k > 0:
-        picks += list(anomalous[np.linspace(0, len(anomalous) - 1, k).round().astype(int)])
     paths = [str(r.path).replace(os.sep, "/") for r in records]
+    picks = []
     for cat, suffix in chosen:
         if cat != category:
             continue
@@ -156,6 +143,29 @@ def map_indices(
                 f"images of category {cat!r} (e.g. {cat}/{'/'.join(example)})"
             )
         picks += hits
+    return picks
+
+
+def map_indices(
+    labels: np.ndarray,
+    count: int,
+    records=(),
+    category: str = "",
+    chosen: Sequence[tuple[str, str]] = (),
+    required: bool = True,
+) -> np.ndarray:
+    """Which test images get their anomaly maps saved: `count` of them, one normal image and the
+    rest anomalies spread evenly over the (defect-sorted) anomalous ones, so several defect types
+    show; plus the images `chosen_indices` finds for `category` in `records`.
+    """
+    labels = np.asarray(labels)
+    anomalous = np.flatnonzero(labels == 1)
+    normal = np.flatnonzero(labels == 0)
+    picks = list(normal[:1]) if count > 1 else []
+    k = min(count - len(picks), len(anomalous))
+    if k > 0:
+        picks += list(anomalous[np.linspace(0, len(anomalous) - 1, k).round().astype(int)])
+    picks += chosen_indices(records, category, chosen, required)
     return np.unique(np.asarray(picks, dtype=int))
 
 
@@ -229,7 +239,7 @@ def run_category(config, ex, specs, category: str, ratios, workdir: str = "") ->
     """All noise settings and methods of one category -> result rows."""
     splits = data.read(config.dataset, category)
     chosen = parse_map_images(config.eval.get("map_images", ""))
-    map_indices(np.zeros(len(splits.test)), 0, splits.test, category, chosen)  # fail early
+    chosen_indices(splits.test, category, chosen)  # a misnamed image fails before any work
     base = Timer()
     with base("prepare"):
         load = data.loader(config.dataset, category)

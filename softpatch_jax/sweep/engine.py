@@ -124,7 +124,7 @@ def run(
         for scells in grid.group(ccells, lambda c: _setting(c.config)).values():
             splits = data.read(scells[0].config.dataset, category)
             chosen = pipeline.parse_map_images(scells[0].config.eval.get("map_images", ""))
-            pipeline.map_indices(np.zeros(len(splits.test)), 0, splits.test, category, chosen)
+            pipeline.chosen_indices(splits.test, category, chosen)
             noisy = {}
             for c in scells:
                 if c.noisy not in noisy:
