@@ -77,7 +77,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.scoring.chunk_size = 0  # test patches per nearest-neighbour chunk; 0 = sized from memory
 
     # Multi-device: "auto" shards positions / the coreset pool / the memory bank over all local
-    # devices when there is more than one (softpatch_jax/parallel.py); "true" / "false" force it.
+    # devices when there is more than one (softpatch_jax/parallel.py); "true" / "false" force it;
+    # a comma list picks stages: "discriminators" on a CPU host split into devices.
     c.parallel = ml_collections.ConfigDict()
     c.parallel.enabled = "auto"
 

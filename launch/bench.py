@@ -222,11 +222,21 @@ def bench_discriminators(args, key, n: int, p: int) -> dict:
     for name in names:  # each alone, for the table's breakdown
         one = lambda name=name: memory_bank.discriminator_scores(pool, (name,), args.lof_k, 0.01)
         res[f"{name}_s"] = timed(one, args.repeats)["seconds"]
+    if jax.device_count() > 1:  # positions sharded over the devices, as parallel.enabled does
+        sharded = lambda: memory_bank.discriminator_scores(
+            pool, names, args.lof_k, 0.01, parallel=True
+        )
+        res["sharded_s"] = timed(sharded, args.repeats)["seconds"]
+        res["sharded_devices"] = jax.device_count()
     if args.reference_impl:
         res["reference"] = reference_lof(args, np.asarray(pool), np.asarray(fn()["lof"]))
         res["reference"]["speedup_all3_vs_sklearn_lof"] = (
             res["reference"]["seconds"] / res["seconds"]
         )
+        if "sharded_s" in res:
+            res["reference"]["speedup_sharded_vs_sklearn_lof"] = (
+                res["reference"]["seconds"] / res["sharded_s"]
+            )
     return res
 
 
@@ -562,9 +572,13 @@ def notes(stage: str, r: dict) -> str:
         return f"{r['arch']} RANDOM-INIT, {r['images_per_s']:.2f} img/s, out {r['out_shape']}"
     if stage == "discriminators":
         s = ", ".join(f"{k}_s={r[k + '_s']:.2f}" for k in discriminators.NAMES)
+        if "sharded_s" in r:
+            s += f"; sharded over {r['sharded_devices']} devices {r['sharded_s']:.3f}s"
         if "reference" in r:
             ref = r["reference"]
             s += f"; sklearn LOF loop {ref['seconds']:.1f}s = {ref['speedup_all3_vs_sklearn_lof']:.1f}x"
+            if "speedup_sharded_vs_sklearn_lof" in ref:
+                s += f" ({ref['speedup_sharded_vs_sklearn_lof']:.1f}x sharded)"
         return s
     if stage == "coreset":
         s = (

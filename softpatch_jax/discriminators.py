@@ -55,8 +55,7 @@ def _tril_inverse(l_RxR: jax.Array) -> jax.Array:
         # The merged diagonal blocks of L: [nb, 2b, 2b], of which the lower-left [b, b] is B.
         blocks = l_RxR.reshape(nb, 2 * b, nb, 2 * b)[jnp.arange(nb), :, jnp.arange(nb), :]
         a_inv, c_inv = inv[0::2], inv[1::2]
-        mm = functools.partial(jnp.matmul, precision=ops.PRECISION)
-        lower = -mm(c_inv, mm(blocks[:, b:, :b], a_inv))
+        lower = -ops.matmul(c_inv, ops.matmul(blocks[:, b:, :b], a_inv))
         zeros = jnp.zeros_like(lower)
         top = jnp.concatenate([a_inv, zeros], axis=2)
         bottom = jnp.concatenate([lower, c_inv], axis=2)
@@ -65,23 +64,78 @@ def _tril_inverse(l_RxR: jax.Array) -> jax.Array:
     return inv[0, :r, :r]
 
 
-def _mahalanobis(x_NxR: jax.Array, eps: float) -> jax.Array:
-    """sqrt((x - mu)^T S^-1 (x - mu)), S = cov(x, ddof=1) + eps*I, over all N (self included)."""
-    n, r = x_NxR.shape
-    xc = x_NxR - ops.fixed_order_mean(x_NxR, axis=0)[None, :]
-    cov = jnp.matmul(xc.T, xc, precision=ops.PRECISION) / (n - 1) + eps * jnp.eye(r, dtype=xc.dtype)
+def _cholesky_unblocked(s_RxR: jax.Array) -> jax.Array:
+    """Lower Cholesky factor, one column per step (for the small diagonal blocks)."""
+    r = s_RxR.shape[0]
+    l_RxR = jnp.zeros_like(s_RxR)
+    rows = jnp.arange(r)
+    for j in range(r):
+        v = s_RxR[:, j] - ops.matmul(l_RxR, l_RxR[j])  # l[j, j:] is still zero
+        l_RxR = l_RxR.at[:, j].set(jnp.where(rows >= j, v / jnp.sqrt(v[j]), 0.0))
+    return l_RxR
+
+
+def _cholesky_inverse(s_RxR: jax.Array, base: int = 32) -> jax.Array:
+    """L^-1 for the Cholesky factor L of the SPD matrix S (S = L L^T), by recursive 2x2 blocking.
+
+    L11 = chol(S11), L21 = S21 L11^-T, L22 = chol(S22 - L21 L21^T) and
+    L^-1 = [[L11^-1, 0], [-L22^-1 L21 L11^-1, L22^-1]]: small matmuls all the way down. Written
+    out instead of LAPACK's potrf because jaxlib's CPU kernel spreads a batch over the shared thread
+    pool and waits there, which deadlocked the sharded discriminators on host devices
+    (`parallel`); this is as fast on one device (float32 error ~1e-6 of the float64 inverse).
+    """
+    r = s_RxR.shape[0]
+    if r <= base:
+        return _tril_inverse(_cholesky_unblocked(s_RxR))
+    h = r // 2
+    inv11 = _cholesky_inverse(s_RxR[:h, :h], base)
+    l21 = ops.matmul(s_RxR[h:, :h], inv11.T)
+    inv22 = _cholesky_inverse(s_RxR[h:, h:] - ops.matmul(l21, l21.T), base)
+    lower = -ops.matmul(inv22, ops.matmul(l21, inv11))
+    top = jnp.concatenate([inv11, jnp.zeros((h, r - h), s_RxR.dtype)], axis=1)
+    return jnp.concatenate([top, jnp.concatenate([lower, inv22], axis=1)], axis=0)
+
+
+def _mahalanobis(xc_NxR: jax.Array, eps: float) -> jax.Array:
+    """sqrt((x - mu)^T S^-1 (x - mu)), S = cov(x, ddof=1) + eps*I, over all N (self included),
+    from the centred rows xc = x - mu: O(N R^2 + R^3)."""
+    n, r = xc_NxR.shape
+    cov = ops.matmul(xc_NxR.T, xc_NxR) / (n - 1) + eps * jnp.eye(r, dtype=xc_NxR.dtype)
     # S = L L^T, so the squared distance is |L^-1 (x - mu)|^2.
-    y = jnp.matmul(xc, _tril_inverse(jnp.linalg.cholesky(cov)).T, precision=ops.PRECISION)
+    y = ops.matmul(xc_NxR, _cholesky_inverse(cov).T)
     return jnp.sqrt(jnp.maximum(ops.sq_norms(y), 0.0))
 
 
+def _mahalanobis_from_gram(gram_NxN: jax.Array, eps: float) -> jax.Array:
+    """`_mahalanobis` from the centred Gram matrix K = xc xc^T instead: O(N^3), for N <= R.
+
+    With lam = (N-1) eps, xc (xc^T xc + lam I)^-1 xc^T = K (K + lam I)^-1 = I - lam (K + lam I)^-1,
+    so the squared distance is (N-1) (1 - lam [(K + lam I)^-1]_ii), and the diagonal of an SPD
+    inverse is the column sums of squares of L^-1. The subtracted term is at most 1/N + the
+    share of eps in S, so nothing cancels catastrophically.
+    """
+    n = gram_NxN.shape[0]
+    lam = (n - 1) * eps
+    l_inv = _cholesky_inverse(gram_NxN + lam * jnp.eye(n, dtype=gram_NxN.dtype))
+    diag_inv = ops.fixed_order_sum(jnp.square(l_inv.T))
+    return jnp.sqrt(jnp.maximum((n - 1) * (1.0 - lam * diag_inv), 0.0))
+
+
 def _position(x_NxR: jax.Array, names: tuple[str, ...], lof_k: int, eps: float) -> dict:
+    n, r = x_NxR.shape
+    # Centering changes no distance but keeps |a|^2+|b|^2-2ab accurate in float32.
+    xc = x_NxR - ops.fixed_order_mean(x_NxR, axis=0)[None, :]
+    knn = "nearest" in names or "lof" in names
+    # Fewer images than dimensions: the Gaussian's inverse is cheaper on the [N, N] Gram matrix
+    # that the neighbours need anyway (2x faster for N=60, R=128) than on the [R, R] covariance.
+    gaussian_by_gram = "gaussian" in names and n <= r
+    if knn or gaussian_by_gram:
+        sq = ops.sq_norms(xc)
+        gram = ops.matmul(xc, xc.T)
     out = {}
-    if "nearest" in names or "lof" in names:
-        # Centering changes no distance but keeps |a|^2+|b|^2-2ab accurate in float32.
-        xc = x_NxR - ops.fixed_order_mean(x_NxR, axis=0)[None, :]
-        d2 = ops.pairwise_sqdist(xc, xc)
-        d2 = jnp.where(jnp.eye(x_NxR.shape[0], dtype=bool), jnp.inf, d2)
+    if knn:
+        d2 = ops.pairwise_sqdist(xc, xc, sq, sq, ab_MxN=gram)
+        d2 = jnp.where(jnp.eye(n, dtype=bool), jnp.inf, d2)
         # Neighbours are ranked on squared distances (sqrt is monotone), so only the k picked ones
         # are square-rooted, not the whole [N, N] block; the nearest is the first of them.
         if "lof" in names:
@@ -94,13 +148,24 @@ def _position(x_NxR: jax.Array, names: tuple[str, ...], lof_k: int, eps: float) 
         if "nearest" in names:
             out["nearest"] = nearest
     if "gaussian" in names:
-        out["gaussian"] = _mahalanobis(x_NxR, eps)
+        out["gaussian"] = (
+            _mahalanobis_from_gram(gram, eps) if gaussian_by_gram else _mahalanobis(xc, eps)
+        )
     return out
 
 
-def chunk_size_for(n: int, r: int) -> int:
-    """Positions per chunk so that the per-position [N, N] work fits a quarter of free memory."""
-    return ops.chunk_rows(bytes_per_row=4 * (4 * n * n + 4 * n * r + 3 * r * r))
+# On CPU a chunk's [C, N, N] distance block is also kept near cache size (L2/L3): N=200 runs 1.5x
+# faster in chunks of 16 positions (2.6 MB) than in one chunk of all 784 (launch/bench.py).
+CPU_CHUNK_BYTES = 4 << 20
+
+
+def chunk_size_for(n: int, r: int, platform: str | None = None) -> int:
+    """Positions per chunk: the per-position [N, N] work fits a quarter of free memory, and on CPU
+    the chunk's [C, N, N] block fits `CPU_CHUNK_BYTES` (at least 2 positions, see `_batch`)."""
+    rows = ops.chunk_rows(bytes_per_row=4 * (4 * n * n + 4 * n * r + 3 * r * r))
+    if (platform or jax.default_backend()) == "cpu":
+        rows = min(rows, ops.chunk_rows(4 * n * n, budget_bytes=CPU_CHUNK_BYTES, fraction=1.0))
+    return max(2, rows)
 
 
 def positions_fn(names: tuple[str, ...], lof_k: int, gaussian_eps: float) -> Callable:

@@ -235,10 +235,14 @@ def fit_many(
       scores_NxP: precomputed raw discriminator scores (e.g. from a sweep cache).
       timer: stage name -> context manager, for the pipeline's timings.
       parallel: shard discriminators and coreset over all devices (same results); None reads
-        `config.parallel.enabled` ("auto": when there is more than one device).
+        `config.parallel.enabled` per stage ("auto": when there is more than one device).
     """
     n, p, d = feats_NxPxD.shape
-    use_parallel = parallel_lib.enabled(config) if parallel is None else bool(parallel)
+    if parallel is None:
+        disc_parallel = parallel_lib.enabled(config, "discriminators")
+        use_parallel = parallel_lib.enabled(config, "coreset")
+    else:
+        disc_parallel = use_parallel = bool(parallel)
     r = config.softpatch.projection_dim
     if projection is None and r:
         projection = random_projection(stream(key, "projection"), d, r)
@@ -254,7 +258,7 @@ def fit_many(
                 missing,
                 config.softpatch.lof_k,
                 config.softpatch.gaussian_eps,
-                parallel=use_parallel,
+                parallel=disc_parallel,
             )
         )
         jax.block_until_ready(scores)

@@ -43,16 +43,23 @@ def sq_norms(x_NxD: jax.Array) -> jax.Array:
     return fixed_order_sum(jnp.square(x_NxD))
 
 
+def matmul(a: jax.Array, b: jax.Array) -> jax.Array:
+    """`jnp.matmul` at `PRECISION`."""
+    return jnp.matmul(a, b, precision=PRECISION)
+
+
 def pairwise_sqdist(
     a_MxD: jax.Array,
     b_NxD: jax.Array,
     a_sq_M: jax.Array | None = None,
     b_sq_N: jax.Array | None = None,
+    ab_MxN: jax.Array | None = None,
 ) -> jax.Array:
-    """Squared Euclidean distances [M, N] via |a|^2 + |b|^2 - 2ab, clamped at 0."""
+    """Squared Euclidean distances [M, N] via |a|^2 + |b|^2 - 2ab, clamped at 0 (norms and the
+    products a b^T are computed unless given)."""
     a_sq = sq_norms(a_MxD) if a_sq_M is None else a_sq_M
     b_sq = sq_norms(b_NxD) if b_sq_N is None else b_sq_N
-    ab = jnp.matmul(a_MxD, b_NxD.T, precision=PRECISION)
+    ab = matmul(a_MxD, b_NxD.T) if ab_MxN is None else ab_MxN
     return jnp.maximum(a_sq[:, None] + b_sq[None, :] - 2.0 * ab, 0.0)
 
 

@@ -193,7 +193,7 @@ def evaluate_banks(banks, feats_TxPxD, labels, masks, ex, config, timer):
             ex.image_size,
             config.scoring.blur_sigma,
             config.scoring.chunk_size,
-            parallel=parallel.enabled(config),
+            parallel=parallel.enabled(config, "scoring"),
         )
         jax.block_until_ready(maps)
     with timer("metrics"):

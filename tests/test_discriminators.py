@@ -47,6 +47,46 @@ def test_mahalanobis_matches_numpy():
         np.testing.assert_allclose(got[p], want, rtol=1e-4)
 
 
+@pytest.mark.parametrize("n", [5, 20])
+def test_mahalanobis_with_fewer_images_than_dimensions_matches_numpy(n):
+    """N <= R takes the [N, N] Gram route; N=5 (R=12) is far below, where the covariance is
+    rank 4 and eps alone keeps it invertible."""
+    rng = np.random.default_rng(n)
+    x = rng.normal(size=(3, n, 12)) @ rng.normal(size=(12, 12)) + 3.0
+    got = np.asarray(
+        discriminators.score(jnp.asarray(x, jnp.float32), ("gaussian",), gaussian_eps=0.01)[
+            "gaussian"
+        ]
+    )
+    for p in range(x.shape[0]):
+        diff = x[p] - x[p].mean(0)
+        cov = np.cov(x[p], rowvar=False, ddof=1) + 0.01 * np.eye(12)
+        want = np.sqrt(np.einsum("nr,rs,ns->n", diff, np.linalg.inv(cov), diff))
+        np.testing.assert_allclose(got[p], want, rtol=1e-4)
+
+
+@pytest.mark.parametrize("r", [1, 7, 32, 33, 100, 128])
+def test_cholesky_inverse_matches_numpy(r):
+    """Sizes at, below and above the unblocked base (32), odd splits and a power of two."""
+    rng = np.random.default_rng(r)
+    a = rng.normal(size=(r + 5, r))
+    s = a.T @ a / (r + 4) + 0.05 * np.eye(r)
+    got = np.asarray(discriminators._cholesky_inverse(jnp.asarray(s, jnp.float32)))
+    want = np.linalg.inv(np.linalg.cholesky(s))
+    assert np.allclose(np.triu(got, 1), 0.0)
+    np.testing.assert_allclose(got, want, atol=2e-5 * np.abs(want).max())
+
+
+def test_cpu_chunks_stay_cache_sized():
+    budget = discriminators.CPU_CHUNK_BYTES
+    for n in (30, 200, 1000, 5000):
+        cpu = discriminators.chunk_size_for(n, 128, platform="cpu")
+        assert cpu >= 2  # a batch of one compiles differently (discriminators._batch)
+        assert cpu == 2 or cpu * 4 * n * n <= budget
+        assert cpu <= discriminators.chunk_size_for(n, 128, platform="gpu")
+    assert discriminators.chunk_size_for(200, 128, platform="cpu") == 16
+
+
 def test_nearest_matches_brute_force_and_shares_one_call():
     rng = np.random.default_rng(1)
     x = rng.normal(size=(7, 12, 5)).astype(np.float32)

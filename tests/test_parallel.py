@@ -38,6 +38,11 @@ one = discriminators.score_pool(pool, names, 6, 0.01, 24)
 many = parallel.discriminator_scores(pool, names, 6, 0.01, 24)
 small = parallel.discriminator_scores(pool, names, 6, 0.01, 8)  # 1 position per chunk asked
 out["discriminators"] = {k: same(one[k], many[k]) and same(one[k], small[k]) for k in names}
+# Fewer images than dimensions: the Gaussian goes through the [N, N] Gram matrix instead.
+wide = jnp.asarray(rng.normal(size=(10, 19, 16)).astype(np.float32))
+one = discriminators.score_pool(wide, names, 6, 0.01, 4)
+many = parallel.discriminator_scores(wide, names, 6, 0.01, 4)
+out["discriminators_n_below_r"] = {k: same(one[k], many[k]) for k in names}
 
 # Coreset: a pool of 1110 rows with duplicated rows spread over shards (ties in the argmax).
 x = rng.normal(size=(1110, 12)).astype(np.float32) * rng.uniform(0.5, 3.0, 12).astype(np.float32)
@@ -77,6 +82,14 @@ out["fit_many"] = all(
     for s in ("cls", "seg")
     for f in ("index_M", "weights_M", "feats_MxD")
 ) and all(same(f1.scores_NxP[k], f2.scores_NxP[k]) for k in f1.scores_NxP)
+cfg.parallel = ml_collections.ConfigDict({"enabled": "discriminators"})  # that stage only
+f3 = memory_bank.fit_many(jax.random.key(3), feats, cfg, specs)
+b3 = f3.banks["softpatch_plus"]
+out["fit_many_stage_list"] = all(
+    same(getattr(getattr(b1, s), f), getattr(getattr(b3, s), f))
+    for s in ("cls", "seg")
+    for f in ("index_M", "weights_M", "feats_MxD")
+)
 p1 = scoring.predict(b1, feats[:3], (6, 6), (24, 24), 4.0, 32)
 p2 = scoring.predict(b1, feats[:3], (6, 6), (24, 24), 4.0, 32, parallel=True)
 out["predict"] = same(p1[0], p2[0]) and same(p1[1], p2[1])
@@ -86,19 +99,56 @@ print(json.dumps(out))
 """
 
 
-@pytest.fixture(scope="module")
-def child_result():
+# Several chunks per device, R = 128: jaxlib's LAPACK Cholesky spread its batch over the shared
+# thread pool and waited there, so with both devices inside it this hung forever (on 2 cores).
+DEADLOCK_CHILD = r"""
+import json
+import jax
+import jax.numpy as jnp
+import numpy as np
+from softpatch_jax import discriminators, parallel
+
+rng = np.random.default_rng(0)
+pool = jnp.asarray(rng.normal(size=(100, 16, 128)).astype(np.float32))
+names = ("nearest", "gaussian", "lof")
+many = parallel.discriminator_scores(pool, names, 6, 0.01, 4)
+one = discriminators.score_pool(pool, names, 6, 0.01, 4)
+same = {k: bool(np.array_equal(np.asarray(one[k]), np.asarray(many[k]))) for k in names}
+print(json.dumps({"devices": jax.device_count(), "same": same}))
+"""
+
+
+def run_child(code: str, devices: int, timeout: float | None = None) -> dict:
     env = dict(os.environ)
     env["XLA_FLAGS"] = (
-        env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+        env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}"
     ).strip()
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
-    proc = subprocess.run(
-        [sys.executable, "-c", CHILD], cwd=ROOT, env=env, capture_output=True, text=True
-    )
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", code],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the {devices}-device child did not finish in {timeout} s (deadlock?)")
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def child_result():
+    return run_child(CHILD, 8)
+
+
+def test_discriminators_with_several_chunks_per_host_device_finish():
+    result = run_child(DEADLOCK_CHILD, 2, timeout=180)
+    assert result["devices"] == 2
+    assert result["same"] == {"nearest": True, "gaussian": True, "lof": True}
 
 
 def test_child_sees_eight_devices(child_result):
@@ -108,6 +158,11 @@ def test_child_sees_eight_devices(child_result):
 
 def test_discriminators_bitwise_equal(child_result):
     assert child_result["discriminators"] == {"nearest": True, "gaussian": True, "lof": True}
+    assert child_result["discriminators_n_below_r"] == {
+        "nearest": True,
+        "gaussian": True,
+        "lof": True,
+    }
 
 
 def test_coreset_indices_bitwise_equal_including_ties(child_result):
@@ -118,6 +173,7 @@ def test_coreset_indices_bitwise_equal_including_ties(child_result):
 def test_scoring_and_library_path_equal(child_result):
     assert child_result["patch_scores"]
     assert child_result["fit_many"]
+    assert child_result["fit_many_stage_list"]
     assert child_result["predict"]
 
 
@@ -127,5 +183,9 @@ def test_enabled_reads_config_and_defaults_to_auto():
     assert parallel.enabled(cfg) is True
     assert parallel.enabled(ml_collections.ConfigDict({"parallel": {"enabled": False}})) is False
     assert parallel.enabled(ml_collections.ConfigDict({"seed": 0})) is False
-    with pytest.raises(ValueError, match="auto, true or false"):
+    with pytest.raises(ValueError, match="auto, true, false or a comma list"):
         parallel.enabled(ml_collections.ConfigDict({"parallel": {"enabled": "sometimes"}}))
+    only = ml_collections.ConfigDict({"parallel": {"enabled": "discriminators, scoring"}})
+    assert [parallel.enabled(only, s) for s in parallel.STAGES] == [True, False, True]
+    with pytest.raises(ValueError, match="unknown parallel stage"):
+        parallel.enabled(only, "features")
