@@ -86,7 +86,7 @@ def prepare(feats_NxR: jax.Array, starts_S: jax.Array) -> Prepared:
 def step_distances(x_RxN: jax.Array, x_sq_N: jax.Array, c_R: jax.Array, c_sq: jax.Array):
     """Distance [N] of every (centred, feature-major) patch to the picked patch c: the step's only
     pass over x_RxN."""
-    d2 = x_sq_N + c_sq - 2.0 * jnp.matmul(c_R, x_RxN, precision=ops.PRECISION)
+    d2 = x_sq_N + c_sq - 2.0 * ops.matmul(c_R, x_RxN)
     return jnp.sqrt(jnp.maximum(d2, 0.0))
 
 

@@ -61,7 +61,7 @@ def random_projection(key: jax.Array, dim: int, out_dim: int) -> jax.Array:
 
 @jax.jit
 def project(feats_NxD: jax.Array, projection_DxR: jax.Array) -> jax.Array:
-    return jnp.matmul(feats_NxD.astype(jnp.float32), projection_DxR, precision=ops.PRECISION)
+    return ops.matmul(feats_NxD.astype(jnp.float32), projection_DxR)
 
 
 @jax.jit
@@ -79,7 +79,7 @@ def _project_into(
 ) -> jax.Array:
     y = block_BxPxD.astype(jnp.float32)
     if projection_DxR is not None:
-        y = jnp.matmul(y, projection_DxR, precision=ops.PRECISION)
+        y = ops.matmul(y, projection_DxR)
     return jax.lax.dynamic_update_slice_in_dim(pool_NxPxR, y, start, axis=0)
 
 
@@ -240,9 +240,9 @@ def fit_many(
     n, p, d = feats_NxPxD.shape
     if parallel is None:
         disc_parallel = parallel_lib.enabled(config, "discriminators")
-        use_parallel = parallel_lib.enabled(config, "coreset")
+        coreset_parallel = parallel_lib.enabled(config, "coreset")
     else:
-        disc_parallel = use_parallel = bool(parallel)
+        disc_parallel = coreset_parallel = bool(parallel)
     r = config.softpatch.projection_dim
     if projection is None and r:
         projection = random_projection(stream(key, "projection"), d, r)
@@ -267,10 +267,10 @@ def fit_many(
     with timer("coreset"):
         flat_pool = _flatten_images(pool)
         del pool
-        prep = parallel_lib.prepare if use_parallel else coreset.prepare
+        prep = parallel_lib.prepare if coreset_parallel else coreset.prepare
         prepared = jax.block_until_ready(prep(flat_pool, starts))
         del flat_pool  # the loop reads only its feature-major copy
-    select = parallel_lib.select if use_parallel else coreset.select
+    select = parallel_lib.select if coreset_parallel else coreset.select
     coresets: dict[tuple, jax.Array] = {}
     banks: dict[str, Banks] = {}
     keeps: dict[str, jax.Array] = {}

@@ -25,9 +25,9 @@ and cores, so chunk budgets are divided among them. XLA's CPU runtime executes c
 shared thread pool and blocks there until every device arrives: only the coreset loop keeps them
 (one rendezvous per step, ~0.5 ms each on this 2-core host, so it is slower than one device there),
 and inputs are waited for before a sharded program starts, so no half-finished program competes for
-the pool (8 host devices on 2 cores deadlocked otherwise). Kernels that wait on that pool from inside it
-deadlock the same way when every device is inside one: jaxlib's batched LAPACK Cholesky did, with
-R = 128 and several chunks per device, so the discriminators factor their covariances with
+the pool (8 host devices on 2 cores deadlocked otherwise). Kernels that wait on that pool from
+inside it deadlock the same way when every device is inside one: jaxlib's batched LAPACK Cholesky
+did, with R = 128 and several chunks per device, so the discriminators factor their covariances with
 matmuls instead (`discriminators._cholesky_inverse`; tests/test_parallel.py runs that case).
 On a 2-core host the discriminators gain 1.5x on 2 host devices and 2.1x on 8; the coreset and
 scoring lose (0.8x, 0.5x), hence `parallel.enabled=discriminators` for CPU-only machines.
