@@ -16,9 +16,10 @@ CPU, the device's peak_bytes_in_use on accelerators. A table goes to stdout, eve
 --reference_impl times the reference algorithm on the same arrays, re-implemented here with the
 authors' loop structure and labelled so: scikit-learn's LocalOutlierFactor fitted position by
 position, and a greedy coreset in torch that reads each step's argmax back to the host (.item()).
-With --reference_path=CHECKOUT (the authors' published code, outside this repository) the coreset is
-their src/sampler.py; their LOF sits in a module whose imports are unavailable (faiss, an unpublished
-file), so LOF stays the re-implementation, which is the same scikit-learn call per position.
+With --reference_path=CHECKOUT (the authors' published code, outside this repository) both are
+theirs: the coreset is their src/sampler.py, and the LOF is their SoftPatch._compute_lof, read out of
+src/softpatch.py and run on its own (the module's imports, faiss among them, are not needed for it),
+on the [P, N, R] torch tensor their _compute_patch_weight hands it.
 
 --source says how end_to_end gets its training features: "device" (one array), "host" (a numpy
 array in --store_dtype) or "lazy" (generated per image on demand, standing in for an extractor or a
@@ -240,22 +241,60 @@ def bench_discriminators(args, key, n: int, p: int) -> dict:
     return res
 
 
-def reference_lof(args, pool_NxPxR: np.ndarray, ours_NxP: np.ndarray) -> dict:
-    """Re-implementation of the reference's LOF: one scikit-learn fit per position, on the host."""
+def authors_function(path: str, cls: str, name: str):
+    """`cls.name` from the authors' file at `path`, compiled on its own: the module-level imports it
+    does not use (faiss, their backbones) are never run. Its globals are torch, numpy and
+    scikit-learn's LocalOutlierFactor, which is what the method body calls."""
+    import ast
+
+    import torch
     from sklearn.neighbors import LocalOutlierFactor
 
+    with open(path) as f:
+        tree = ast.parse(f.read(), path)
+    found = [
+        node
+        for top in tree.body
+        if isinstance(top, ast.ClassDef) and top.name == cls
+        for node in top.body
+        if isinstance(node, ast.FunctionDef) and node.name == name
+    ]
+    if not found:
+        raise ValueError(f"{path}: no method {cls}.{name} (is --reference_path the authors' code?)")
+    scope = {"torch": torch, "np": np, "LocalOutlierFactor": LocalOutlierFactor}
+    exec(compile(ast.Module(found, type_ignores=[]), path, "exec"), scope)
+    return scope[name]
+
+
+def reference_lof(args, pool_NxPxR: np.ndarray, ours_NxP: np.ndarray) -> dict:
+    """The reference's LOF, one scikit-learn fit per position on the host: the authors' own method
+    with --reference_path, else a re-implementation of it."""
     n, p, _ = pool_NxPxR.shape
     todo = min(p, args.reference_positions or p)
-    clf = LocalOutlierFactor(n_neighbors=args.lof_k, metric="l2")
-    lof = np.empty((todo, n), np.float32)
-    t0 = time.perf_counter()
-    for pos in range(todo):
-        clf.fit(pool_NxPxR[:, pos])
-        lof[pos] = -clf.negative_outlier_factor_
+    if args.reference_path:
+        import torch
+
+        src = os.path.join(args.reference_path, "src", "softpatch.py")
+        compute_lof = authors_function(src, "SoftPatch", "_compute_lof")
+        # Their _compute_patch_weight permutes [N, P, R] features to [P, N, R] before the call.
+        feats = torch.from_numpy(np.array(pool_NxPxR[:, :todo])).permute(1, 0, 2)
+        impl = f"authors' SoftPatch._compute_lof from {src}"
+        t0 = time.perf_counter()
+        lof = compute_lof(None, args.lof_k, feats).numpy()  # self is unused
+    else:
+        from sklearn.neighbors import LocalOutlierFactor
+
+        clf = LocalOutlierFactor(n_neighbors=args.lof_k, metric="l2")
+        lof = np.empty((todo, n), np.float32)
+        impl = "re-implementation: sklearn LocalOutlierFactor fitted per position"
+        t0 = time.perf_counter()
+        for pos in range(todo):
+            clf.fit(pool_NxPxR[:, pos])
+            lof[pos] = -clf.negative_outlier_factor_
     seconds = (time.perf_counter() - t0) * p / todo
     rel = np.abs(lof - ours_NxP[:, :todo].T) / np.abs(lof)
     return {
-        "impl": "re-implementation: sklearn LocalOutlierFactor fitted per position",
+        "impl": impl,
         "positions_run": todo,
         "seconds": seconds,
         "scaled_from_subset": todo < p,
@@ -576,7 +615,9 @@ def notes(stage: str, r: dict) -> str:
             s += f"; sharded over {r['sharded_devices']} devices {r['sharded_s']:.3f}s"
         if "reference" in r:
             ref = r["reference"]
-            s += f"; sklearn LOF loop {ref['seconds']:.1f}s = {ref['speedup_all3_vs_sklearn_lof']:.1f}x"
+            who = "authors'" if ref["impl"].startswith("authors'") else "re-implemented"
+            s += f"; {who} sklearn LOF loop {ref['seconds']:.1f}s"
+            s += f" = {ref['speedup_all3_vs_sklearn_lof']:.1f}x"
             if "speedup_sharded_vs_sklearn_lof" in ref:
                 s += f" ({ref['speedup_sharded_vs_sklearn_lof']:.1f}x sharded)"
         return s

@@ -64,3 +64,49 @@ def test_bench_smoke_run(tmp_path):
     par = rows["parallel"]
     assert par["devices"] == 2
     assert all(par[k]["bitwise_equal"] for k in ("discriminators", "coreset", "scoring"))
+
+
+FAKE_AUTHORS_FILE = """
+import faiss  # not installed here: the method must be run without importing the module
+
+
+class SoftPatch:
+    def _compute_lof(self, k, embedding):
+        positions, images, _ = embedding.shape
+        clf = LocalOutlierFactor(n_neighbors=int(k), metric="l2")
+        scores = torch.zeros(size=(positions, images))
+        for i in range(positions):
+            clf.fit(embedding[i].cpu())
+            scores[i] = torch.Tensor(-clf.negative_outlier_factor_)
+        return scores
+"""
+
+
+def test_reference_lof_runs_the_authors_method_without_importing_their_module(tmp_path):
+    """--reference_path: the LOF is the method from their src/softpatch.py (here a stand-in with the
+    same signature and an unavailable import), fed the [P, N, R] layout, and it agrees with ours."""
+    pytest.importorskip("torch")
+    sklearn_lof = pytest.importorskip("sklearn.neighbors").LocalOutlierFactor
+    import argparse
+
+    import numpy as np
+
+    from launch import bench
+    from softpatch_jax import memory_bank
+
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "softpatch.py").write_text(FAKE_AUTHORS_FILE)
+    pool = np.random.default_rng(0).standard_normal((15, 6, 4)).astype(np.float32)  # [N, P, R]
+    ours = np.asarray(memory_bank.discriminator_scores(pool, ("lof",), 5, 0.01)["lof"])
+    args = argparse.Namespace(reference_path=str(tmp_path), reference_positions=0, lof_k=5)
+    res = bench.reference_lof(args, pool, ours)
+    assert res["impl"].startswith("authors' SoftPatch._compute_lof")
+    assert res["positions_run"] == 6 and not res["scaled_from_subset"]
+    assert res["lof_max_rel_diff_vs_ours"] < 1e-4
+    # The same figures as the re-implementation (scikit-learn per position, [N, R] slices).
+    direct = -sklearn_lof(n_neighbors=5).fit(pool[:, 2]).negative_outlier_factor_
+    np.testing.assert_allclose(ours[:, 2], direct, rtol=1e-4)
+
+    (tmp_path / "src" / "softpatch.py").write_text("class SoftPatch:\n    pass\n")
+    with pytest.raises(ValueError, match=r"softpatch\.py: no method SoftPatch\._compute_lof"):
+        bench.reference_lof(args, pool, ours)
