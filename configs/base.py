@@ -83,6 +83,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.parallel.enabled = "auto"
 
     c.eval = ml_collections.ConfigDict()
+    # Metrics of every results row: "all" (image/pixel AUROC, pixel AUPRO, pixel/image AP,
+    # image/pixel F1-max: softpatch_jax/metrics.py) or a comma list of them; image and pixel AUROC
+    # are computed whatever the list says.
+    c.eval.metrics = "all"
     # Anomaly maps saved to maps/*.npz for the report's figures: this many test images per category
     # (one good, the rest spread over the defects), plus the images named in map_images, a comma
     # list of CATEGORY/PATH under the category's test images, e.g. "pill/crack/003.png".

@@ -1,39 +1,184 @@
-"""Evaluation metrics: image AUROC and pixel AUROC (the papers' two numbers), computed on the device
-with exact tie handling (a tie between a positive and a negative counts one half, as scikit-learn).
+"""Evaluation metrics (METHOD.md: image and pixel AUROC, plus PRO/AUPRO and AP as the field
+reports them), computed on the device with exact tie handling:
+
+- AUROC: a tie between a positive and a negative counts one half (as scikit-learn);
+- AP: the step-wise sum over distinct thresholds, sum_t (R_t - R_t-1) P_t (scikit-learn's
+  average_precision_score), i.e. the mean over positives of the precision at their own score;
+- F1-max: the best 2PR / (P + R) over all thresholds;
+- AUPRO (MVTec AD): the per-region overlap, averaged over the connected ground-truth regions
+  (8-connected, labelled on the host), against the false-positive rate over all normal pixels,
+  integrated up to FPR 0.3 and divided by 0.3. A threshold that ties several pixels is one point.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.ndimage
+
+# Every metric `evaluate` can compute; results rows and tables carry them in this order.
+ALL = (
+    "image_auroc",
+    "pixel_auroc",
+    "pixel_aupro",
+    "pixel_ap",
+    "image_ap",
+    "image_f1_max",
+    "pixel_f1_max",
+)
+NAMES = {
+    "image_auroc": "image AUROC",
+    "pixel_auroc": "pixel AUROC",
+    "pixel_aupro": "pixel AUPRO",
+    "pixel_ap": "pixel AP",
+    "image_ap": "image AP",
+    "image_f1_max": "image F1-max",
+    "pixel_f1_max": "pixel F1-max",
+}
+AUPRO_FPR_LIMIT = 0.3
+
+
+def check_names(names: str | Sequence[str]) -> tuple[str, ...]:
+    """A comma list or sequence of metric names ("all" for every one) -> tuple, in `ALL` order."""
+    if isinstance(names, str):
+        names = [n.strip() for n in names.split(",") if n.strip()]
+    if "all" in names:
+        return ALL
+    bad = [n for n in names if n not in ALL]
+    if bad or not names:
+        raise ValueError(f"eval.metrics: unknown metric(s) {bad or list(names)}; valid: all, {ALL}")
+    return tuple(n for n in ALL if n in names)
+
+
+def _tie_groups(asc: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """For ascending scores: each element's tie group as [start, end) indices, in O(n) (running
+    max of the group boundaries) instead of a binary search per element."""
+    n = asc.shape[0]
+    idx = jnp.arange(n)
+    differs = asc[1:] != asc[:-1]
+    start = jax.lax.cummax(jnp.where(jnp.concatenate([jnp.ones(1, bool), differs]), idx, 0))
+    # The end is the next group's start: a running max from the top, on the reversed array.
+    closes = jnp.concatenate([differs, jnp.ones(1, bool)])[::-1]
+    end = n - jax.lax.cummax(jnp.where(closes, idx, 0))[::-1]
+    return start, end
+
+
+def _from(x: jax.Array) -> jax.Array:
+    """[sum(x[j:]) for j in 0..n]: suffix sums, with a trailing 0 for "nothing from here"."""
+    return jnp.concatenate([jnp.cumsum(x[::-1])[::-1], jnp.zeros(1, x.dtype)])
 
 
 @jax.jit
-def _auroc(scores: jax.Array, labels: jax.Array) -> jax.Array:
-    scores = scores.astype(jnp.float32).reshape(-1)
-    labels = labels.reshape(-1).astype(bool)
-    n_pos = jnp.sum(labels)
-    n_neg = labels.shape[0] - n_pos
-    # Sort positives; for each negative count positives above it (+ half the ties).
-    pos_sorted = jnp.sort(jnp.where(labels, scores, jnp.inf))
-    lo = jnp.searchsorted(pos_sorted, scores, side="left")
-    hi = jnp.searchsorted(pos_sorted, scores, side="right")
-    above = n_pos - jnp.minimum(hi, n_pos)
-    ties = jnp.minimum(hi, n_pos) - jnp.minimum(lo, n_pos)
-    # Normalise per negative before summing so the float32 sum stays accurate for millions of pixels.
-    per_neg = (above + 0.5 * ties) / jnp.maximum(n_pos, 1)
-    return jnp.sum(jnp.where(labels, 0.0, per_neg)) / jnp.maximum(n_neg, 1)
+def _curves(scores: jax.Array, labels: jax.Array, overlap_weight: jax.Array) -> dict:
+    """AUROC, AP, F1-max and AUPRO from one sort of the scores.
+
+    At the threshold t = an element's score, every element from the start of its tie group upwards
+    is flagged. overlap_weight: 1 / (regions * region size) for each defect pixel, 0 elsewhere (its
+    suffix sums are the mean per-region overlap); AUPRO is meaningless for all-zero weights.
+    """
+    asc, pos, overlap_weight = jax.lax.sort(
+        (scores.astype(jnp.float32).reshape(-1), labels.reshape(-1), overlap_weight.reshape(-1)),
+        num_keys=1,
+    )
+    n = asc.shape[0]
+    start, end = _tie_groups(asc)
+    pos_from = _from(pos.astype(jnp.int32))  # integer counts: exact
+    neg_from = (n - jnp.arange(n + 1)) - pos_from
+    n_pos, n_neg = pos_from[0], neg_from[0]
+    # AUROC, per negative: the positives above its tie group, plus half those tied with it,
+    # normalised per element before summing so the float32 sum stays accurate for many pixels.
+    above = pos_from[end]
+    per_neg = (above + 0.5 * (pos_from[start] - above)) / jnp.maximum(n_pos, 1)
+    auroc = jnp.sum(jnp.where(pos, 0.0, per_neg)) / jnp.maximum(n_neg, 1)
+    # AP: the mean over positives of the precision at their own score; F1 = 2 TP / (flagged + P).
+    tp, flagged = pos_from[start], n - start
+    ap = jnp.sum(jnp.where(pos, tp / flagged / jnp.maximum(n_pos, 1), 0.0))
+    f1_max = jnp.max(2.0 * tp / (flagged + n_pos))
+    # AUPRO: the curve from (0, 0) through the thresholds in decreasing order; tied pixels share
+    # one point, so the repeated points add segments of zero width.
+    fpr = neg_from[start] / jnp.maximum(n_neg, 1)
+    pro = _from(overlap_weight)[start]
+    x = jnp.concatenate([jnp.zeros(1), fpr[::-1]])
+    y = jnp.concatenate([jnp.zeros(1), pro[::-1]])
+    x0, x1, y0, y1 = x[:-1], x[1:], y[:-1], y[1:]
+    xm = jnp.minimum(x1, AUPRO_FPR_LIMIT)
+    frac = jnp.where(x1 > x0, (xm - x0) / jnp.where(x1 > x0, x1 - x0, 1.0), 0.0)
+    ym = y0 + (y1 - y0) * frac  # the curve at the limit, by linear interpolation
+    area = jnp.where(x0 < AUPRO_FPR_LIMIT, (xm - x0) * (y0 + ym) / 2.0, 0.0)
+    aupro = jnp.sum(area) / AUPRO_FPR_LIMIT
+    return {"auroc": auroc, "ap": ap, "f1_max": f1_max, "aupro": aupro}
+
+
+def label_regions(masks_TxHxW) -> tuple[np.ndarray, np.ndarray]:
+    """Host: the 8-connected defect regions of every mask, numbered 1.. over the whole set (0 =
+    normal pixel) -> (region ids [T, H, W] int32, pixel count of each region [R])."""
+    masks = np.asarray(masks_TxHxW).astype(bool)
+    if masks.ndim != 3:
+        raise ValueError(f"masks must be [T, H, W], got shape {masks.shape}")
+    ids = np.zeros(masks.shape, np.int32)
+    offset = 0
+    for t, mask in enumerate(masks):
+        labelled, count = scipy.ndimage.label(mask, structure=np.ones((3, 3), int))
+        ids[t] = np.where(labelled > 0, labelled + offset, 0)
+        offset += count
+    sizes = np.bincount(ids.ravel(), minlength=offset + 1)[1:]
+    return ids, sizes
+
+
+def curves(scores, labels, regions: bool = False) -> dict[str, float]:
+    """{"auroc", "ap", "f1_max"} of scores against binary labels of the same shape, plus "aupro"
+    when `regions` (labels are then [T, H, W] masks); NaN where only one class is present."""
+    scores, labels = np.asarray(scores), np.asarray(labels).astype(bool)
+    if scores.shape != labels.shape:
+        raise ValueError(f"scores {scores.shape} and labels {labels.shape} must have one shape")
+    keys = ("auroc", "ap", "f1_max", "aupro") if regions else ("auroc", "ap", "f1_max")
+    if labels.all() or not labels.any():
+        return dict.fromkeys(keys, float("nan"))
+    weight = np.zeros(labels.shape, np.float32)
+    if regions:
+        ids, sizes = label_regions(labels)
+        weight = np.concatenate([[0.0], 1.0 / (len(sizes) * sizes)]).astype(np.float32)[ids]
+    out = _curves(jnp.asarray(scores), jnp.asarray(labels), jnp.asarray(weight))
+    return {k: float(out[k]) for k in keys}
 
 
 def auroc(scores, labels) -> float:
     """Area under the ROC curve; NaN when only one class is present."""
-    labels_np = np.asarray(labels).astype(bool)
-    if labels_np.all() or not labels_np.any():
-        return float("nan")
-    return float(_auroc(jnp.asarray(scores), jnp.asarray(labels_np)))
+    return curves(scores, labels)["auroc"]
 
 
-def evaluate(image_scores, labels, maps, masks) -> dict[str, float]:
-    """Library API: {"image_auroc", "pixel_auroc"} from scores [T], labels [T], maps/masks [T, H, W]."""
-    return {"image_auroc": auroc(image_scores, labels), "pixel_auroc": auroc(maps, masks)}
+def average_precision(scores, labels) -> float:
+    """Average precision (area under the step-wise precision-recall curve); NaN for one class."""
+    return curves(scores, labels)["ap"]
+
+
+def f1_max(scores, labels) -> float:
+    """The best F1 over all thresholds; NaN when only one class is present."""
+    return curves(scores, labels)["f1_max"]
+
+
+def aupro(maps_TxHxW, masks_TxHxW) -> float:
+    """Normalised area under the per-region-overlap curve up to FPR 0.3; NaN without both defect
+    and normal pixels."""
+    return curves(maps_TxHxW, masks_TxHxW, regions=True)["aupro"]
+
+
+def evaluate(image_scores, labels, maps, masks, names: str | Sequence[str] = ALL) -> dict:
+    """Library API: {metric: value} for `names` (default all of `ALL`) from image scores [T],
+    labels [T], anomaly maps and ground-truth masks [T, H, W]."""
+    names = check_names(names)
+    out = {}
+    for scope, scores, truth in (("image", image_scores, labels), ("pixel", maps, masks)):
+        wanted = [n for n in names if n.startswith(scope + "_")]
+        if wanted:  # one sort per scope gives all of its metrics
+            got = curves(scores, truth, regions=f"{scope}_aupro" in wanted)
+            out.update({n: got[n.split("_", 1)[1]] for n in wanted})
+    return {n: out[n] for n in names}
+
+
+def describe(result: dict) -> str:
+    """ "image AUROC 0.997  pixel AUROC 0.988  ..." for the log, in `ALL` order."""
+    return "  ".join(f"{NAMES[k]} {result[k]:.3f}" for k in ALL if k in result)

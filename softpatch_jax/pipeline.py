@@ -22,8 +22,6 @@ from softpatch_jax import data, features, memory_bank, methods, metrics, paralle
 from softpatch_jax.data import noise
 from softpatch_jax.io_utils import atomic_open, write_csv, write_json
 
-METRICS = ("image_auroc", "pixel_auroc")
-
 
 class Timer:
     """Accumulates wall-clock seconds per stage; callers block on device results inside the block."""
@@ -183,6 +181,13 @@ def save_maps(path: str, records, images, masks, maps, meta: dict) -> None:
         )
 
 
+def eval_metrics(config) -> tuple[str, ...]:
+    """The metrics named by `eval.metrics` (a comma list, or "all"), and always image and pixel
+    AUROC: the summary table and the report's curves are drawn from those two."""
+    named = metrics.check_names(config.eval.get("metrics", "all"))
+    return metrics.check_names([*report.METRICS, *named])
+
+
 def evaluate_banks(banks, feats_TxPxD, labels, masks, ex, config, timer):
     """Scores test features with one method's banks -> (metrics dict, image scores, maps)."""
     with timer("scoring"):
@@ -197,7 +202,7 @@ def evaluate_banks(banks, feats_TxPxD, labels, masks, ex, config, timer):
         )
         jax.block_until_ready(maps)
     with timer("metrics"):
-        result = metrics.evaluate(image_scores, labels, maps, masks)
+        result = metrics.evaluate(image_scores, labels, maps, masks, eval_metrics(config))
     return result, image_scores, maps
 
 
@@ -219,7 +224,7 @@ def result_row(
     return {
         "category": category,
         "method": method,
-        **{k: result[k] for k in METRICS},
+        **{k: result[k] for k in metrics.ALL if k in result},
         "noise_ratio": spec.ratio,
         "overlap": spec.overlap,
         "seed": config.seed,
@@ -305,12 +310,7 @@ def run_category(config, ex, specs, category: str, ratios, workdir: str = "") ->
                     np.asarray(maps)[shown],
                     {k: v for k, v in rows[-1].items() if k != "injected"},
                 )
-            logging.info(
-                "  %-16s image AUROC %.3f  pixel AUROC %.3f",
-                s.name,
-                result["image_auroc"],
-                result["pixel_auroc"],
-            )
+            logging.info("  %-16s %s", s.name, metrics.describe(result))
     return rows
 
 
@@ -326,6 +326,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     """Runs the configured experiment; writes config.json, results.json, results.csv and summary.md
     (and maps/*.npz of a few test images per method when config.eval.save_maps > 0)."""
     _check_workdir(workdir)
+    eval_metrics(config)  # a misspelt metric fails here, before any work
     specs = methods.from_config(config)
     ratios = parse_ratios(config.noise.ratios)
     write_json(os.path.join(workdir, "config.json"), config.to_dict())

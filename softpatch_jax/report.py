@@ -15,6 +15,7 @@ import math
 import os
 from collections.abc import Sequence
 
+from softpatch_jax import metrics as metrics_lib
 from softpatch_jax.io_utils import atomic_open, write_csv
 
 RANDOM_INIT_WARNING = (
@@ -57,8 +58,9 @@ def summary_table(rows: Sequence[dict]) -> str:
     return "\n".join(lines).lstrip("\n")
 
 
+# The headline pair (summary, curves); tables cover every metric the rows carry (`metrics_in`).
 METRICS = ("image_auroc", "pixel_auroc")
-METRIC_NAMES = {"image_auroc": "image AUROC", "pixel_auroc": "pixel AUROC"}
+METRIC_NAMES = metrics_lib.NAMES
 RANDOM_INIT_TAG = "RANDOM-INIT backbone: random features, not the method's real numbers"
 # Row fields that describe a setting; config paths (dotted: "softpatch.tau") are settings too.
 SETTING_FIELDS = ("noise_ratio", "overlap")
@@ -183,6 +185,11 @@ def _sorted_keys(values) -> list:
     return sorted(values, key=_order)
 
 
+def metrics_in(rows: Sequence[dict]) -> list[str]:
+    """The metrics every row carries, in `metrics.ALL` order (older results have only AUROCs)."""
+    return [m for m in metrics_lib.ALL if rows and all(m in r for r in rows)]
+
+
 def tables(
     rows: Sequence[dict], columns: Sequence[str] = ("method",), metrics: Sequence[str] = METRICS
 ) -> list[Table]:
@@ -243,7 +250,7 @@ def write_report(
     cols = ["method", *[c for c in columns if c != "method"]]
     if len({r["method"] for r in rows}) == 1 and len(cols) > 1:
         cols.remove("method")  # one method: the column label is the swept field alone
-    built = tables(rows, cols)
+    built = tables(rows, cols, metrics_in(rows))
     md = "\n\n".join(t.markdown() for t in built) + "\n"
     if is_random_init(rows):
         md = f"**{RANDOM_INIT_WARNING}**\n\n{md}"

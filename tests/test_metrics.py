@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 from sklearn.metrics import roc_auc_score
 
 from softpatch_jax import metrics
@@ -27,3 +28,93 @@ def test_pixel_auroc_on_maps_matches_sklearn():
 
 def test_single_class_is_nan():
     assert np.isnan(metrics.auroc(np.array([0.1, 0.2]), np.array([0, 0])))
+
+
+def test_average_precision_and_f1_max_match_sklearn_with_ties():
+    from sklearn.metrics import average_precision_score, precision_recall_curve
+
+    rng = np.random.default_rng(2)
+    labels = rng.random(4000) < 0.15
+    scores = np.round(rng.normal(size=4000) + labels * 1.2, 1)  # many ties
+    np.testing.assert_allclose(
+        metrics.average_precision(scores, labels),
+        average_precision_score(labels, scores),
+        atol=1e-5,
+    )
+    precision, recall, _ = precision_recall_curve(labels, scores)
+    f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
+    np.testing.assert_allclose(metrics.f1_max(scores, labels), f1.max(), atol=1e-6)
+    assert np.isnan(metrics.average_precision(scores, np.zeros(4000)))
+
+
+def test_label_regions_are_8_connected_and_numbered_over_the_set():
+    masks = np.zeros((2, 6, 6), bool)
+    masks[0, 0, 0] = masks[0, 1, 1] = True  # diagonal neighbours: one region
+    masks[0, 4:6, 4:6] = True  # a second region
+    masks[1, 2, 1:4] = True  # the third, in the next image
+    ids, sizes = metrics.label_regions(masks)
+    assert sizes.tolist() == [2, 4, 3]
+    assert ids[0, 0, 0] == ids[0, 1, 1] == 1 and (ids[0, 4:, 4:] == 2).all()
+    assert (ids[1, 2, 1:4] == 3).all() and (ids[~masks] == 0).all()
+
+
+def test_aupro_hand_computed():
+    """Ten normal pixels scored 0.1 .. 1.0 and one 2-pixel region scored 0.95 and 0.05: the curve
+    runs (0, 0) -> (0.1, 0) -> (0.1, 0.5) -> (0.3, 0.5) -> ..., so the area up to FPR 0.3 is
+    0.2 * 0.5 = 0.1, and 0.1 / 0.3 = 1/3 normalised."""
+    maps = np.array([[[*(np.arange(1, 11) / 10), 0.95, 0.05]]])
+    masks = np.array([[[False] * 10 + [True, True]]])
+    np.testing.assert_allclose(metrics.aupro(maps, masks), 1 / 3, rtol=1e-6)
+
+
+def _aupro_oracle(maps, masks, limit=0.3):
+    """Threshold by threshold in float64: per-region overlap and FPR, then the trapezoid up to
+    `limit` with the last segment interpolated."""
+    ids, sizes = metrics.label_regions(masks)
+    normal = ids == 0
+    xs, ys = [0.0], [0.0]
+    for t in np.unique(maps)[::-1]:
+        flagged = maps >= t
+        xs.append(flagged[normal].mean())
+        ys.append(np.mean([flagged[ids == r].mean() for r in range(1, len(sizes) + 1)]))
+    xs, ys = np.array(xs), np.array(ys)
+    inside = xs <= limit
+    x_end = xs[inside][-1]
+    area = np.trapezoid(ys[inside], xs[inside])
+    if x_end < limit:
+        nxt = np.argmax(xs > limit)
+        y_lim = np.interp(limit, xs[nxt - 1 : nxt + 1], ys[nxt - 1 : nxt + 1])
+        area += (limit - x_end) * (ys[inside][-1] + y_lim) / 2
+    return area / limit
+
+
+def test_aupro_matches_a_threshold_loop_with_ties_and_several_regions():
+    rng = np.random.default_rng(3)
+    masks = np.zeros((3, 24, 24), bool)
+    masks[0, 3:8, 3:9] = True
+    masks[0, 15:22, 14:16] = True  # a thin region: its overlap counts as much as the big one's
+    masks[2, 10:14, 2:20] = True  # image 1 is all normal
+    maps = np.round(rng.normal(size=masks.shape) + 1.5 * masks, 1)  # ties across the classes
+    np.testing.assert_allclose(metrics.aupro(maps, masks), _aupro_oracle(maps, masks), atol=2e-6)
+    # Perfect maps cover every region before any false positive.
+    np.testing.assert_allclose(
+        metrics.aupro(masks * 1.0 + 0.01 * rng.random(masks.shape), masks), 1.0
+    )
+    assert np.isnan(metrics.aupro(maps, np.zeros_like(masks)))
+
+
+def test_evaluate_computes_the_metrics_asked_for():
+    rng = np.random.default_rng(4)
+    masks = np.zeros((4, 16, 16), bool)
+    masks[1:, 4:9, 5:10] = True
+    maps = rng.normal(size=masks.shape) + 2 * masks
+    labels = np.array([0, 1, 1, 1])
+    scores = np.array([0.2, 0.9, 0.1, 0.8])
+    every = metrics.evaluate(scores, labels, maps, masks)
+    assert tuple(every) == metrics.ALL
+    np.testing.assert_allclose(every["image_ap"], metrics.average_precision(scores, labels))
+    np.testing.assert_allclose(every["pixel_aupro"], _aupro_oracle(maps, masks), atol=2e-6)
+    some = metrics.evaluate(scores, labels, maps, masks, "pixel_ap, image_auroc")
+    assert list(some) == ["image_auroc", "pixel_ap"]
+    with pytest.raises(ValueError, match=r"eval.metrics: unknown metric\(s\) \['pro'\]"):
+        metrics.check_names("pro,pixel_ap")

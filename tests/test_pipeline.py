@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from configs import demo as demo_config
-from softpatch_jax import features, pipeline
+from softpatch_jax import features, metrics, pipeline
 from softpatch_jax.data import demo
 
 TINY = demo.DemoSpec(
@@ -51,7 +51,7 @@ def test_run_writes_results_and_tracks_injected_images(tiny_root, tmp_path, caps
         assert len(list(csv.DictReader(f))) == len(rows)
     test_count = TINY.num_test_good + 5 * TINY.num_per_defect
     for r in rows:
-        assert 0.0 <= r["image_auroc"] <= 1.0 and 0.0 <= r["pixel_auroc"] <= 1.0
+        assert all(0.0 <= r[m] <= 1.0 for m in metrics.ALL), r  # eval.metrics = "all"
         assert r["weights"] == "random-init"
         expected = int(r["noise_ratio"] * TINY.num_train)
         assert r["num_injected"] == len(r["injected"]) == expected
@@ -75,7 +75,16 @@ def test_no_overlap_removes_injected_from_test_and_is_deterministic(tiny_root, t
     b = pipeline.run(cfg, str(tmp_path / "b"))
     assert a[0]["num_test"] == TINY.num_test_good + 5 * TINY.num_per_defect - 2
     assert a[0]["injected"] == b[0]["injected"]
-    assert (a[0]["image_auroc"], a[0]["pixel_auroc"]) == (b[0]["image_auroc"], b[0]["pixel_auroc"])
+    assert [a[0][m] for m in metrics.ALL] == [b[0][m] for m in metrics.ALL]
+
+
+def test_eval_metrics_are_checked_before_any_work(tiny_root, tmp_path):
+    cfg = tiny_config(tiny_root, eval__metrics="pixel_auroc,pixel_pro")
+    with pytest.raises(ValueError, match=r"unknown metric\(s\) \['pixel_pro'\]"):
+        pipeline.run(cfg, str(tmp_path))
+    assert not os.path.exists(tmp_path / "config.json")
+    cfg.eval.metrics = "pixel_ap"  # the AUROC pair comes along: the summary is drawn from it
+    assert pipeline.eval_metrics(cfg) == ("image_auroc", "pixel_auroc", "pixel_ap")
 
 
 def test_too_much_noise_states_the_maximum(tiny_root, tmp_path):

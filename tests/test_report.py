@@ -164,3 +164,18 @@ def test_report_command_on_a_run(tmp_path, capsys):
     assert report.summary_table(rows) in out  # the run's summary, unchanged
     assert (work / "report" / "tables.md").stat().st_size > 0
     assert not list((work / "report").glob("*.png"))  # one ratio: no curve to draw
+
+
+def test_tables_cover_every_metric_all_rows_carry():
+    rows = make_rows()
+    assert report.metrics_in(rows) == ["image_auroc", "pixel_auroc"]  # results from before AUPRO
+    for i, r in enumerate(rows):
+        r["pixel_aupro"] = 0.5 + 0.1 * i
+        r["image_ap"] = 0.9
+    assert report.metrics_in(rows) == ["image_auroc", "pixel_auroc", "pixel_aupro", "image_ap"]
+    del rows[0]["image_ap"]  # a metric that some rows lack gets no table
+    built = report.tables(rows, metrics=report.metrics_in(rows))
+    assert [t.metric for t in built] == ["image_auroc", "pixel_auroc", "pixel_aupro"]
+    aupro = built[2]
+    assert aupro.title().startswith("pixel AUPRO")
+    assert aupro.markdown().count("| a | 0.550 ± 0.071") == 1  # rows 0 and 1: 0.5, 0.6 over seeds

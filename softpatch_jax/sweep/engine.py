@@ -94,6 +94,8 @@ def run(
     t0 = time.perf_counter()
     sweep = config.get("sweep") or ml_collections.ConfigDict()
     cells = grid.expand(config, data.categories)
+    for c in cells:
+        pipeline.eval_metrics(c.config)  # a misspelt metric fails here, before any work
     results_path = os.path.join(workdir, RESULTS)
     finished = {r.get("cell_id") for r in jsonl.read(results_path, repair=True)}
     # Categories run in the grid's order whatever is finished, so a resumed sweep goes on where it
@@ -210,7 +212,13 @@ def _run_fit_group(ctx, ex, category, feats, feats_key, evalset, cells, injected
         results = {}
         with timer("metrics"):
             for k, (image_scores, maps) in predicted.items():
-                results[k] = metrics.evaluate(image_scores, evalset.labels, maps, evalset.masks)
+                results[k] = metrics.evaluate(
+                    image_scores,
+                    evalset.labels,
+                    maps,
+                    evalset.masks,
+                    pipeline.eval_metrics(scells[0].config),
+                )
         for c in scells:
             k = _spec_key(c.spec())
             _finish_cell(
@@ -251,7 +259,7 @@ def _finish_cell(ctx, ex, cell, result, banks, maps, evalset, feats, injected, t
     ctx.stats.add("cells_run")
     ctx.done += 1
     logging.info(
-        "[%d/%d] %s %s noise %.2f seed %d%s: image AUROC %.3f pixel AUROC %.3f",
+        "[%d/%d] %s %s noise %.2f seed %d%s: %s",
         ctx.done,
         ctx.total,
         cell.category,
@@ -263,8 +271,7 @@ def _finish_cell(ctx, ex, cell, result, banks, maps, evalset, feats, injected, t
             for k, v in cell.axes.items()
             if k not in ("seed", "noise.ratios", "methods")
         ),
-        result["image_auroc"],
-        result["pixel_auroc"],
+        metrics.describe(result),
     )
     if ctx.on_cell is not None:
         ctx.on_cell(row)
