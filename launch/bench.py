@@ -94,7 +94,7 @@ from softpatch_jax import (  # noqa: E402
     parallel,
     scoring,
 )
-from softpatch_jax.io_utils import write_json  # noqa: E402
+from softpatch_jax.io_utils import split_list, write_json  # noqa: E402
 
 DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": jnp.bfloat16}
 
@@ -649,7 +649,7 @@ def notes(stage: str, r: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> dict:
-    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    stages = split_list(args.stages)
     if stages == ["all"]:
         stages = ["features", *STAGES]
     bad = [s for s in stages if s not in STAGES and s != "features"]

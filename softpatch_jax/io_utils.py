@@ -1,5 +1,6 @@
 """Atomic writes: a temp file in the target folder, renamed over the target only when complete, so an
-interrupted run or a full disk never leaves a half-written results file behind."""
+interrupted run or a full disk never leaves a half-written results file behind; and the comma lists
+that config strings hold."""
 
 from __future__ import annotations
 
@@ -8,6 +9,11 @@ import csv
 import json
 import os
 import tempfile
+
+
+def split_list(text) -> list[str]:
+    """A comma list ("a, b,,c") -> its non-empty items, stripped (["a", "b", "c"])."""
+    return [s.strip() for s in str(text).split(",") if s.strip()]
 
 
 @contextlib.contextmanager

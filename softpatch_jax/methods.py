@@ -10,6 +10,7 @@ import dataclasses
 import ml_collections
 
 from softpatch_jax import discriminators
+from softpatch_jax.io_utils import split_list
 
 SOFT_WEIGHTS = ("none", "fused", *discriminators.NAMES)
 
@@ -72,7 +73,7 @@ def spec(name: str, sp: ml_collections.ConfigDict) -> MethodSpec:
     if name.startswith("softpatch_") and name[len("softpatch_") :] in discriminators.NAMES:
         return _softpatch(name, name[len("softpatch_") :], sp)
     if name == "softpatch_plus":
-        names = discriminators.check_names(split(sp.discriminators))
+        names = discriminators.check_names(split_list(sp.discriminators))
 
         def bank(tau: float) -> BankSpec:
             return BankSpec(names, tau, "patch", sp.soft_weight, sp.rank_scope)
@@ -88,12 +89,8 @@ def spec(name: str, sp: ml_collections.ConfigDict) -> MethodSpec:
     )
 
 
-def split(csv: str) -> list[str]:
-    return [s.strip() for s in str(csv).split(",") if s.strip()]
-
-
 def from_config(config: ml_collections.ConfigDict) -> list[MethodSpec]:
-    names = split(config.methods)
+    names = split_list(config.methods)
     if not names:
         raise ValueError("config.methods is empty")
     if len(set(names)) != len(names):

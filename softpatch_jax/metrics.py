@@ -19,16 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.ndimage
 
-# Every metric `evaluate` can compute; results rows and tables carry them in this order.
-ALL = (
-    "image_auroc",
-    "pixel_auroc",
-    "pixel_aupro",
-    "pixel_ap",
-    "image_ap",
-    "image_f1_max",
-    "pixel_f1_max",
-)
+from softpatch_jax.io_utils import split_list
+
+# Every metric `evaluate` can compute, with its name in logs and tables; results rows and tables
+# carry them in this order (`ALL`).
 NAMES = {
     "image_auroc": "image AUROC",
     "pixel_auroc": "pixel AUROC",
@@ -38,13 +32,14 @@ NAMES = {
     "image_f1_max": "image F1-max",
     "pixel_f1_max": "pixel F1-max",
 }
+ALL = tuple(NAMES)
 AUPRO_FPR_LIMIT = 0.3
 
 
 def check_names(names: str | Sequence[str]) -> tuple[str, ...]:
     """A comma list or sequence of metric names ("all" for every one) -> tuple, in `ALL` order."""
     if isinstance(names, str):
-        names = [n.strip() for n in names.split(",") if n.strip()]
+        names = split_list(names)
     if "all" in names:
         return ALL
     bad = [n for n in names if n not in ALL]

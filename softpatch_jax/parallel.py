@@ -56,6 +56,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from softpatch_jax import coreset, discriminators, ops
+from softpatch_jax.io_utils import split_list
 
 AXIS = "shards"
 
@@ -87,7 +88,7 @@ def enabled(config=None, stage: str | None = None) -> bool:
             return True
         if v in ("false", "0", "no", ""):
             return False
-        listed = [x.strip() for x in v.split(",") if x.strip()]
+        listed = split_list(v)
         if not set(listed) <= set(STAGES):
             raise ValueError(
                 "parallel.enabled must be auto, true, false or a comma list of stages from "

@@ -190,10 +190,8 @@ def _local_finder(arch: str):
 
 
 def _layers(backbone_cfg: ml_collections.ConfigDict, arch: str) -> tuple[str, ...]:
-    layers = backbone_cfg.get("layers", "") or ()
-    if isinstance(layers, str):
-        layers = tuple(name.strip() for name in layers.split(",") if name.strip())
-    return tuple(layers) or models.get_spec(arch).feature_layers
+    layers = models.split_layers(backbone_cfg.get("layers", "") or ())
+    return layers or models.get_spec(arch).feature_layers
 
 
 def missing_weights_message(arch: str, root: str, errors: Sequence[str] = ()) -> str:

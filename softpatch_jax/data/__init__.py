@@ -14,6 +14,7 @@ import numpy as np
 
 from softpatch_jax.data import btad, mvtec, preprocess, visa
 from softpatch_jax.data.records import CategorySplits, Record
+from softpatch_jax.io_utils import split_list
 
 Loader = Callable[[Sequence[Record]], tuple[np.ndarray, np.ndarray]]
 
@@ -55,7 +56,7 @@ def categories(cfg: ml_collections.ConfigDict) -> list[str]:
     have = list_cats(root)
     if cfg.categories in ("", "all"):
         return have
-    wanted = [c.strip() for c in cfg.categories.split(",") if c.strip()]
+    wanted = split_list(cfg.categories)
     missing = [c for c in wanted if c not in have]
     if missing:
         raise ValueError(f"categories {missing} not found under {root!r}; have: {have}")

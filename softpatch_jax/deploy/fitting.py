@@ -24,6 +24,7 @@ from softpatch_jax.data import folder, images
 from softpatch_jax.deploy import audit as audit_lib
 from softpatch_jax.deploy import model as model_lib
 from softpatch_jax.deploy import threshold as threshold_lib
+from softpatch_jax.io_utils import split_list
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,7 +157,7 @@ def fit(
     arrays["train_scores"] = train_scores
     arrays["train_patch_median"] = np.median(train_patch, axis=1)
     arrays["fold"] = fold_N
-    fusion = methods.split(config.softpatch.discriminators)
+    fusion = split_list(config.softpatch.discriminators)
     meta = {
         **model_lib.identity(ex, config),
         "code": model_lib.code_version(),

@@ -14,6 +14,8 @@ from collections.abc import Callable
 import flax.linen as nn
 import jax.numpy as jnp
 
+from softpatch_jax.io_utils import split_list
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -75,7 +77,7 @@ def get_spec(arch: str) -> ArchSpec:
 def split_layers(layers: str | tuple[str, ...]) -> tuple[str, ...]:
     """config.backbone.layers ("" or "layer2,layer3") -> a tuple of stage names."""
     if isinstance(layers, str):
-        return tuple(s.strip() for s in layers.split(",") if s.strip())
+        return tuple(split_list(layers))
     return tuple(layers)
 
 

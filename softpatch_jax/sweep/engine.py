@@ -210,14 +210,11 @@ def _run_fit_group(ctx, ex, category, feats, feats_key, evalset, cells, injected
             predicted = stages.predict(wanted, evalset.feats_TxPxD, ex, sc, ctx.vmap)
             jax.block_until_ready(predicted)
         results = {}
+        names = pipeline.eval_metrics(scells[0].config)
         with timer("metrics"):
             for k, (image_scores, maps) in predicted.items():
                 results[k] = metrics.evaluate(
-                    image_scores,
-                    evalset.labels,
-                    maps,
-                    evalset.masks,
-                    pipeline.eval_metrics(scells[0].config),
+                    image_scores, evalset.labels, maps, evalset.masks, names
                 )
         for c in scells:
             k = _spec_key(c.spec())

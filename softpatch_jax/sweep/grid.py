@@ -31,6 +31,7 @@ from typing import Any
 import ml_collections
 
 from softpatch_jax import methods
+from softpatch_jax.io_utils import split_list
 from softpatch_jax.pipeline import parse_ratios
 
 # Comma lists in the run config that `pipeline.run` loops over: always expanded into single values.
@@ -201,7 +202,7 @@ def expand(config: ml_collections.ConfigDict, list_categories) -> list[Cell]:
         methods.from_config(cfg)  # a typo in a method or discriminator name fails before any work
         for category in list_categories(cfg.dataset):
             for ratio in parse_ratios(cfg.noise.ratios):
-                for method in methods.split(cfg.methods):
+                for method in split_list(cfg.methods):
                     one = copy.deepcopy(cfg)
                     one.dataset.categories = category
                     one.noise.ratios = repr(float(ratio))
