@@ -361,7 +361,7 @@ def bandwidth(mib: int) -> dict:
 def bench_coreset(args, key, n: int, p: int) -> dict:
     pool = synthetic_pool(key, n, p, args.r).reshape(n * p, args.r)
     keep = jax.random.uniform(jax.random.fold_in(key, 1), (n * p,)) > 0.15
-    starts = coreset.draw_starts(jax.random.fold_in(key, 2), n * p, 10)
+    starts = coreset.draw_starts(jax.random.fold_in(key, 2), n * p, 128)
     m = coreset_size(args, n, p)
     prep = timed(lambda: coreset.prepare(pool, starts), args.repeats)
     prepared = coreset.prepare(pool, starts)
@@ -542,7 +542,7 @@ def bench_parallel(args, key, n: int, p: int) -> dict:
     out["discriminators"] = _compare(one, many, args.repeats)
     flat = pool.reshape(n * p, args.r)
     keep = jax.random.uniform(jax.random.fold_in(key, 1), (n * p,)) > 0.15
-    starts = coreset.draw_starts(jax.random.fold_in(key, 2), n * p, 10)
+    starts = coreset.draw_starts(jax.random.fold_in(key, 2), n * p, 128)
     m = coreset_size(args, n, p)
     out["coreset"] = _compare(
         lambda: coreset.greedy(flat, keep, starts, num_samples=m),

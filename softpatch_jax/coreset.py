@@ -1,9 +1,14 @@
 """Approximate greedy k-center coreset (PatchCore, METHOD.md section 4) with a removal mask.
 
-Start: every patch's mean distance to `num_starts` random patches. Then, `num_samples` times: pick
-the kept patch farthest from the selection (argmax of the running min-distance) and lower the running
-min-distance with the distances to the picked patch. Removed patches are never picked (the reference
-multiplies their distances by 0; here they sit at -1, which also holds when every distance is 0).
+Start: every patch's mean distance to `num_starts` random patches (128 by default, as the authors'
+code: its `WeightedGreedyCoresetSampler` passes its projection size into the start count). Then,
+`num_samples` times: pick the kept patch farthest from the selection (argmax of the running
+min-distance) and lower the running min-distance with the distances to the picked patch. Removed
+patches are never picked: they sit at -1 from the start, which also holds when every distance is 0.
+
+`strict=True` reproduces the reference loop exactly instead (a defect kept only for parity checks):
+it multiplies the distances it ADDS after each pick by the keep mask (0 for removed patches) but
+leaves the starting distances unmasked, so its first pick can be a removed (noisy) patch.
 The whole loop is one compiled `fori_loop` on the device whose step reads the features once (a
 vector-matrix product); everything else in a step touches only [N] vectors. The inputs it needs
 (`prepare`) do not depend on the removal mask, so banks with different masks share them.
@@ -20,7 +25,7 @@ import jax.numpy as jnp
 from softpatch_jax import ops
 
 
-def draw_starts(key: jax.Array, num_patches: int, num_starts: int = 10) -> jax.Array:
+def draw_starts(key: jax.Array, num_patches: int, num_starts: int = 128) -> jax.Array:
     """Random distinct start patches over the whole pool (removed ones included, as the reference)."""
     return jax.random.choice(key, num_patches, (min(num_starts, num_patches),), replace=False)
 
@@ -90,17 +95,34 @@ def step_distances(x_RxN: jax.Array, x_sq_N: jax.Array, c_R: jax.Array, c_sq: ja
     return jnp.sqrt(jnp.maximum(d2, 0.0))
 
 
-@functools.partial(jax.jit, static_argnames=("num_samples",))
-def select(prepared: Prepared, keep_N: jax.Array, num_samples: int) -> jax.Array:
-    """The greedy loop on prepared inputs: indices [num_samples] in the order picked."""
+def initial_distances(start_N: jax.Array, keep_N: jax.Array, strict: bool) -> jax.Array:
+    """The loop's starting min-distances: removed patches at -1 (never picked), or, with `strict`,
+    unmasked as in the reference."""
+    return start_N if strict else jnp.where(keep_N, start_N, -1.0)
+
+
+def masked_step(d_N: jax.Array, keep_N: jax.Array, strict: bool) -> jax.Array:
+    """A step's new distances with the removal mask applied: -1 for removed patches, or 0 (the
+    reference's distance x sampling weight) with `strict`."""
+    return jnp.where(keep_N, d_N, 0.0 if strict else -1.0)
+
+
+@functools.partial(jax.jit, static_argnames=("num_samples", "strict"))
+def select(
+    prepared: Prepared, keep_N: jax.Array, num_samples: int, strict: bool = False
+) -> jax.Array:
+    """The greedy loop on prepared inputs: indices [num_samples] in the order picked.
+
+    strict: reproduce the reference's unmasked first pick (see the module docstring)."""
     x_RxN, x_sq, start = prepared
-    min_d = jnp.where(keep_N, start, -1.0)
+    min_d = initial_distances(start, keep_N, strict)
 
     def step(i, carry):
         min_d, picked = carry
         j = jnp.argmax(min_d)
         c = jax.lax.dynamic_index_in_dim(x_RxN, j, axis=1, keepdims=False)
-        min_d = jnp.minimum(min_d, step_distances(x_RxN, x_sq, c, x_sq[j]))
+        d = masked_step(step_distances(x_RxN, x_sq, c, x_sq[j]), keep_N, strict)
+        min_d = jnp.minimum(min_d, d)
         min_d = min_d.at[j].set(-1.0)  # never picked twice, even among exact duplicates
         return min_d, picked.at[i].set(j.astype(jnp.int32))
 
@@ -111,7 +133,11 @@ def select(prepared: Prepared, keep_N: jax.Array, num_samples: int) -> jax.Array
 
 
 def greedy(
-    feats_NxR: jax.Array, keep_N: jax.Array, starts_S: jax.Array, num_samples: int
+    feats_NxR: jax.Array,
+    keep_N: jax.Array,
+    starts_S: jax.Array,
+    num_samples: int,
+    strict: bool = False,
 ) -> jax.Array:
     """Indices [num_samples] of the coreset, in the order picked.
 
@@ -120,8 +146,9 @@ def greedy(
       keep_N: bool, False for removed patches. At least `num_samples` must be True.
       starts_S: indices of the start patches.
       num_samples: coreset size M (static).
+      strict: the reference's unmasked first pick (parity checks only).
     """
-    return select(prepare(feats_NxR, starts_S), keep_N, num_samples=num_samples)
+    return select(prepare(feats_NxR, starts_S), keep_N, num_samples=num_samples, strict=strict)
 
 
 def num_samples(ratio: float, num_patches: int, num_kept: int) -> int:

@@ -271,6 +271,7 @@ def fit_many(
         prepared = jax.block_until_ready(prep(flat_pool, starts))
         del flat_pool  # the loop reads only its feature-major copy
     select = parallel_lib.select if coreset_parallel else coreset.select
+    strict = bool(config.coreset.get("strict_parity", False))
     coresets: dict[tuple, jax.Array] = {}
     banks: dict[str, Banks] = {}
     keeps: dict[str, jax.Array] = {}
@@ -283,7 +284,7 @@ def fit_many(
                 with timer("coreset"):
                     kept = int(jnp.sum(keep))
                     m = coreset.num_samples(config.coreset.ratio, n * p, kept)
-                    idx = select(prepared, keep.reshape(-1), num_samples=m)
+                    idx = select(prepared, keep.reshape(-1), num_samples=m, strict=strict)
                     coresets[ck] = jax.block_until_ready(idx)
             idx = coresets[ck]
             weights = soft_weights(bank, scores, (n, p)).reshape(-1)

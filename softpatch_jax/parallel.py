@@ -216,11 +216,12 @@ def prepare(
 
 
 @functools.lru_cache(maxsize=32)
-def _select_fn(m: Mesh, num_samples: int):
-    def local(x_RxL, x_sq_L, start_L, keep_L):
+def _select_fn(m: Mesh, num_samples: int, strict: bool):
+    def local(x_RxL, x_sq_L, start_L, keep_L, valid_L):
         me = jax.lax.axis_index(AXIS)
         offset = me * x_sq_L.shape[0]
-        min_d = jnp.where(keep_L, start_L, -1.0)
+        # Padding rows start at -1 and stay there (min with a step's 0 or -1), strict or not.
+        min_d = jnp.where(valid_L, coreset.initial_distances(start_L, keep_L, strict), -1.0)
 
         def step(i, carry):
             min_d, picked = carry
@@ -232,7 +233,8 @@ def _select_fn(m: Mesh, num_samples: int):
             all_idx = jax.lax.all_gather((lj + offset).astype(jnp.int32), AXIS)
             best = jnp.argmax(all_cand[:, 0])  # first device on ties = the global first index
             win = all_cand[best]
-            min_d = jnp.minimum(min_d, coreset.step_distances(x_RxL, x_sq_L, win[2:], win[1]))
+            d = coreset.step_distances(x_RxL, x_sq_L, win[2:], win[1])
+            min_d = jnp.minimum(min_d, coreset.masked_step(d, keep_L, strict))
             min_d = min_d.at[lj].set(jnp.where(me == best, -1.0, min_d[lj]))
             return min_d, picked.at[i].set(all_idx[best])
 
@@ -241,17 +243,22 @@ def _select_fn(m: Mesh, num_samples: int):
         )
         return picked
 
-    spec = (P(None, AXIS), P(AXIS), P(AXIS), P(AXIS))
+    spec = (P(None, AXIS), P(AXIS), P(AXIS), P(AXIS), P(AXIS))
     return jax.jit(jax.shard_map(local, mesh=m, in_specs=spec, out_specs=P(), check_vma=False))
 
 
 def select(
-    prepared: coreset.Prepared, keep_N: jax.Array, num_samples: int, mesh: Mesh | None = None
+    prepared: coreset.Prepared,
+    keep_N: jax.Array,
+    num_samples: int,
+    mesh: Mesh | None = None,
+    strict: bool = False,
 ) -> jax.Array:
     """`coreset.select` on `prepare`'s sharded inputs: indices [num_samples] into the unpadded pool."""
     m = mesh or default_mesh()
     keep = _place(_pad(keep_N, m.size, axis=0), m, P(AXIS))  # padding rows: False, never picked
-    return _local(_select_fn(m, int(num_samples))(*prepared, keep))
+    valid = _place(_pad(jnp.ones(keep_N.shape, bool), m.size, axis=0), m, P(AXIS))
+    return _local(_select_fn(m, int(num_samples), bool(strict))(*prepared, keep, valid))
 
 
 def greedy(
@@ -260,10 +267,11 @@ def greedy(
     starts_S: jax.Array,
     num_samples: int,
     mesh: Mesh | None = None,
+    strict: bool = False,
 ) -> jax.Array:
     """`coreset.greedy` with the pool sharded; bitwise the same indices."""
     m = mesh or default_mesh()
-    return select(prepare(feats_NxR, starts_S, m), keep_N, num_samples, m)
+    return select(prepare(feats_NxR, starts_S, m), keep_N, num_samples, m, strict)
 
 
 # --- scoring: memory bank sharded --------------------------------------------------------------

@@ -198,6 +198,7 @@ def evaluate_banks(banks, feats_TxPxD, labels, masks, ex, config, timer):
             ex.image_size,
             config.scoring.blur_sigma,
             config.scoring.chunk_size,
+            distance=config.scoring.distance,
             parallel=parallel.enabled(config, "scoring"),
         )
         jax.block_until_ready(maps)

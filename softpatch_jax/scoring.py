@@ -1,5 +1,6 @@
 """Scoring (METHOD.md section 5): each test patch's distance to its nearest memory patch times that
-patch's soft weight; the image score is the max over the image's patches; the pixel map is the patch
+patch's soft weight (the SQUARED L2 distance by default, as the authors' faiss `IndexFlatL2` scorer
+and the original PatchCore code; `distance="l2"` is the paper's eq. 10); the image score is the max over the image's patches; the pixel map is the patch
 scores upsampled bilinearly to the input size and blurred with a Gaussian (sigma 4). All on device,
 the nearest-neighbour search chunked over test patches so memory stays bounded for any bank size.
 """
@@ -42,32 +43,60 @@ def nearest(
     return ops.chunked_map(chunk, query_QxD, chunk_size)
 
 
-@functools.partial(jax.jit, static_argnames=("chunk_size",))
+DISTANCES = ("squared", "l2")
+
+
+def check_distance(distance: str) -> str:
+    if distance not in DISTANCES:
+        raise ValueError(
+            f"scoring.distance {distance!r}; valid: 'squared' (the authors' code, faiss "
+            "IndexFlatL2) or 'l2' (the paper's eq. 10)"
+        )
+    return distance
+
+
+def weigh(weights_M: jax.Array, idx_Q: jax.Array, dist_Q: jax.Array, distance: str) -> jax.Array:
+    """The patch score: the nearest memory patch's soft weight times its L2 distance, squared or
+    not (`DISTANCES`)."""
+    check_distance(distance)
+    return weights_M[idx_Q] * (dist_Q * dist_Q if distance == "squared" else dist_Q)
+
+
+@functools.partial(jax.jit, static_argnames=("chunk_size", "distance"))
 def _patch_scores(
-    bank: MemoryBank, feats_TxPxD: jax.Array, centre_1xD: jax.Array, chunk_size: int
+    bank: MemoryBank,
+    feats_TxPxD: jax.Array,
+    centre_1xD: jax.Array,
+    chunk_size: int,
+    distance: str,
 ) -> jax.Array:
     t, p, d = feats_TxPxD.shape
     dist, idx = nearest(feats_TxPxD.reshape(t * p, d), bank.feats_MxD, chunk_size, centre_1xD)
-    return (bank.weights_M[idx] * dist).reshape(t, p)
+    return weigh(bank.weights_M, idx, dist, distance).reshape(t, p)
 
 
 def patch_scores(
-    bank: MemoryBank, feats_TxPxD: jax.Array, chunk_size: int, *, parallel: bool = False
+    bank: MemoryBank,
+    feats_TxPxD: jax.Array,
+    chunk_size: int,
+    *,
+    distance: str = "squared",
+    parallel: bool = False,
 ) -> jax.Array:
     """[T, P]: weighted nearest-neighbour distance of every test patch.
 
+    distance: "squared" (the authors' code) or "l2" (the paper's eq. 10).
     parallel: shard the bank over all devices (`parallel.nearest`); same values.
     """
+    check_distance(distance)
     if parallel:
         t, p, d = feats_TxPxD.shape
         dist, idx = parallel_lib.nearest(feats_TxPxD.reshape(t * p, d), bank.feats_MxD, chunk_size)
-        return _weigh(bank.weights_M, idx, dist).reshape(t, p)
-    return _patch_scores(bank, feats_TxPxD, ops.mean_row(bank.feats_MxD), chunk_size)
+        return _weigh(bank.weights_M, idx, dist, distance).reshape(t, p)
+    return _patch_scores(bank, feats_TxPxD, ops.mean_row(bank.feats_MxD), chunk_size, distance)
 
 
-@jax.jit
-def _weigh(weights_M: jax.Array, idx_Q: jax.Array, dist_Q: jax.Array) -> jax.Array:
-    return weights_M[idx_Q] * dist_Q
+_weigh = jax.jit(weigh, static_argnames=("distance",))
 
 
 def gaussian_kernel(sigma: float, truncate: float = 4.0) -> np.ndarray:
@@ -121,18 +150,22 @@ def predict(
     blur_sigma: float = 4.0,
     chunk_size: int = 0,
     *,
+    distance: str = "squared",
     parallel: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """Library API: image scores [T] and anomaly maps [T, H, W] for test features [T, P, D].
 
+    distance: "squared" (default, the authors' code) or "l2" (the paper's eq. 10); the maps come
+      from the same patch scores.
     parallel: shard each memory bank over all devices for the search (`parallel.nearest`).
     """
+    kw = dict(distance=distance, parallel=parallel)
     cls_chunk = chunk_size or chunk_size_for(banks.cls.feats_MxD.shape[0])
-    cls_scores = patch_scores(banks.cls, feats_TxPxD, cls_chunk, parallel=parallel)
+    cls_scores = patch_scores(banks.cls, feats_TxPxD, cls_chunk, **kw)
     if banks.seg is banks.cls:
         seg_scores = cls_scores
     else:
         seg_chunk = chunk_size or chunk_size_for(banks.seg.feats_MxD.shape[0])
-        seg_scores = patch_scores(banks.seg, feats_TxPxD, seg_chunk, parallel=parallel)
+        seg_scores = patch_scores(banks.seg, feats_TxPxD, seg_chunk, **kw)
     maps = anomaly_maps(seg_scores, tuple(grid), tuple(image_size), float(blur_sigma))
     return jnp.max(cls_scores, axis=1), maps

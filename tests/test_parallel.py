@@ -52,6 +52,11 @@ starts = jnp.asarray(rng.choice(1110, 10, replace=False))
 a = coreset.greedy(jnp.asarray(x), keep, starts, num_samples=300)
 b = parallel.greedy(jnp.asarray(x), keep, starts, num_samples=300)
 out["coreset"] = same(a, b)
+# The reference's unmasked first pick (coreset.strict_parity): the same on shards.
+out["coreset_strict"] = same(
+    coreset.greedy(jnp.asarray(x), keep, starts, num_samples=300, strict=True),
+    parallel.greedy(jnp.asarray(x), keep, starts, num_samples=300, strict=True),
+)
 ties = jnp.zeros((50, 4), jnp.float32)  # every distance 0: picks must follow the index order
 out["coreset_ties"] = same(
     coreset.greedy(ties, jnp.ones(50, bool), jnp.arange(3), num_samples=20),
@@ -167,6 +172,7 @@ def test_discriminators_bitwise_equal(child_result):
 
 def test_coreset_indices_bitwise_equal_including_ties(child_result):
     assert child_result["coreset"]
+    assert child_result["coreset_strict"]
     assert child_result["coreset_ties"]
 
 

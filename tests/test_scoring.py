@@ -7,17 +7,28 @@ from softpatch_jax import scoring
 from softpatch_jax.memory_bank import Banks, MemoryBank
 
 
-def test_patch_scores_match_brute_force_weighted_nn():
+@pytest.mark.parametrize("distance,power", [("squared", 2), ("l2", 1)])
+def test_patch_scores_match_brute_force_weighted_nn(distance, power):
+    """soft weight x |q - m*|^power, m* the nearest bank row (faiss IndexFlatL2's squared form by
+    default, the paper's eq. 10 with "l2")."""
     rng = np.random.default_rng(0)
     bank = rng.normal(size=(50, 16)).astype(np.float32)
     weights = rng.uniform(0.5, 2.0, 50).astype(np.float32)
     test = rng.normal(size=(3, 20, 16)).astype(np.float32)
     mb = MemoryBank(jnp.asarray(bank), jnp.asarray(weights), jnp.arange(50))
-    got = np.asarray(scoring.patch_scores(mb, jnp.asarray(test), chunk_size=7))
-    d = np.linalg.norm(test.reshape(-1, 1, 16) - bank[None], axis=-1)
+    got = np.asarray(scoring.patch_scores(mb, jnp.asarray(test), chunk_size=7, distance=distance))
+    d = np.linalg.norm(test.reshape(-1, 1, 16).astype(np.float64) - bank[None], axis=-1)
     nn = d.argmin(1)
-    want = (weights[nn] * d[np.arange(len(nn)), nn]).reshape(3, 20)
+    want = (weights[nn] * d[np.arange(len(nn)), nn] ** power).reshape(3, 20)
     np.testing.assert_allclose(got, want, rtol=1e-5)
+    if distance == "squared":
+        assert np.asarray(scoring.patch_scores(mb, jnp.asarray(test), 7)).tolist() == got.tolist()
+
+
+def test_unknown_distance_is_an_error_listing_the_choices():
+    mb = MemoryBank(jnp.zeros((2, 3)), jnp.ones(2), jnp.arange(2))
+    with pytest.raises(ValueError, match="'squared'.*'l2'"):
+        scoring.patch_scores(mb, jnp.zeros((1, 2, 3)), 4, distance="cosine")
 
 
 @pytest.mark.parametrize("shape,sigma", [((2, 40, 40), 4.0), ((1, 12, 9), 4.0), ((1, 30, 25), 1.5)])

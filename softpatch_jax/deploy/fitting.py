@@ -148,6 +148,8 @@ def fit(
         config.coreset.ratio,
         fold_N,
         config.scoring.chunk_size,
+        distance=config.scoring.distance,
+        strict=config.coreset.strict_parity,
     )
     del pool
     train_scores = train_patch.max(axis=1)

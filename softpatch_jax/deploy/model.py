@@ -63,7 +63,14 @@ class Model:
 
     @property
     def config(self) -> ml_collections.ConfigDict:
-        return ml_collections.ConfigDict(self.meta["config"])
+        cfg = ml_collections.ConfigDict(self.meta["config"])
+        # Models saved before scoring.distance existed were fitted and thresholded with the plain
+        # L2 distance (and the masked coreset): keep scoring them as they were fitted.
+        if "distance" not in cfg.scoring:
+            cfg.scoring.distance = "l2"
+        if "strict_parity" not in cfg.coreset:
+            cfg.coreset.strict_parity = False
+        return cfg
 
 
 def git_commit() -> str | None:

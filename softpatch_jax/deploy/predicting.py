@@ -66,7 +66,13 @@ def _scorer(model: model_lib.Model, ex: features.Extractor):
         f = ex.apply(ex.variables, jnp.asarray(batch_BxHxWx3))
         f = f.reshape(f.shape[0], -1, f.shape[-1])
         s, maps = scoring.predict(
-            banks, f, ex.grid, ex.image_size, cfg.scoring.blur_sigma, cfg.scoring.chunk_size
+            banks,
+            f,
+            ex.grid,
+            ex.image_size,
+            cfg.scoring.blur_sigma,
+            cfg.scoring.chunk_size,
+            distance=cfg.scoring.distance,
         )
         return f, s, maps
 

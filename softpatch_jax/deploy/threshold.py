@@ -78,6 +78,9 @@ def heldout_patch_scores(
     ratio: float,
     fold_N: np.ndarray,
     chunk_size: int = 0,
+    *,
+    distance: str = "squared",
+    strict: bool = False,
 ) -> np.ndarray:
     """float [N, P]: each training patch's score against a bank fitted without its image's fold.
 
@@ -97,9 +100,9 @@ def heldout_patch_scores(
         held_Q = jnp.asarray(np.repeat(held_N, p))
         train_keep = keep & ~held_Q
         m = coreset.num_samples(ratio, int(n - held_N.sum()) * p, int(jnp.sum(train_keep)))
-        idx = coreset.greedy(pool_QxR, train_keep, starts, num_samples=m)
+        idx = coreset.greedy(pool_QxR, train_keep, starts, num_samples=m, strict=strict)
         bank = MemoryBank(flat[idx], weights[idx], idx)
         held = feats_NxPxD[np.flatnonzero(held_N)]
         chunk = chunk_size or scoring.chunk_size_for(m)
-        out[held_N] = np.asarray(scoring.patch_scores(bank, held, chunk))
+        out[held_N] = np.asarray(scoring.patch_scores(bank, held, chunk, distance=distance))
     return out

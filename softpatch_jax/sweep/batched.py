@@ -68,7 +68,9 @@ def fit(
         )
     picked: dict[tuple, jax.Array] = {}
     for m, cks in by_size.items():
-        greedy = functools.partial(coreset.greedy, num_samples=m)
+        greedy = functools.partial(
+            coreset.greedy, num_samples=m, strict=bool(config.coreset.strict_parity)
+        )
         idx_BxM = jax.vmap(greedy, in_axes=(None, 0, None))(
             pool, jnp.stack([keeps[ck] for ck in cks]), starts
         )
@@ -94,6 +96,7 @@ def predict(
     image_size: tuple[int, int],
     blur_sigma: float,
     chunk_size: int = 0,
+    distance: str = "squared",
 ) -> dict[str, tuple[jax.Array, jax.Array]]:
     """{name: (image scores [T], anomaly maps [T, H, W])}, as `scoring.predict` for each name.
 
@@ -109,7 +112,7 @@ def predict(
     for m, ids in by_size.items():
         stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[unique[i] for i in ids])
         chunk = chunk_size or scoring.chunk_size_for(m * len(ids))
-        fn = functools.partial(scoring.patch_scores, chunk_size=chunk)
+        fn = functools.partial(scoring.patch_scores, chunk_size=chunk, distance=distance)
         patch.update(zip(ids, jax.vmap(fn, in_axes=(0, None))(stacked, feats_TxPxD)))
     maps = {
         i: scoring.anomaly_maps(patch[i], tuple(grid), tuple(image_size), blur_sigma)

@@ -108,9 +108,17 @@ def predict(
     """{name: (image scores, anomaly maps)} with the `config.scoring` section `sc`."""
     if vmap:
         return batched.predict(
-            banks, feats_TxPxD, ex.grid, ex.image_size, sc.blur_sigma, sc.chunk_size
+            banks, feats_TxPxD, ex.grid, ex.image_size, sc.blur_sigma, sc.chunk_size, sc.distance
         )
     return {
-        name: scoring.predict(b, feats_TxPxD, ex.grid, ex.image_size, sc.blur_sigma, sc.chunk_size)
+        name: scoring.predict(
+            b,
+            feats_TxPxD,
+            ex.grid,
+            ex.image_size,
+            sc.blur_sigma,
+            sc.chunk_size,
+            distance=sc.distance,
+        )
         for name, b in banks.items()
     }
