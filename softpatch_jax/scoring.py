@@ -1,8 +1,9 @@
 """Scoring (METHOD.md section 5): each test patch's distance to its nearest memory patch times that
 patch's soft weight (the SQUARED L2 distance by default, as the authors' faiss `IndexFlatL2` scorer
-and the original PatchCore code; `distance="l2"` is the paper's eq. 10); the image score is the max over the image's patches; the pixel map is the patch
-scores upsampled bilinearly to the input size and blurred with a Gaussian (sigma 4). All on device,
-the nearest-neighbour search chunked over test patches so memory stays bounded for any bank size.
+and the original PatchCore code; `distance="l2"` is the paper's eq. 10); the image score is the max
+over the image's patches; the pixel map is the patch scores upsampled bilinearly to the input size
+and blurred with a Gaussian (sigma 4). All on device, the nearest-neighbour search chunked over test
+patches so memory stays bounded for any bank size.
 """
 
 from __future__ import annotations

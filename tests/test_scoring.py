@@ -27,7 +27,7 @@ def test_patch_scores_match_brute_force_weighted_nn(distance, power):
 
 def test_unknown_distance_is_an_error_listing_the_choices():
     mb = MemoryBank(jnp.zeros((2, 3)), jnp.ones(2), jnp.arange(2))
-    with pytest.raises(ValueError, match="'squared'.*'l2'"):
+    with pytest.raises(ValueError, match=r"'squared'.*'l2'"):
         scoring.patch_scores(mb, jnp.zeros((1, 2, 3)), 4, distance="cosine")
 
 
