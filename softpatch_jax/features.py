@@ -16,6 +16,11 @@ import numpy as np
 from softpatch_jax import embedding, models, weights
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# Logged by every driver that extracts with random weights (the report says it from the rows).
+RANDOM_INIT_WARNING = (
+    "WARNING: random-init backbone: these numbers come from random features and say nothing about "
+    "the method on real data."
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,7 +34,7 @@ class Extractor:
 
     @property
     def random_init(self) -> bool:
-        return self.info.get("weights") == "random-init"
+        return self.info.get("weights") == weights.RANDOM_INIT
 
 
 def build(config: ml_collections.ConfigDict) -> Extractor:

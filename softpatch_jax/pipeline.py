@@ -21,6 +21,7 @@ from absl import logging
 from softpatch_jax import data, features, memory_bank, methods, metrics, parallel, report, scoring
 from softpatch_jax.data import noise
 from softpatch_jax.io_utils import atomic_open, write_csv, write_json
+from softpatch_jax.results import HEADLINE
 
 
 class Timer:
@@ -185,7 +186,7 @@ def eval_metrics(config) -> tuple[str, ...]:
     """The metrics named by `eval.metrics` (a comma list, or "all"), and always image and pixel
     AUROC: the summary table and the report's curves are drawn from those two."""
     named = metrics.check_names(config.eval.get("metrics", "all"))
-    return metrics.check_names([*report.METRICS, *named])
+    return metrics.check_names([*HEADLINE, *named])
 
 
 def evaluate_banks(banks, feats_TxPxD, labels, masks, ex, config, timer):
@@ -342,7 +343,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     ex = features.build(config)
     if ex.random_init:
         logging.warning("=" * 78)
-        logging.warning(report.RANDOM_INIT_WARNING)
+        logging.warning(features.RANDOM_INIT_WARNING)
         logging.warning("=" * 78)
     meta = {
         "weights": ex.info,

@@ -50,6 +50,9 @@ DOWNLOADS: dict[str, tuple[str, ...]] = {
     "wide_resnet101_2": (_HF.format("wide_resnet101_2"), _TV.format("wide_resnet101_2-32ee1156")),
 }
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# The source name of randomly initialised variables: `resolve`'s info["weights"], and so the
+# "weights" field of results rows (`results.RANDOM_INIT`).
+RANDOM_INIT = "random-init"
 
 
 def compute_dtype(name: str) -> jnp.dtype:
@@ -307,7 +310,7 @@ def resolve(backbone_cfg: ml_collections.ConfigDict, seed: int = 0) -> tuple[dic
         "!" * 80,
     )
     module = models.build(arch, _layers(backbone_cfg, arch))
-    return done(random_variables(module, seed), "random-init")
+    return done(random_variables(module, seed), RANDOM_INIT)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
