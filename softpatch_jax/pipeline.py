@@ -20,6 +20,7 @@ from absl import logging
 
 from softpatch_jax import data, features, memory_bank, methods, metrics, parallel, report, scoring
 from softpatch_jax.data import noise
+from softpatch_jax.features import STORE_DTYPES
 from softpatch_jax.io_utils import atomic_open, write_csv, write_json
 from softpatch_jax.results import HEADLINE
 
@@ -64,10 +65,6 @@ def _stable_id(text: str) -> int:
 def _load(load, records, timer, stage="decode"):
     with timer(stage):
         return load(records)
-
-
-# embedding.store_dtype: how patch features are kept between stages (they are read in float32).
-STORE_DTYPES = {"float32": jnp.float32, "float16": jnp.float16, "bfloat16": jnp.bfloat16}
 
 
 def _extract(ex, images, timer, what: str, store_dtype: str = "float32"):

@@ -7,8 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# --store_dtype: how host-side training features are held.
-STORE_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": jnp.bfloat16}
+from softpatch_jax.features import STORE_DTYPES  # --store_dtype: how training features are held
 
 
 def synthetic_pool(key, n: int, p: int, r: int) -> jax.Array:
