@@ -14,15 +14,22 @@ and writes the figures to WORKDIR/bench_data.json.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
 
 import numpy as np
+from absl import app, flags
 from PIL import Image
 
 from softpatch_jax.data import mvtec, prepared, preprocess
+
+_WORKDIR = flags.DEFINE_string("workdir", "/tmp/bench_data", "trees, the store and bench_data.json")
+_IMAGES = flags.DEFINE_integer("images", 100, "training images of the generated tree")
+_SIZE = flags.DEFINE_integer("size", 900, "side of the generated PNGs")
+_RESIZE = flags.DEFINE_integer("resize", 256, "dataset.resize")
+_CROP = flags.DEFINE_integer("crop", 224, "dataset.crop")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "reads timed per path; best is kept")
 
 
 def _photo_like(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -58,36 +65,32 @@ def build_tree(root: str, num_images: int, size: int, seed: int = 0) -> int:
     return written
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--workdir", default="/tmp/bench_data")
-    p.add_argument("--images", type=int, default=100)
-    p.add_argument("--size", type=int, default=900)
-    p.add_argument("--resize", type=int, default=256)
-    p.add_argument("--crop", type=int, default=224)
-    p.add_argument("--repeats", type=int, default=3, help="reads timed per path; best is kept")
-    args = p.parse_args()
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    workdir, num_images, size = _WORKDIR.value, _IMAGES.value, _SIZE.value
+    resize, crop, repeats = _RESIZE.value, _CROP.value, _REPEATS.value
 
-    root = os.path.join(args.workdir, f"tree_{args.images}x{args.size}")
-    data_dir = os.path.join(args.workdir, "tfds")
+    root = os.path.join(workdir, f"tree_{num_images}x{size}")
+    data_dir = os.path.join(workdir, "tfds")
     if not os.path.isdir(os.path.join(root, "bench")):
         t = time.perf_counter()
-        n = build_tree(root, args.images, args.size)
-        print(f"built {n} images of {args.size}x{args.size} in {time.perf_counter() - t:.1f} s")
+        n = build_tree(root, num_images, size)
+        print(f"built {n} images of {size}x{size} in {time.perf_counter() - t:.1f} s")
     splits = mvtec.read_category(root, "bench")
     records = splits.train + splits.test
     n = len(records)
 
     def direct() -> np.ndarray:
-        return preprocess.load_records(records, args.resize, args.crop)[0]
+        return preprocess.load_records(records, resize, crop)[0]
 
     def from_store() -> np.ndarray:
-        store = prepared.ensure("mvtec", root, "bench", args.resize, data_dir)
-        return store.load_records(records, args.crop)[0]
+        store = prepared.ensure("mvtec", root, "bench", resize, data_dir)
+        return store.load_records(records, crop)[0]
 
     def best(fn) -> tuple[float, np.ndarray]:
         times, out = [], None
-        for _ in range(args.repeats):
+        for _ in range(repeats):
             t = time.perf_counter()
             out = fn()
             times.append(time.perf_counter() - t)
@@ -95,16 +98,16 @@ def main() -> None:
 
     t_direct, a = best(direct)
     t = time.perf_counter()
-    prepared.prepare("mvtec", root, "bench", args.resize, data_dir)
+    prepared.prepare("mvtec", root, "bench", resize, data_dir)
     t_prepare = time.perf_counter() - t
     t_store, b = best(from_store)
     assert np.array_equal(a, b), "the prepared store must give the same arrays as decoding"
 
     result = {
         "images": n,
-        "size": args.size,
-        "resize": args.resize,
-        "crop": args.crop,
+        "size": size,
+        "resize": resize,
+        "crop": crop,
         "threads_direct": min(8, os.cpu_count() or 1),
         "direct_s": t_direct,
         "prepare_s": t_prepare,
@@ -113,14 +116,14 @@ def main() -> None:
         "prepared_images_per_s": n / t_store,
         "speedup": t_direct / t_store,
     }
-    print(f"{n} images, {args.size}px -> resize {args.resize}, crop {args.crop}")
+    print(f"{n} images, {size}px -> resize {resize}, crop {crop}")
     print(f"  direct read (decode):  {t_direct:7.2f} s  {n / t_direct:8.1f} images/s")
     print(f"  preparation (once):    {t_prepare:7.2f} s")
     print(f"  prepared read:         {t_store:7.2f} s  {n / t_store:8.1f} images/s")
     print(f"  speedup:               {t_direct / t_store:7.1f}x")
-    with open(os.path.join(args.workdir, "bench_data.json"), "w") as f:
+    with open(os.path.join(workdir, "bench_data.json"), "w") as f:
         json.dump(result, f, indent=1)
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)

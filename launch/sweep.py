@@ -1,14 +1,10 @@
-"""Runs a sweep: python launch/sweep.py --config=configs/sweeps/noise_curve.py:demo --workdir=DIR
+"""Runs a sweep, from the repository root:
+
+  python -m launch.sweep --config=configs/sweeps/noise_curve.py:demo --workdir=DIR
 
 Every config value can be overridden, axes included: --config.sweep.axes.seed=0,1
 Re-running the same command skips finished cells; then `python -m softpatch_jax.report --workdir=DIR`.
 """
-
-import os
-import sys
-
-# Run as a script from anywhere: the repository root holds softpatch_jax/ and configs/.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags
 from ml_collections import config_flags

@@ -194,13 +194,9 @@ def score_local(
     Positions are sliced out of the image-major pool and transposed one chunk at a time, so no
     transposed copy of the whole pool is made.
     """
-    n, p, r = pool_NxPxR.shape
-
-    def take(start, size):
-        chunk = jax.lax.dynamic_slice(pool_NxPxR, (0, start, 0), (n, size, r))
-        return jnp.transpose(chunk, (1, 0, 2))
-
-    return ops.map_chunks(positions_fn(names, lof_k, gaussian_eps), take, p, _batch(chunk_size))
+    fn = positions_fn(names, lof_k, gaussian_eps)
+    by_position = lambda chunk_NxCxR: fn(jnp.transpose(chunk_NxCxR, (1, 0, 2)))
+    return ops.chunked_map(by_position, pool_NxPxR, _batch(chunk_size), axis=1)
 
 
 @functools.partial(jax.jit, static_argnames=("names", "lof_k", "gaussian_eps", "chunk_size"))
@@ -228,12 +224,9 @@ def score(
 
     Requires N > lof_k when "lof" is asked for (see `effective_k`).
     """
-    p, n, r = feats_PxNxR.shape
-
-    def take(start, size):
-        return jax.lax.dynamic_slice(feats_PxNxR, (start, 0, 0), (size, n, r))
-
-    return ops.map_chunks(positions_fn(names, lof_k, gaussian_eps), take, p, _batch(chunk_size))
+    return ops.chunked_map(
+        positions_fn(names, lof_k, gaussian_eps), feats_PxNxR, _batch(chunk_size)
+    )
 
 
 def effective_k(lof_k: int, num_images: int) -> int:

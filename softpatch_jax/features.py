@@ -15,7 +15,14 @@ import numpy as np
 
 from softpatch_jax import embedding, models, weights
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# embedding.store_dtype: how patch features are kept between stages (they are read in float32); the
+# backbone's compute dtype is `weights.compute_dtype`.
+STORE_DTYPES = {"float32": jnp.float32, "float16": jnp.float16, "bfloat16": jnp.bfloat16}
+# Logged by every driver that extracts with random weights (the report says it from the rows).
+RANDOM_INIT_WARNING = (
+    "WARNING: random-init backbone: these numbers come from random features and say nothing about "
+    "the method on real data."
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,17 +36,16 @@ class Extractor:
 
     @property
     def random_init(self) -> bool:
-        return self.info.get("weights") == "random-init"
+        return self.info.get("weights") == weights.RANDOM_INIT
 
 
 def build(config: ml_collections.ConfigDict) -> Extractor:
     """The extractor for config.backbone / config.embedding at config.dataset.crop."""
     bb = config.backbone
-    if bb.dtype not in DTYPES:
-        raise ValueError(f"backbone.dtype {bb.dtype!r}; valid: {sorted(DTYPES)}")
+    dtype = weights.compute_dtype(bb.dtype)
     spec = models.get_spec(bb.arch)
     layers = models.split_layers(bb.layers) or spec.feature_layers
-    module = models.build(bb.arch, layers, DTYPES[bb.dtype])
+    module = models.build(bb.arch, layers, dtype)
     variables, info = weights.resolve(bb)
     mean = jnp.asarray(spec.mean, jnp.float32).reshape(1, 1, 1, 3) * 255.0
     std = jnp.asarray(spec.std, jnp.float32).reshape(1, 1, 1, 3) * 255.0

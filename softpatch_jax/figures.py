@@ -1,6 +1,7 @@
 """Figures of results (matplotlib, Agg): AUROC curves against a swept value (journal Figures 4 and
 5: noise ratio, tau) and anomaly maps side by side (journal Figure 6: image, ground truth, then each
-method's heat map over the image). Used by `report.write_report`.
+method's heat map over the image). Used by `report.write_report`; the aggregates come from
+`results`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from softpatch_jax import report
+from softpatch_jax import results
 
 # PatchCore, then SoftPatch (the first of these found), then SoftPatch+: the journal's Figure 6.
 DEFAULT_MAP_METHODS = (
@@ -38,17 +39,14 @@ def _slug(text: str) -> str:
 def curve_points(rows: Sequence[dict], x: str, label: str, columns, metric: str):
     """xs, mean, std for one series: per seed the mean over categories, then mean/std over seeds
     (seeds missing a category at some x are left out there)."""
-    sel = [r for r in rows if report.column_label(r, columns) == label]
+    sel = [r for r in rows if results.column_label(r, columns) == label]
     xs = sorted({r[x] for r in sel})
-    stats = []
-    for v in xs:
-        at = [r for r in sel if r[x] == v]
-        cats = {r["category"] for r in at}
-        per_seed: dict[int, dict[str, float]] = {}
-        for r in at:
-            per_seed.setdefault(r["seed"], {})[r["category"]] = r[metric]
-        means = [sum(d.values()) / len(d) for d in per_seed.values() if set(d) == cats]
-        stats.append(report.seed_stats(means))
+    stats = [
+        results.seed_stats(
+            results.category_means(results.by_seed([r for r in sel if r[x] == v], metric))
+        )
+        for v in xs
+    ]
     mean = np.array([s[0] for s in stats])
     std = np.nan_to_num(np.array([s[1] for s in stats]))
     return np.array(xs, float), mean, std
@@ -60,14 +58,14 @@ def curves(rows: Sequence[dict], x: str, columns: Sequence[str], out_dir: str) -
     rows = [r for r in rows if x in r]
     if not rows:
         return []
-    split = [f for f in report.varying(rows) if f != x and f not in columns]
+    split = [f for f in results.varying(rows) if f != x and f not in columns]
     paths = []
     for key in sorted({tuple(json.dumps(r.get(f)) for f in split) for r in rows}):
         sel = [r for r in rows if tuple(json.dumps(r.get(f)) for f in split) == key]
         setting = {f: json.loads(k) for f, k in zip(split, key)}
-        labels = list(dict.fromkeys(report.column_label(r, columns) for r in sel))
-        fig, axes = plt.subplots(1, len(report.METRICS), figsize=(11, 4.2), squeeze=False)
-        for ax, metric in zip(axes[0], report.METRICS):
+        labels = list(dict.fromkeys(results.column_label(r, columns) for r in sel))
+        fig, axes = plt.subplots(1, len(results.HEADLINE), figsize=(11, 4.2), squeeze=False)
+        for ax, metric in zip(axes[0], results.HEADLINE):
             for label in labels:
                 xs, mean, std = curve_points(sel, x, label, columns, metric)
                 scale = 100.0 if x == "noise_ratio" else 1.0
@@ -76,21 +74,21 @@ def curves(rows: Sequence[dict], x: str, columns: Sequence[str], out_dir: str) -
                     xs * scale, mean - std, mean + std, alpha=0.15, color=line.get_color()
                 )
             ax.set_xlabel("noise ratio (%)" if x == "noise_ratio" else x.rsplit(".", 1)[-1])
-            ax.set_ylabel(report.METRIC_NAMES[metric])
+            ax.set_ylabel(results.METRIC_NAMES[metric])
             ax.grid(alpha=0.3)
         axes[0][-1].legend(fontsize=8, loc="best")
         seeds = len({r["seed"] for r in sel})
-        title = [f"AUROC vs {x}"] + [report.describe(k, v) for k, v in setting.items()]
+        title = [f"AUROC vs {x}"] + [results.setting_label(k, v) for k, v in setting.items()]
         cats = len({r["category"] for r in sel})
         title.append(
             f"mean over {_count(cats, 'category', 'categories')}, ± std over "
             f"{_count(seeds, 'seed', 'seeds')}"
         )
-        if report.is_random_init(sel):
-            title.append(report.RANDOM_INIT_TAG)
+        if results.is_random_init(sel):
+            title.append(results.RANDOM_INIT_TAG)
         fig.suptitle("\n".join([" | ".join(title[:-1]), title[-1]]), fontsize=9)
         fig.tight_layout()
-        name = "_".join(["auroc_vs", x, *(report.describe(k, v) for k, v in setting.items())])
+        name = "_".join(["auroc_vs", x, *(results.setting_label(k, v) for k, v in setting.items())])
         path = os.path.join(out_dir, _slug(name) + ".png")
         os.makedirs(out_dir, exist_ok=True)
         fig.savefig(path, dpi=110)
@@ -134,7 +132,7 @@ def anomaly_map_figures(
     for e in load_maps(maps_dir):
         meta = e["meta"]
         fixed = {k: v for k, v in meta.items() if "." in k or k in ("category", "seed")}
-        fixed |= {k: meta[k] for k in report.SETTING_FIELDS if k in meta}
+        fixed |= {k: meta[k] for k in results.SETTING_FIELDS if k in meta}
         settings.setdefault(json.dumps(fixed, sort_keys=True), {})[meta["method"]] = e
     usable = []
     for key, by_method in settings.items():
@@ -180,11 +178,11 @@ def _map_figure(setting: dict, entries: list[dict], methods: list[str], out_dir:
         ax.set_yticks([])
     meta = first["meta"]
     title = [setting["category"]] + [
-        report.describe(f, setting[f]) for f in report.SETTING_FIELDS if f in setting
+        results.setting_label(f, setting[f]) for f in results.SETTING_FIELDS if f in setting
     ]
     title.append(f"seed {setting.get('seed')}")
-    if meta.get("weights") == "random-init":
-        title.append(report.RANDOM_INIT_TAG)
+    if meta.get("weights") == results.RANDOM_INIT:
+        title.append(results.RANDOM_INIT_TAG)
     fig.suptitle(" | ".join(title), fontsize=8)
     fig.tight_layout()
     name = _slug("anomaly_maps_" + "_".join(str(t) for t in title[:-1] if "RANDOM" not in t))

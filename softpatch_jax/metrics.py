@@ -20,19 +20,11 @@ import numpy as np
 import scipy.ndimage
 
 from softpatch_jax.io_utils import split_list
+from softpatch_jax.results import ALL_METRICS as ALL
+from softpatch_jax.results import METRIC_NAMES as NAMES
 
-# Every metric `evaluate` can compute, with its name in logs and tables; results rows and tables
-# carry them in this order (`ALL`).
-NAMES = {
-    "image_auroc": "image AUROC",
-    "pixel_auroc": "pixel AUROC",
-    "pixel_aupro": "pixel AUPRO",
-    "pixel_ap": "pixel AP",
-    "image_ap": "image AP",
-    "image_f1_max": "image F1-max",
-    "pixel_f1_max": "pixel F1-max",
-}
-ALL = tuple(NAMES)
+# Every metric `evaluate` can compute (`NAMES`, with its name in logs and tables) is a field of the
+# results rows, so the list lives with them, in `results` (no jax there).
 AUPRO_FPR_LIMIT = 0.3
 
 

@@ -80,17 +80,23 @@ def smallest_k(x_NxM: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     return -neg, idx
 
 
-def map_chunks(fn: Callable, take: Callable, n: int, chunk_size: int):
-    """Runs `fn` over rows [0, n) of the caller's data, `chunk_size` rows at a time (lax.map), and
-    concatenates the results.
+def chunked_map(fn: Callable, xs, chunk_size: int, axis: int = 0):
+    """Applies `fn` to chunks of `chunk_size` entries along `axis` of every leaf of `xs`
+    (sequentially, via lax.map) and concatenates the results along their first axis.
 
-    `take(start, size)` returns the chunk of rows [start, start+size) (a pytree of [size, ...]); `fn`
-    maps it to a pytree of [size, ...] arrays. Every chunk has the same static size, so the last one
-    is shifted back to end at row n (overlapping the one before; its repeated rows are dropped)
-    instead of padding: no padded copy of the whole input is ever made.
+    `fn` maps a pytree of chunks (size `chunk_size` on `axis`) to a pytree of [chunk_size, ...]
+    arrays. Every chunk has the same static size, so the last one is shifted back to end at the last
+    entry (overlapping the one before; its repeated rows are dropped) instead of padding: no padded
+    copy of the whole input is ever made. A chunk is sliced where it lies, so `fn` may transpose it
+    (`axis` > 0) without a transposed copy of the whole input.
     """
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    n = jax.tree.leaves(xs)[0].shape[axis]
+
+    def take(start, size):
+        return jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, start, size, axis=axis), xs)
+
     c = min(chunk_size, n)
     num = -(-n // c)
     if num == 1:
@@ -102,20 +108,6 @@ def map_chunks(fn: Callable, take: Callable, n: int, chunk_size: int):
         return jnp.concatenate([y[:-1].reshape(-1, *y.shape[2:]), y[-1, seen:]], axis=0)
 
     return jax.tree.map(stitch, out)
-
-
-def chunked_map(fn: Callable, xs, chunk_size: int):
-    """Applies `fn` to chunks of `chunk_size` rows of every leaf of `xs` (sequentially, via lax.map)
-    and concatenates the results (see `map_chunks`: the last chunk overlaps, nothing is padded).
-
-    `fn` maps a pytree of [chunk_size, ...] arrays to a pytree of [chunk_size, ...] arrays.
-    """
-    n = jax.tree.leaves(xs)[0].shape[0]
-
-    def take(start, size):
-        return jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, start, size, axis=0), xs)
-
-    return map_chunks(fn, take, n, chunk_size)
 
 
 def nearest_rows(

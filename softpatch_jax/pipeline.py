@@ -20,7 +20,9 @@ from absl import logging
 
 from softpatch_jax import data, features, memory_bank, methods, metrics, parallel, report, scoring
 from softpatch_jax.data import noise
+from softpatch_jax.features import STORE_DTYPES
 from softpatch_jax.io_utils import atomic_open, write_csv, write_json
+from softpatch_jax.results import HEADLINE
 
 
 class Timer:
@@ -63,10 +65,6 @@ def _stable_id(text: str) -> int:
 def _load(load, records, timer, stage="decode"):
     with timer(stage):
         return load(records)
-
-
-# embedding.store_dtype: how patch features are kept between stages (they are read in float32).
-STORE_DTYPES = {"float32": jnp.float32, "float16": jnp.float16, "bfloat16": jnp.bfloat16}
 
 
 def _extract(ex, images, timer, what: str, store_dtype: str = "float32"):
@@ -185,7 +183,7 @@ def eval_metrics(config) -> tuple[str, ...]:
     """The metrics named by `eval.metrics` (a comma list, or "all"), and always image and pixel
     AUROC: the summary table and the report's curves are drawn from those two."""
     named = metrics.check_names(config.eval.get("metrics", "all"))
-    return metrics.check_names([*report.METRICS, *named])
+    return metrics.check_names([*HEADLINE, *named])
 
 
 def evaluate_banks(banks, feats_TxPxD, labels, masks, ex, config, timer):
@@ -342,7 +340,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     ex = features.build(config)
     if ex.random_init:
         logging.warning("=" * 78)
-        logging.warning(report.RANDOM_INIT_WARNING)
+        logging.warning(features.RANDOM_INIT_WARNING)
         logging.warning("=" * 78)
     meta = {
         "weights": ex.info,

@@ -1,6 +1,5 @@
-"""Result tables: the summary printed at the end of a run, and the papers' table layouts (category rows
-x method columns, a mean row, mean ± std over seeds) for runs and sweeps, as Markdown and CSV; the
-curves and anomaly-map figures are drawn by `figures.py`.
+"""The report of a run or a sweep: the summary printed at the end of a run, and tables.md /
+tables.csv (the papers' layouts, built by `results.tables`) with the figures `figures.py` draws.
 
   python -m softpatch_jax.report --workdir=DIR   # DIR holds a run's results.json or a sweep's
                                                  # results.jsonl; writes DIR/report/
@@ -8,24 +7,13 @@ curves and anomaly-map figures are drawn by `figures.py`.
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import json
-import math
 import os
 from collections.abc import Sequence
 
-from softpatch_jax import metrics as metrics_lib
+from absl import app, flags
+
+from softpatch_jax import results
 from softpatch_jax.io_utils import atomic_open, write_csv
-
-RANDOM_INIT_WARNING = (
-    "WARNING: random-init backbone: these numbers come from random features and say nothing about "
-    "the method on real data."
-)
-
-
-def _fmt(x: float) -> str:
-    return "nan" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
 
 
 def summary_table(rows: Sequence[dict]) -> str:
@@ -51,177 +39,11 @@ def summary_table(rows: Sequence[dict]) -> str:
                 else:
                     r = cell.get((cat, m))
                     im, px = (r["image_auroc"], r["pixel_auroc"]) if r else (float("nan"),) * 2
-                vals.append(f"{_fmt(im)} / {_fmt(px)}")
+                vals.append(f"{results.fmt(im)} / {results.fmt(px)}")
             lines.append(f"| {cat} | " + " | ".join(vals) + " |")
-    if any(r.get("weights") == "random-init" for r in rows):
-        lines.append("\n" + RANDOM_INIT_WARNING)
+    if results.is_random_init(rows):
+        lines.append("\n" + results.RANDOM_INIT_WARNING)
     return "\n".join(lines).lstrip("\n")
-
-
-# The headline pair (summary, curves); tables cover every metric the rows carry (`metrics_in`).
-METRICS = ("image_auroc", "pixel_auroc")
-METRIC_NAMES = metrics_lib.NAMES
-RANDOM_INIT_TAG = "RANDOM-INIT backbone: random features, not the method's real numbers"
-# Row fields that describe a setting; config paths (dotted: "softpatch.tau") are settings too.
-SETTING_FIELDS = ("noise_ratio", "overlap")
-
-
-def load(workdir: str) -> tuple[list[dict], dict]:
-    """(rows, report hints) of a sweep (results.jsonl + sweep.json) or a run (results.json)."""
-    sweep_path = os.path.join(workdir, "results.jsonl")
-    if os.path.isfile(sweep_path):
-        with open(sweep_path) as f:
-            rows = []
-            for line in f:
-                with contextlib.suppress(json.JSONDecodeError):  # a torn last line
-                    rows.append(json.loads(line))
-        hints = {}
-        meta = os.path.join(workdir, "sweep.json")
-        if os.path.isfile(meta):
-            with open(meta) as f:
-                hints = json.load(f)["config"].get("sweep", {}).get("report", {})
-        return rows, hints
-    run_path = os.path.join(workdir, "results.json")
-    if os.path.isfile(run_path):
-        with open(run_path) as f:
-            return json.load(f)["rows"], {}
-    raise FileNotFoundError(f"no results.jsonl or results.json in {workdir!r}")
-
-
-def is_random_init(rows: Sequence[dict]) -> bool:
-    return any(r.get("weights") == "random-init" for r in rows)
-
-
-def varying(rows: Sequence[dict]) -> list[str]:
-    """Setting fields (and config paths) that take more than one value among `rows`."""
-    fields = list(SETTING_FIELDS)
-    for r in rows:
-        fields += [k for k in r if "." in k and k not in fields]
-    return [f for f in fields if len({json.dumps(r.get(f)) for r in rows}) > 1]
-
-
-def describe(field: str, value) -> str:
-    if field == "noise_ratio":
-        return f"noise {value:.0%}"
-    if field == "overlap":
-        return "overlap" if value else "no-overlap"
-    return f"{field.rsplit('.', 1)[-1]}={value}"
-
-
-def column_label(row: dict, columns: Sequence[str]) -> str:
-    return " ".join(str(row[c]) if c == "method" else describe(c, row.get(c)) for c in columns)
-
-
-def seed_stats(values: Sequence[float]) -> tuple[float, float, int]:
-    """Mean and sample standard deviation (ddof=1; NaN for one value) over seeds."""
-    n = len(values)
-    if n == 0:
-        return float("nan"), float("nan"), 0
-    mean = sum(values) / n
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else float("nan")
-    return mean, std, n
-
-
-def _pm(stat: tuple[float, float, int]) -> str:
-    mean, std, n = stat
-    return _fmt(mean) if n < 2 else f"{_fmt(mean)} ± {std:.3f}"
-
-
-@dataclasses.dataclass
-class Table:
-    """One table: categories (and a mean row) x columns; cells are (mean, std, n) over seeds."""
-
-    metric: str
-    setting: dict  # the fields that are fixed within this table
-    columns: list[str]
-    cells: dict[str, list[tuple[float, float, int]]]  # row label -> one stat per column
-    random_init: bool
-
-    def title(self) -> str:
-        parts = [METRIC_NAMES.get(self.metric, self.metric)]
-        parts += [describe(k, v) for k, v in self.setting.items()]
-        seeds = max((s[2] for stats in self.cells.values() for s in stats), default=0)
-        parts.append(f"mean ± std over {seeds} seeds" if seeds > 1 else "one seed")
-        if self.random_init:
-            parts.append(RANDOM_INIT_TAG)
-        return " | ".join(parts)
-
-    def markdown(self) -> str:
-        lines = [f"### {self.title()}", "", "| category | " + " | ".join(self.columns) + " |"]
-        lines.append("|---|" + "---|" * len(self.columns))
-        lines += [f"| {k} | " + " | ".join(_pm(s) for s in v) + " |" for k, v in self.cells.items()]
-        return "\n".join(lines)
-
-    def records(self) -> list[dict]:
-        """Long format for CSV: one record per (row, column)."""
-        return [
-            {
-                **self.setting,
-                "metric": self.metric,
-                "category": k,
-                "column": col,
-                "mean": s[0],
-                "std": s[1],
-                "seeds": s[2],
-            }
-            for k, stats in self.cells.items()
-            for col, s in zip(self.columns, stats)
-        ]
-
-
-def _order(value):
-    """Sort key: numbers by value (0.0 < 0.05 < 0.1, unlike their text), None first, the rest as
-    JSON text; tuples element by element."""
-    if isinstance(value, (tuple, list)):
-        return tuple(_order(v) for v in value)
-    if value is None:
-        return (0, 0.0, "")
-    if isinstance(value, (int, float)):
-        return (1, float(value), "")
-    return (2, 0.0, json.dumps(value, sort_keys=True))
-
-
-def _sorted_keys(values) -> list:
-    return sorted(values, key=_order)
-
-
-def metrics_in(rows: Sequence[dict]) -> list[str]:
-    """The metrics every row carries, in `metrics.ALL` order (older results have only AUROCs)."""
-    return [m for m in metrics_lib.ALL if rows and all(m in r for r in rows)]
-
-
-def tables(
-    rows: Sequence[dict], columns: Sequence[str] = ("method",), metrics: Sequence[str] = METRICS
-) -> list[Table]:
-    """The papers' layout: one table per metric and per setting of the fields that vary but are
-    not columns; rows are categories then "mean" (per seed the mean over categories, then mean ±
-    std over the seeds that have every category); cells are mean ± std over seeds."""
-    split = [f for f in varying(rows) if f not in columns]
-    out = []
-    for key in _sorted_keys({tuple(r.get(f) for f in split) for r in rows}):
-        sel = [r for r in rows if tuple(r.get(f) for f in split) == key]
-        cols = list(dict.fromkeys(column_label(r, columns) for r in sel))
-        cats = list(dict.fromkeys(r["category"] for r in sel))
-        for metric in metrics:
-            by_seed: dict[tuple, dict] = {}
-            for r in sel:  # a later row of the same cell wins (re-runs append)
-                cell = by_seed.setdefault((r["category"], column_label(r, columns)), {})
-                cell[r["seed"]] = r[metric]
-            cells = {
-                c: [seed_stats(list(by_seed.get((c, col), {}).values())) for col in cols]
-                for c in cats
-            }
-            mean_row = []
-            for col in cols:
-                per_cat = [by_seed.get((c, col), {}) for c in cats]
-                seeds = set.intersection(*(set(d) for d in per_cat)) if per_cat else set()
-                mean_row.append(
-                    seed_stats([sum(d[s] for d in per_cat) / len(cats) for s in sorted(seeds)])
-                )
-            cells["mean"] = mean_row
-            setting = dict(zip(split, key))
-            out.append(Table(metric, setting, cols, cells, is_random_init(sel)))
-    return out
 
 
 def write_report(
@@ -243,24 +65,26 @@ def write_report(
     """
     from softpatch_jax import figures  # matplotlib only when figures are drawn
 
-    rows, hints = load(workdir)
+    rows, hints = results.load(workdir)
     out_dir = out_dir or os.path.join(workdir, "report")
     if columns is None:
         columns = [c for c in str(hints.get("columns", "")).split(",") if c.strip()]
     cols = ["method", *[c for c in columns if c != "method"]]
     if len({r["method"] for r in rows}) == 1 and len(cols) > 1:
         cols.remove("method")  # one method: the column label is the swept field alone
-    built = tables(rows, cols, metrics_in(rows))
+    built = results.tables(rows, cols, results.metrics_in(rows))
     md = "\n\n".join(t.markdown() for t in built) + "\n"
-    if is_random_init(rows):
-        md = f"**{RANDOM_INIT_WARNING}**\n\n{md}"
+    if results.is_random_init(rows):
+        md = f"**{results.RANDOM_INIT_WARNING}**\n\n{md}"
     written = {"tables": [os.path.join(out_dir, "tables.md"), os.path.join(out_dir, "tables.csv")]}
     with atomic_open(written["tables"][0]) as f:
         f.write(md)
     write_csv(written["tables"][1], [rec for t in built for rec in t.records()])
     if curves is None:
         curves = [c for c in str(hints.get("curves", "")).split(",") if c.strip()]
-        curves = curves or [x for x in ("noise_ratio", "softpatch.tau") if x in varying(rows)]
+        curves = curves or [
+            x for x in ("noise_ratio", "softpatch.tau") if x in results.varying(rows)
+        ]
     written["figures"] = []
     for x in curves:
         written["figures"] += figures.curves(rows, x, cols, out_dir)
@@ -270,33 +94,37 @@ def write_report(
     return written
 
 
-def main(argv=None) -> None:
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        description="Tables and figures of a run's or a sweep's results."
+def _define_flags() -> None:
+    flags.DEFINE_string(
+        "workdir", None, "Folder of a run's results.json or a sweep's results.jsonl."
     )
-    parser.add_argument("--workdir", required=True)
-    parser.add_argument("--out", default=None, help="default: WORKDIR/report")
-    parser.add_argument("--columns", default=None, help="comma list of row fields; default: hint")
-    parser.add_argument("--curves", default=None, help="comma list of x fields; default: hint")
-    parser.add_argument("--maps_methods", default=None, help="methods in the anomaly-map figure")
-    args = parser.parse_args(argv)
-    split = lambda s: None if s is None else [x for x in s.split(",") if x.strip()]
+    flags.DEFINE_string("out", None, "Output folder (default: WORKDIR/report).")
+    flags.DEFINE_string("columns", None, "Comma list of row fields; default: the sweep's hint.")
+    flags.DEFINE_string("curves", None, "Comma list of x fields; default: the sweep's hint.")
+    flags.DEFINE_string("maps_methods", None, "Methods in the anomaly-map figure.")
+    flags.mark_flag_as_required("workdir")
+
+
+def main(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    f = flags.FLAGS
+    listed = lambda s: None if s is None else [x for x in s.split(",") if x.strip()]
     try:
-        rows, _ = load(args.workdir)
+        rows, _ = results.load(f.workdir)
     except FileNotFoundError as e:
         raise SystemExit(str(e)) from None
-    if not os.path.isfile(os.path.join(args.workdir, "results.jsonl")):
+    if not os.path.isfile(os.path.join(f.workdir, "results.jsonl")):
         print(summary_table(rows))  # a run: its summary, as before
     written = write_report(
-        args.workdir, args.out, split(args.columns), split(args.curves), split(args.maps_methods)
+        f.workdir, f.out, listed(f.columns), listed(f.curves), listed(f.maps_methods)
     )
-    with open(written["tables"][0]) as f:
-        print(f.read())
+    with open(written["tables"][0]) as fh:
+        print(fh.read())
     for path in written["tables"] + written["figures"]:
         print("wrote", path)
 
 
 if __name__ == "__main__":
-    main()
+    _define_flags()  # here, not at import: `pipeline` imports this module beside main's flags
+    app.run(main)

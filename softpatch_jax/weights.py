@@ -15,13 +15,11 @@ Convert once, offline:
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import importlib
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 import urllib.request
@@ -32,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import logging
+from absl import app, flags, logging
 
 from softpatch_jax import models
 from softpatch_jax.models import resnet, torch_pickle
@@ -50,6 +48,9 @@ DOWNLOADS: dict[str, tuple[str, ...]] = {
     "wide_resnet101_2": (_HF.format("wide_resnet101_2"), _TV.format("wide_resnet101_2-32ee1156")),
 }
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# The source name of randomly initialised variables: `resolve`'s info["weights"], and so the
+# "weights" field of results rows (`results.RANDOM_INIT`).
+RANDOM_INIT = "random-init"
 
 
 def compute_dtype(name: str) -> jnp.dtype:
@@ -307,32 +308,40 @@ def resolve(backbone_cfg: ml_collections.ConfigDict, seed: int = 0) -> tuple[dic
         "!" * 80,
     )
     module = models.build(arch, _layers(backbone_cfg, arch))
-    return done(random_variables(module, seed), "random-init")
+    return done(random_variables(module, seed), RANDOM_INIT)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m softpatch_jax.weights", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    conv = sub.add_parser("convert", help="convert a weights file into the orbax cache")
-    conv.add_argument("--source", required=True, help=".pth / .safetensors weights file")
-    conv.add_argument("--arch", required=True, help=f"one of {sorted(models.ARCHS)}")
-    conv.add_argument("--cache_dir", default="", help=f"cache root (default {DEFAULT_CACHE_ROOT})")
-    args = parser.parse_args(argv)
+def convert_file(source: str, arch: str, cache_dir: str = "") -> str:
+    """Converts a weights file into the cache under `cache_dir`; returns what the command prints."""
     start = time.perf_counter()
-    variables = convert(args.arch, read_state_dict(args.source))
+    variables = convert(arch, read_state_dict(source))
     info = {
-        "arch": args.arch,
-        "weights": f"converted:{os.path.abspath(args.source)}",
+        "arch": arch,
+        "weights": f"converted:{os.path.abspath(source)}",
         "sha256": variables_sha256(variables),
     }
-    entry = save_cache(variables, os.path.join(cache_root(args.cache_dir), args.arch), info)
+    entry = save_cache(variables, os.path.join(cache_root(cache_dir), arch), info)
     count = sum(np.size(leaf) for leaf in jax.tree.leaves(variables))
-    print(
+    return (
         f"wrote {entry} ({count:,} values, sha256 {info['sha256']}) in "
         f"{time.perf_counter() - start:.1f} s"
     )
-    return 0
+
+
+def _define_flags() -> None:
+    flags.DEFINE_string("source", None, ".pth / .safetensors weights file")
+    flags.DEFINE_string("arch", None, f"one of {sorted(models.ARCHS)}")
+    flags.DEFINE_string("cache_dir", "", f"cache root (default {DEFAULT_CACHE_ROOT})")
+    flags.mark_flags_as_required(["source", "arch"])
+
+
+def main(argv: Sequence[str]) -> None:
+    if list(argv[1:]) != ["convert"]:
+        raise app.UsageError(f"expected the command `convert`, got {argv[1:]}")
+    f = flags.FLAGS
+    print(convert_file(f.source, f.arch, f.cache_dir))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    _define_flags()  # here, not at import: the library imports this module beside other flags
+    app.run(main)

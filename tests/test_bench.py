@@ -1,4 +1,4 @@
-"""A tiny smoke run of launch/bench.py (every stage, the reference loops, 2 host devices): it must
+"""A tiny smoke run of launch/bench/ (every stage, the reference loops, 2 host devices): it must
 finish and write a report whose figures hang together. Timings themselves are not asserted."""
 
 import json
@@ -91,7 +91,7 @@ def test_reference_lof_runs_the_authors_method_without_importing_their_module(tm
 
     import numpy as np
 
-    from launch import bench
+    from launch.bench import reference
     from softpatch_jax import memory_bank
 
     (tmp_path / "src").mkdir()
@@ -99,7 +99,7 @@ def test_reference_lof_runs_the_authors_method_without_importing_their_module(tm
     pool = np.random.default_rng(0).standard_normal((15, 6, 4)).astype(np.float32)  # [N, P, R]
     ours = np.asarray(memory_bank.discriminator_scores(pool, ("lof",), 5, 0.01)["lof"])
     args = argparse.Namespace(reference_path=str(tmp_path), reference_positions=0, lof_k=5)
-    res = bench.reference_lof(args, pool, ours)
+    res = reference.lof(args, pool, ours)
     assert res["impl"].startswith("authors' SoftPatch._compute_lof")
     assert res["positions_run"] == 6 and not res["scaled_from_subset"]
     assert res["lof_max_rel_diff_vs_ours"] < 1e-4
@@ -109,4 +109,4 @@ def test_reference_lof_runs_the_authors_method_without_importing_their_module(tm
 
     (tmp_path / "src" / "softpatch.py").write_text("class SoftPatch:\n    pass\n")
     with pytest.raises(ValueError, match=r"softpatch\.py: no method SoftPatch\._compute_lof"):
-        bench.reference_lof(args, pool, ours)
+        reference.lof(args, pool, ours)

@@ -1,14 +1,17 @@
-"""Report tables against hand-computed means and standard deviations; figures written as PNGs."""
+"""Result tables against hand-computed means and standard deviations; figures written as PNGs; the
+report command on a run."""
 
 import csv
 import json
 import os
+import subprocess
+import sys
 
 import matplotlib.image
 import numpy as np
 import pytest
 
-from softpatch_jax import pipeline, report
+from softpatch_jax import pipeline, report, results, weights
 from softpatch_jax.data.records import Record
 
 # (category, method, seed) -> (image AUROC, pixel AUROC), at noise 10%.
@@ -50,7 +53,7 @@ def cell_text(values):
 
 def test_tables_match_hand_computed_means_and_stds():
     rows = make_rows() + make_rows(ratio=0.2)
-    built = report.tables(rows)
+    built = results.tables(rows)
     assert [(t.metric, t.setting) for t in built] == [
         ("image_auroc", {"noise_ratio": 0.1}),
         ("pixel_auroc", {"noise_ratio": 0.1}),
@@ -74,16 +77,16 @@ def test_tables_match_hand_computed_means_and_stds():
 
 
 def test_every_title_says_random_init_and_real_results_do_not():
-    for t in report.tables(make_rows()):
-        assert report.RANDOM_INIT_TAG in t.title()
-    for t in report.tables(make_rows(weights="/w/wrn50.safetensors")):
+    for t in results.tables(make_rows()):
+        assert results.RANDOM_INIT_TAG in t.title()
+    for t in results.tables(make_rows(weights="/w/wrn50.safetensors")):
         assert "RANDOM" not in t.title()
 
 
 def test_a_swept_field_can_name_the_columns():
     rows = [{**r, "softpatch.lof_k": k} for k in (4, 6) for r in make_rows()]
     rows = [r for r in rows if r["method"] == "softpatch_lof"]
-    (image, _) = report.tables(rows, columns=["softpatch.lof_k"])
+    (image, _) = results.tables(rows, columns=["softpatch.lof_k"])
     assert image.columns == ["lof_k=4", "lof_k=6"] and image.setting == {}
 
 
@@ -91,7 +94,7 @@ def test_settings_are_ordered_by_value_not_by_text():
     # As text "[0.05]" sorts before "[0.0]" and "[0.25]" before "[0.2]".
     taus = (0.5, 0.05, 0.25, 0.0, 0.2, 0.1)
     rows = [{**r, "softpatch.tau": t} for t in taus for r in make_rows()]
-    image_tables = [t for t in report.tables(rows) if t.metric == "image_auroc"]
+    image_tables = [t for t in results.tables(rows) if t.metric == "image_auroc"]
     assert [t.setting["softpatch.tau"] for t in image_tables] == sorted(taus)
 
 
@@ -147,20 +150,23 @@ def test_write_report_tables_curves_and_anomaly_maps(tmp_path):
     for path in written["figures"]:
         _check_png(path)
     md = open(written["tables"][0]).read()
-    assert md.startswith(f"**{report.RANDOM_INIT_WARNING}**")
+    assert md.startswith(f"**{results.RANDOM_INIT_WARNING}**")
     assert md.count("### ") == 2 * 3 * 2  # metrics x ratios x taus
     with open(written["tables"][1]) as f:
         records = list(csv.DictReader(f))
     assert len(records) == 12 * 3 * 2  # tables x rows (a, b, mean) x columns
 
 
-def test_report_command_on_a_run(tmp_path, capsys):
+def test_report_command_on_a_run(tmp_path):
     work = tmp_path / "run"
     work.mkdir()
     rows = make_rows(weights="random-init")
     (work / "results.json").write_text(json.dumps({"rows": rows}))
-    report.main(["--workdir", str(work)])
-    out = capsys.readouterr().out
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "-m", "softpatch_jax.report", "--workdir", str(work)]
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = proc.stdout
     assert report.summary_table(rows) in out  # the run's summary, unchanged
     assert (work / "report" / "tables.md").stat().st_size > 0
     assert not list((work / "report").glob("*.png"))  # one ratio: no curve to draw
@@ -168,14 +174,25 @@ def test_report_command_on_a_run(tmp_path, capsys):
 
 def test_tables_cover_every_metric_all_rows_carry():
     rows = make_rows()
-    assert report.metrics_in(rows) == ["image_auroc", "pixel_auroc"]  # results from before AUPRO
+    assert results.metrics_in(rows) == ["image_auroc", "pixel_auroc"]  # results from before AUPRO
     for i, r in enumerate(rows):
         r["pixel_aupro"] = 0.5 + 0.1 * i
         r["image_ap"] = 0.9
-    assert report.metrics_in(rows) == ["image_auroc", "pixel_auroc", "pixel_aupro", "image_ap"]
+    assert results.metrics_in(rows) == ["image_auroc", "pixel_auroc", "pixel_aupro", "image_ap"]
     del rows[0]["image_ap"]  # a metric that some rows lack gets no table
-    built = report.tables(rows, metrics=report.metrics_in(rows))
+    built = results.tables(rows, metrics=results.metrics_in(rows))
     assert [t.metric for t in built] == ["image_auroc", "pixel_auroc", "pixel_aupro"]
     aupro = built[2]
     assert aupro.title().startswith("pixel AUPRO")
     assert aupro.markdown().count("| a | 0.550 ± 0.071") == 1  # rows 0 and 1: 0.5, 0.6 over seeds
+
+
+def test_results_need_neither_jax_nor_matplotlib_and_agree_with_weights_on_the_mark():
+    code = "import sys, softpatch_jax.results, softpatch_jax.report; " + (
+        "print(sorted(m for m in ('jax', 'matplotlib') if m in sys.modules))"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+    assert results.RANDOM_INIT == weights.RANDOM_INIT  # rows carry what weights.resolve writes

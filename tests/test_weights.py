@@ -3,6 +3,8 @@
 import logging
 import os
 import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -168,19 +170,21 @@ def test_resolve_downloads_converts_and_caches(files, tmp_path, monkeypatch):
         weights.resolve(_cfg(tmp_path / "other_cache"))
 
 
-def test_convert_cli_writes_the_cache(files, tmp_path, capsys):
-    assert (
-        weights.main(
-            [
-                "convert",
-                f"--source={files / 'r18.pth'}",
-                "--arch=resnet18",
-                f"--cache_dir={tmp_path}",
-            ]
-        )
-        == 0
-    )
-    assert f"wrote {tmp_path / 'resnet18'}" in capsys.readouterr().out
+def test_convert_cli_writes_the_cache(files, tmp_path):
+    cmd = [
+        sys.executable,
+        "-m",
+        "softpatch_jax.weights",
+        "convert",
+        f"--source={files / 'r18.pth'}",
+        "--arch=resnet18",
+        f"--cache_dir={tmp_path}",
+    ]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert f"wrote {tmp_path / 'resnet18'}" in proc.stdout
     loaded, info = weights.load_cache(str(tmp_path / "resnet18"))
     _assert_trees_equal(loaded, weights.convert("resnet18", _state_np(_resnet18_state(0))))
     assert info["sha256"] == weights.variables_sha256(loaded)

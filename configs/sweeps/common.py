@@ -21,7 +21,8 @@ DATASETS = ("demo", "mvtec", "visa")
 
 
 def run_config(dataset: str) -> ml_collections.ConfigDict:
-    """The run config of `dataset` (demo: the built-in synthetic data, random-init backbone)."""
+    """The run config of `dataset` (demo: the built-in synthetic data on efficientnet_lite0 with its
+    ImageNet weights, as configs/demo.py)."""
     if dataset == "demo":
         c = demo.get_config()
     elif dataset == "mvtec":

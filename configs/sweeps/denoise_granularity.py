@@ -2,7 +2,7 @@
 by their max LOF score, then PatchCore) against SoftPatch's patch-level denoising, at 10% noise in
 both modes (VisA no-overlap: 8%, its maximum); 3 seeds.
 
-  python launch/sweep.py --config=configs/sweeps/denoise_granularity.py:demo --workdir=/tmp/sw_gran
+  python -m launch.sweep --config=configs/sweeps/denoise_granularity.py:demo --workdir=/tmp/sw_gran
   python -m softpatch_jax.report --workdir=/tmp/sw_gran
 """
 

@@ -2,7 +2,7 @@
 the fused removal score, ranks over all patches and per position (METHOD.md section 4 asks for
 both), at 10% overlap noise; 3 seeds. Columns of the table: the subset.
 
-  python launch/sweep.py --config=configs/sweeps/discriminators.py:demo --workdir=/tmp/sw_disc
+  python -m launch.sweep --config=configs/sweeps/discriminators.py:demo --workdir=/tmp/sw_disc
   python -m softpatch_jax.report --workdir=/tmp/sw_disc
 The soft weight stays SoftPatch+'s default (raw LOF), so only the removal changes between columns;
 add `common.axis(c, "softpatch.soft_weight", ("lof", "fused"))` to ablate it too. All subsets share

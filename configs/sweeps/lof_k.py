@@ -1,7 +1,7 @@
 """Journal Table 8: SoftPatch-LOF and SoftPatch+ against LOF's neighbourhood size k, at 10% noise
 (no-overlap; VisA 8%, its maximum); 3 seeds. Columns of the table: k.
 
-  python launch/sweep.py --config=configs/sweeps/lof_k.py:demo --workdir=/tmp/sw_lofk
+  python -m launch.sweep --config=configs/sweeps/lof_k.py:demo --workdir=/tmp/sw_lofk
   python -m softpatch_jax.report --workdir=/tmp/sw_lofk
 Each k is one LOF run per noisy set (cached); the Gaussian scores SoftPatch+ also needs are shared.
 k is capped at N-1 training images, as scikit-learn does.

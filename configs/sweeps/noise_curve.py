@@ -1,7 +1,7 @@
 """Journal Figure 4: image and pixel AUROC against the noise ratio, overlap mode, for PatchCore,
 SoftPatch with each discriminator, and SoftPatch+; 3 seeds.
 
-  python launch/sweep.py --config=configs/sweeps/noise_curve.py:demo --workdir=/tmp/sw_noise
+  python -m launch.sweep --config=configs/sweeps/noise_curve.py:demo --workdir=/tmp/sw_noise
   python -m softpatch_jax.report --workdir=/tmp/sw_noise
 MVTec / VisA: `:mvtec` / `:visa` and --config.dataset.root=PATH. Cells: categories x 10 ratios x
 5 methods x 3 seeds (ratio 0 is one noisy set for all seeds, so features: 1 + 9 x 3 per category).

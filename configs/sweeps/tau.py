@@ -1,7 +1,7 @@
 """Journal Figure 5: AUROC against the removal threshold tau (SoftPatch's tau; SoftPatch+'s tau_cls,
 its tau_seg held at 0.5), at 10% overlap noise; PatchCore as the flat reference; 3 seeds.
 
-  python launch/sweep.py --config=configs/sweeps/tau.py:demo --workdir=/tmp/sw_tau
+  python -m launch.sweep --config=configs/sweeps/tau.py:demo --workdir=/tmp/sw_tau
   python -m softpatch_jax.report --workdir=/tmp/sw_tau
 Every tau shares one noisy set's features and discriminator scores; with sweep.vmap the taus' coresets
 (equal size while tau <= 1 - coreset.ratio) run as one vmapped loop.

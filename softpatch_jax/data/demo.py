@@ -18,6 +18,7 @@ import shutil
 import tempfile
 
 import numpy as np
+from absl import app, flags
 from PIL import Image
 from scipy import ndimage
 
@@ -287,17 +288,20 @@ def ensure(root: str | None = None, spec: DemoSpec = DemoSpec()) -> str:
     return root
 
 
-def main(argv=None) -> None:
-    import argparse
+def _define_flags() -> None:
+    flags.DEFINE_string("out", None, "target folder (default: the cache)")
+    flags.DEFINE_integer("size", DemoSpec.size, "image size")
+    flags.DEFINE_integer("seed", DemoSpec.seed, "generator seed")
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default=None, help="target folder (default: the cache)")
-    parser.add_argument("--size", type=int, default=DemoSpec.size)
-    parser.add_argument("--seed", type=int, default=DemoSpec.seed)
-    args = parser.parse_args(argv)
-    spec = DemoSpec(size=args.size, seed=args.seed)
-    print(write(args.out or default_root(spec), spec))
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    f = flags.FLAGS
+    spec = DemoSpec(size=f.size, seed=f.seed)
+    print(write(f.out or default_root(spec), spec))
 
 
 if __name__ == "__main__":
-    main()
+    _define_flags()  # here, not at import: data readers import this module beside other flags
+    app.run(main)

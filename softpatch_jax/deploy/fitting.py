@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from softpatch_jax import coreset, discriminators, features, memory_bank, methods, report
+from softpatch_jax import coreset, discriminators, features, memory_bank, methods
 from softpatch_jax.data import folder, images
 from softpatch_jax.deploy import audit as audit_lib
 from softpatch_jax.deploy import model as model_lib
@@ -110,7 +110,7 @@ def fit(
             f"extractor takes {ex.image_size} images, config crop is {config.dataset.crop}"
         )
     if ex.random_init:
-        logging.warning(report.RANDOM_INIT_WARNING)
+        logging.warning(features.RANDOM_INIT_WARNING)
     feats_np, kept, bad = extract_all(ex, listing, config, opts)
     n, p, d = feats_np.shape
     feats = jnp.asarray(feats_np)

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from softpatch_jax import features, io_utils, report, scoring
+from softpatch_jax import features, io_utils, scoring
 from softpatch_jax.data import folder, images
 from softpatch_jax.deploy import fitting, render
 from softpatch_jax.deploy import model as model_lib
@@ -53,7 +53,7 @@ def build_extractor(
     for note in model_lib.check_compatible(model, ex, strict_version=strict_version):
         logging.info("model vs install (tolerated): %s", note)
     if ex.random_init:
-        logging.warning(report.RANDOM_INIT_WARNING)
+        logging.warning(features.RANDOM_INIT_WARNING)
     return ex
 
 

@@ -10,16 +10,14 @@ half is detected, deleted and recomputed rather than reused.
 from __future__ import annotations
 
 import collections
-import hashlib
-import json
 import os
 import zipfile
 from collections.abc import Callable, Sequence
 
-import jax
 import numpy as np
 from absl import logging
 
+from softpatch_jax import weights
 from softpatch_jax.data.noise import NoiseSpec
 from softpatch_jax.data.records import Record
 from softpatch_jax.io_utils import atomic_open
@@ -88,14 +86,10 @@ class Cache:
 
 
 def weights_id(info: dict, variables) -> str:
-    """Identity of the backbone's weights: their provenance and a hash of every parameter's bytes
-    (a converted file re-downloaded or a different random init changes it)."""
-    h = hashlib.sha256(json.dumps(info, sort_keys=True, default=str).encode())
-    for path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]:
-        arr = np.asarray(leaf)
-        h.update(f"{jax.tree_util.keystr(path)}:{arr.dtype}:{arr.shape}".encode())
-        h.update(np.ascontiguousarray(arr).tobytes())
-    return h.hexdigest()[:16]
+    """Identity of the backbone's weights: their provenance and the hash of every parameter's bytes
+    (`weights.variables_sha256`: a converted file re-downloaded or a different random init changes
+    it)."""
+    return digest({"info": info, "variables_sha256": weights.variables_sha256(variables)})
 
 
 def _files(records: Sequence[Record], base: str) -> list:

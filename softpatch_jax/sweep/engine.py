@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from softpatch_jax import data, discriminators, features, metrics, pipeline, report
+from softpatch_jax import data, discriminators, features, metrics, pipeline
 from softpatch_jax.io_utils import write_json
 from softpatch_jax.sweep import cache, grid, jsonl, stages
 
@@ -60,7 +60,7 @@ class _Context:
         if key not in self.extractors:
             ex = features.build(cfg)
             if ex.random_init:
-                logging.warning(report.RANDOM_INIT_WARNING)
+                logging.warning(features.RANDOM_INIT_WARNING)
             self.extractors[key] = (ex, cache.weights_id(ex.info, ex.variables))
         return self.extractors[key]
 
