@@ -29,15 +29,21 @@ def _fmt(x: float) -> str:
 
 
 def summary_table(rows: Sequence[dict]) -> str:
-    """Markdown: one table per (noise ratio, mode); rows = categories + mean; cells = image/pixel."""
+    """Markdown: one table per (noise ratio, mode); rows = categories + mean; cells = image/pixel
+    AUROC, with the sample AUROC between them where every row has one (view datasets such as
+    Real-IAD); then, where any training set held anomalies, their count and fraction per category.
+    """
     lines = []
     settings = sorted({(r["noise_ratio"], r["overlap"]) for r in rows})
     methods = list(dict.fromkeys(r["method"] for r in rows))
+    shown = ["image_auroc", "pixel_auroc"]
+    if rows and all("sample_auroc" in r for r in rows):
+        shown.insert(1, "sample_auroc")
     for ratio, overlap in settings:
         sel = [r for r in rows if (r["noise_ratio"], r["overlap"]) == (ratio, overlap)]
         cats = list(dict.fromkeys(r["category"] for r in sel))
         mode = "overlap" if overlap else "no-overlap"
-        lines.append(f"\nnoise {ratio:.0%} ({mode}), image AUROC / pixel AUROC")
+        lines.append(f"\nnoise {ratio:.0%} ({mode}), " + " / ".join(METRIC_NAMES[m] for m in shown))
         lines.append("| category | " + " | ".join(methods) + " |")
         lines.append("|---|" + "---|" * len(methods))
         cell = {(r["category"], r["method"]): r for r in sel}
@@ -46,13 +52,22 @@ def summary_table(rows: Sequence[dict]) -> str:
             for m in methods:
                 if cat == "mean":
                     rs = [cell[(c, m)] for c in cats if (c, m) in cell]
-                    im = sum(r["image_auroc"] for r in rs) / max(len(rs), 1)
-                    px = sum(r["pixel_auroc"] for r in rs) / max(len(rs), 1)
+                    got = [sum(r[k] for r in rs) / max(len(rs), 1) for k in shown]
                 else:
                     r = cell.get((cat, m))
-                    im, px = (r["image_auroc"], r["pixel_auroc"]) if r else (float("nan"),) * 2
-                vals.append(f"{_fmt(im)} / {_fmt(px)}")
+                    got = [r[k] for k in shown] if r else [float("nan")] * len(shown)
+                vals.append(" / ".join(_fmt(v) for v in got))
             lines.append(f"| {cat} | " + " | ".join(vals) + " |")
+        noisy = {r["category"]: r for r in sel if r.get("train_anomalous")}
+        if noisy:
+            lines.append(
+                "\nanomalous training images: "
+                + ", ".join(
+                    f"{c} {r['train_anomalous']}/{r['num_train']} "
+                    f"({r['train_anomalous'] / r['num_train']:.1%})"
+                    for c, r in noisy.items()
+                )
+            )
     if any(r.get("weights") == "random-init" for r in rows):
         lines.append("\n" + RANDOM_INIT_WARNING)
     return "\n".join(lines).lstrip("\n")
