@@ -43,7 +43,11 @@ def summary_table(rows: Sequence[dict]) -> str:
         sel = [r for r in rows if (r["noise_ratio"], r["overlap"]) == (ratio, overlap)]
         cats = list(dict.fromkeys(r["category"] for r in sel))
         mode = "overlap" if overlap else "no-overlap"
-        lines.append(f"\nnoise {ratio:.0%} ({mode}), " + " / ".join(METRIC_NAMES[m] for m in shown))
+        split = ", ".join(
+            dict.fromkeys(str(r["dataset.split"]) for r in sel if "dataset.split" in r)
+        )
+        head = (f"split {split}, " if split else "") + f"noise {ratio:.0%} ({mode}), "
+        lines.append("\n" + head + " / ".join(METRIC_NAMES[m] for m in shown))
         lines.append("| category | " + " | ".join(methods) + " |")
         lines.append("|---|" + "---|" * len(methods))
         cell = {(r["category"], r["method"]): r for r in sel}
