@@ -79,7 +79,10 @@ def summary_table(rows: Sequence[dict]) -> str:
 
 # The headline pair (summary, curves); tables cover every metric the rows carry (`metrics_in`).
 METRICS = ("image_auroc", "pixel_auroc")
-METRIC_NAMES = metrics_lib.NAMES
+# The training set's measured anomalous fraction (pipeline.result_row): a table of its own where
+# any training set held anomalies, e.g. across Real-IAD's FUIAD splits.
+NOISE_FIELD = "train_anomalous_fraction"
+METRIC_NAMES = {**metrics_lib.NAMES, NOISE_FIELD: "anomalous fraction of the training set"}
 RANDOM_INIT_TAG = "RANDOM-INIT backbone: random features, not the method's real numbers"
 # Row fields that describe a setting; config paths (dotted: "softpatch.tau") are settings too.
 SETTING_FIELDS = ("noise_ratio", "overlap")
@@ -269,7 +272,10 @@ def write_report(
     cols = ["method", *[c for c in columns if c != "method"]]
     if len({r["method"] for r in rows}) == 1 and len(cols) > 1:
         cols.remove("method")  # one method: the column label is the swept field alone
-    built = tables(rows, cols, metrics_in(rows))
+    shown = metrics_in(rows)
+    if any(r.get("train_anomalous") for r in rows) and all(NOISE_FIELD in r for r in rows):
+        shown.append(NOISE_FIELD)  # the true noise ratio beside the metrics it explains
+    built = tables(rows, cols, shown)
     md = "\n\n".join(t.markdown() for t in built) + "\n"
     if is_random_init(rows):
         md = f"**{RANDOM_INIT_WARNING}**\n\n{md}"
