@@ -127,8 +127,9 @@ def lists(samples: dict, spec: Spec) -> dict[str, tuple[list, list]]:
     return out
 
 
-def write(out: str, spec: Spec = Spec(), seed: int = 0) -> str:
+def write(out: str, spec: Spec | None = None, seed: int = 0) -> str:
     """Writes the tree under `out` (images, masks, JSON files of every split); returns `out`."""
+    spec = spec or Spec()
     rng = np.random.default_rng(seed)
     for category in spec.categories:
         samples = _write_category(out, category, spec, rng)
@@ -147,18 +148,23 @@ def write(out: str, spec: Spec = Spec(), seed: int = 0) -> str:
     return out
 
 
-_OUT = flags.DEFINE_string("out", None, "Folder to write the tree into (the dataset root).")
-_NESTED = flags.DEFINE_bool("nested", False, "Split folders inside realiad_jsons/.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the synthetic images.")
-
-
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    root = write(_OUT.value, Spec(nested=_NESTED.value), _SEED.value)
+    f = flags.FLAGS
+    root = write(f.out, Spec(nested=f.nested), f.seed)
     print(f"wrote a miniature Real-IAD tree to {root}; run it with --config.dataset.root={root}")
 
 
-if __name__ == "__main__":
+def define_flags() -> None:
+    """The CLI's flags, defined only when run as a program: importing this module (the tests do)
+    must not claim flag names such as --out that other entry points define."""
+    flags.DEFINE_string("out", None, "Folder to write the tree into (the dataset root).")
+    flags.DEFINE_bool("nested", False, "Split folders inside realiad_jsons/.")
+    flags.DEFINE_integer("seed", 0, "Seed of the synthetic images.")
     flags.mark_flag_as_required("out")
+
+
+if __name__ == "__main__":
+    define_flags()
     app.run(main)
