@@ -92,8 +92,9 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.eval = ml_collections.ConfigDict()
     # Metrics of every results row: "all" (image/pixel AUROC, pixel AUPRO, pixel/image AP,
-    # image/pixel F1-max: softpatch_jax/metrics.py) or a comma list of them; image and pixel AUROC
-    # are computed whatever the list says.
+    # image/pixel F1-max, and sample AUROC/AP where file names carry views, as Real-IAD's:
+    # softpatch_jax/metrics.py) or a comma list of them; image and pixel AUROC are computed
+    # whatever the list says.
     c.eval.metrics = "all"
     # Anomaly maps saved to maps/*.npz for the report's figures: this many test images per category
     # (one good, the rest spread over the defects), plus the images named in map_images, a comma

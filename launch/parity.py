@@ -31,7 +31,6 @@ How the inputs are made identical (their code draws both with hidden global stat
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -92,9 +91,9 @@ def load_reference(path: str):
         )
     sys.path.insert(0, src)
     sys.modules.setdefault("backbones", types.ModuleType("backbones"))
-    import common  # noqa: PLC0415  (the authors' modules, importable only after the path edit)
-    import sampler  # noqa: PLC0415
-    import softpatch  # noqa: PLC0415
+    import common
+    import sampler
+    import softpatch
 
     return softpatch, sampler, common
 
@@ -121,7 +120,7 @@ def reference_run(
     """Fit and predict with the authors' code on given features: bank indices, image scores [T],
     maps [T, H, W]."""
     softpatch, sampler, common = ref
-    import torch  # noqa: PLC0415  (optional oracle dependency)
+    import torch
 
     dtype = {"float32": torch.float32, "float64": torch.float64}[precision]
     np_dtype = np.float32 if precision == "float32" else np.float64
@@ -190,8 +189,8 @@ def reference_run(
 
 
 def compare(ours: dict, theirs: dict, labels, masks) -> dict:
-    from scipy.stats import spearmanr  # noqa: PLC0415
-    from sklearn.metrics import roc_auc_score  # noqa: PLC0415
+    from scipy.stats import spearmanr
+    from sklearn.metrics import roc_auc_score
 
     a, b = set(ours["idx"].tolist()), set(theirs["idx"].tolist())
     rel = np.abs(ours["scores"] - theirs["scores"]) / np.maximum(np.abs(theirs["scores"]), 1e-12)
@@ -322,7 +321,10 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         groups.setdefault((r["noise_ratio"], r["overlap"], r["method"]), []).append(r)
     for (ratio, overlap, method), rs in groups.items():
-        mean = lambda k: float(np.mean([r[k] for r in rs if r[k] is not None]))
+
+        def mean(k, rs=rs):
+            return float(np.mean([r[k] for r in rs if r[k] is not None]))
+
         noise = f"{ratio:g}" + (" overlap" if overlap and ratio else "")
         lines.append(
             f"| **mean of {len(rs)}** | {noise} | {method} | "

@@ -8,10 +8,15 @@ reports them), computed on the device with exact tie handling:
 - AUPRO (MVTec AD): the per-region overlap, averaged over the connected ground-truth regions
   (8-connected, labelled on the host), against the false-positive rate over all normal pixels,
   integrated up to FPR 0.3 and divided by 0.3. A threshold that ties several pixels is one point.
+- sample AUROC / AP (Real-IAD, ADEval): the views of one physical sample grouped by the key
+  `SAMPLE_KEY` finds in their file names; a sample's score is its views' max score and its label
+  their max label. Only where every file name carries that key; otherwise left out.
 """
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Sequence
 
 import jax
@@ -22,10 +27,14 @@ import scipy.ndimage
 from softpatch_jax.io_utils import split_list
 from softpatch_jax.results import ALL_METRICS as ALL
 from softpatch_jax.results import METRIC_NAMES as NAMES
+from softpatch_jax.results import SAMPLE_METRICS
 
 # Every metric `evaluate` can compute (`NAMES`, with its name in logs and tables) is a field of the
 # results rows, so the list lives with them, in `results` (no jax there).
+SAMPLE = SAMPLE_METRICS
 AUPRO_FPR_LIMIT = 0.3
+# ADEval's --sample_key_pat for Real-IAD: CATEGORY_NNNN_CLASS, then the view _C<digit>_.
+SAMPLE_KEY = re.compile(r"([a-zA-Z][a-zA-Z0-9_]*_[0-9]{4}_[A-Z][A-Z_]*[A-Z])_C[0-9]_")
 
 
 def check_names(names: str | Sequence[str]) -> tuple[str, ...]:
@@ -153,17 +162,57 @@ def aupro(maps_TxHxW, masks_TxHxW) -> float:
     return curves(maps_TxHxW, masks_TxHxW, regions=True)["aupro"]
 
 
-def evaluate(image_scores, labels, maps, masks, names: str | Sequence[str] = ALL) -> dict:
+def sample_keys(paths: Sequence[str]) -> list[str] | None:
+    """The sample key of each file name (`SAMPLE_KEY`, searched in the base name), or None unless
+    every name has one (then the names carry no views)."""
+    keys = []
+    for p in paths:
+        m = SAMPLE_KEY.search(os.path.basename(str(p)))
+        if m is None:
+            return None
+        keys.append(m.group(1))
+    return keys or None
+
+
+def by_sample(scores_T, labels_T, keys: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """View-level scores and labels [T] -> per sample (max over its views) [S], in key order."""
+    scores_T, labels_T = np.asarray(scores_T, np.float32), np.asarray(labels_T)
+    if not (len(scores_T) == len(labels_T) == len(keys)):
+        raise ValueError(
+            f"{len(scores_T)} scores, {len(labels_T)} labels and {len(keys)} sample keys differ"
+        )
+    uniq, group_T = np.unique(np.asarray(keys), return_inverse=True)
+    scores_S = np.full(len(uniq), -np.inf, np.float32)
+    labels_S = np.zeros(len(uniq), labels_T.dtype)
+    np.maximum.at(scores_S, group_T, scores_T)
+    np.maximum.at(labels_S, group_T, labels_T)
+    return scores_S, labels_S
+
+
+def evaluate(
+    image_scores,
+    labels,
+    maps,
+    masks,
+    names: str | Sequence[str] = ALL,
+    paths: Sequence[str] | None = None,
+) -> dict:
     """Library API: {metric: value} for `names` (default all of `ALL`) from image scores [T],
-    labels [T], anomaly maps and ground-truth masks [T, H, W]."""
+    labels [T], anomaly maps and ground-truth masks [T, H, W]. The sample metrics need the image
+    `paths` [T] and are left out, like any metric not asked for, when their names carry no views.
+    """
     names = check_names(names)
     out = {}
+    keys = sample_keys(paths) if paths is not None and any(n in SAMPLE for n in names) else None
+    if keys is not None:
+        got = curves(*by_sample(image_scores, labels, keys))
+        out.update({n: got[n.split("_", 1)[1]] for n in SAMPLE if n in names})
     for scope, scores, truth in (("image", image_scores, labels), ("pixel", maps, masks)):
         wanted = [n for n in names if n.startswith(scope + "_")]
         if wanted:  # one sort per scope gives all of its metrics
             got = curves(scores, truth, regions=f"{scope}_aupro" in wanted)
             out.update({n: got[n.split("_", 1)[1]] for n in wanted})
-    return {n: out[n] for n in names}
+    return {n: out[n] for n in names if n in out}
 
 
 def describe(result: dict) -> str:

@@ -52,6 +52,17 @@ def parse_ratios(text) -> list[float]:
     return ratios
 
 
+def check_noise(config: ml_collections.ConfigDict, ratios) -> None:
+    """Raises unless every noise ratio is 0 where the dataset's split fixes the training noise
+    (Real-IAD's FUIAD lists): injecting test anomalies on top would change the benchmark."""
+    if data.fixed_noise(config.dataset) and any(r > 0 for r in ratios):
+        raise ValueError(
+            f"dataset.split={config.dataset.split!r} fixes the training set's noise (its JSON "
+            f"lists the noisy training set), so the project's own noise injection is off: set "
+            f"--config.noise.ratios=0.0 (got {config.noise.ratios!r})"
+        )
+
+
 def _check_workdir(workdir: str) -> None:
     os.makedirs(workdir, exist_ok=True)
     if not os.access(workdir, os.W_OK):
@@ -186,8 +197,9 @@ def eval_metrics(config) -> tuple[str, ...]:
     return metrics.check_names([*HEADLINE, *named])
 
 
-def evaluate_banks(banks, feats_TxPxD, labels, masks, ex, config, timer):
-    """Scores test features with one method's banks -> (metrics dict, image scores, maps)."""
+def evaluate_banks(banks, feats_TxPxD, labels, masks, ex, config, timer, paths=None):
+    """Scores test features with one method's banks -> (metrics dict, image scores, maps); the
+    test images' `paths` give the sample metrics where their names carry views."""
     with timer("scoring"):
         image_scores, maps = scoring.predict(
             banks,
@@ -201,7 +213,7 @@ def evaluate_banks(banks, feats_TxPxD, labels, masks, ex, config, timer):
         )
         jax.block_until_ready(maps)
     with timer("metrics"):
-        result = metrics.evaluate(image_scores, labels, maps, masks, eval_metrics(config))
+        result = metrics.evaluate(image_scores, labels, maps, masks, eval_metrics(config), paths)
     return result, image_scores, maps
 
 
@@ -218,8 +230,15 @@ def result_row(
     times: dict,
     injected,
     weights: str | None,
+    source_anomalous: int = 0,
 ) -> dict:
-    """One results row (the fields of results.json/csv, and the core of a sweep's JSONL rows)."""
+    """One results row (the fields of results.json/csv, and the core of a sweep's JSONL rows).
+
+    `train_anomalous` counts the training images known to be anomalous: those the dataset's own
+    training list holds (`source_anomalous`: Real-IAD's FUIAD splits) plus the injected ones; its
+    fraction of `num_train` is the true noise ratio of what the banks were fitted on.
+    """
+    anomalous = source_anomalous + len(injected)
     return {
         "category": category,
         "method": method,
@@ -232,6 +251,9 @@ def result_row(
         "num_train": num_train,
         "num_injected": len(injected),
         "num_test": num_test,
+        "train_anomalous": anomalous,
+        "train_anomalous_fraction": round(anomalous / max(num_train, 1), 6),
+        **{f"dataset.{k}": v for k, v in data.options(config.dataset).items()},
         "bank_cls": int(banks.cls.feats_MxD.shape[0]),
         "bank_seg": int(banks.seg.feats_MxD.shape[0]),
         **{f"time_{k}": round(v, 4) for k, v in times.items()},
@@ -265,13 +287,16 @@ def run_category(config, ex, specs, category: str, ratios, workdir: str = "") ->
             feats = jnp.concatenate([train_feats, _extract(ex, inj_imgs, timer, "injected", store)])
         keep_test = np.array([test_pos[r.path] for r in noisy.test])
         labels = np.array([r.label for r in noisy.test])
+        anomalous = len(noisy.train_anomalous) + len(injected)
         logging.info(
-            "%s noise %.0f%% (%s): %d train (%d injected), %d test",
+            "%s noise %.0f%% (%s): %d train (%d injected, %d anomalous: %.1f%%), %d test",
             category,
             100 * ratio,
             "overlap" if spec.overlap else "no-overlap",
             feats.shape[0],
             len(injected),
+            anomalous,
+            100 * anomalous / feats.shape[0],
             len(keep_test),
         )
         fitted = memory_bank.fit_many(root, feats, config, specs, timer=timer)
@@ -281,7 +306,14 @@ def run_category(config, ex, specs, category: str, ratios, workdir: str = "") ->
             mtimer = Timer()
             banks = fitted.banks[s.name]
             result, _, maps = evaluate_banks(
-                banks, t_feats, labels, test_masks[keep_test], ex, config, mtimer
+                banks,
+                t_feats,
+                labels,
+                test_masks[keep_test],
+                ex,
+                config,
+                mtimer,
+                [r.path for r in noisy.test],
             )
             times = {**base.seconds, **timer.seconds, **mtimer.seconds}
             rows.append(
@@ -297,6 +329,7 @@ def run_category(config, ex, specs, category: str, ratios, workdir: str = "") ->
                     times=times,
                     injected=injected,
                     weights=ex.info.get("weights"),
+                    source_anomalous=len(noisy.train_anomalous),
                 )
             )
             if len(shown):
@@ -328,6 +361,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     eval_metrics(config)  # a misspelt metric fails here, before any work
     specs = methods.from_config(config)
     ratios = parse_ratios(config.noise.ratios)
+    check_noise(config, ratios)
     write_json(os.path.join(workdir, "config.json"), config.to_dict())
     categories = data.categories(config.dataset)
     unknown = sorted(

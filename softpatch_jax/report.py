@@ -17,15 +17,25 @@ from softpatch_jax.io_utils import atomic_open, write_csv
 
 
 def summary_table(rows: Sequence[dict]) -> str:
-    """Markdown: one table per (noise ratio, mode); rows = categories + mean; cells = image/pixel."""
+    """Markdown: one table per (noise ratio, mode); rows = categories + mean; cells = image/pixel
+    AUROC, with the sample AUROC between them where every row has one (view datasets such as
+    Real-IAD); then, where any training set held anomalies, their count and fraction per category.
+    """
     lines = []
     settings = sorted({(r["noise_ratio"], r["overlap"]) for r in rows})
     methods = list(dict.fromkeys(r["method"] for r in rows))
+    shown = list(results.HEADLINE)
+    if rows and all("sample_auroc" in r for r in rows):
+        shown.insert(1, "sample_auroc")
     for ratio, overlap in settings:
         sel = [r for r in rows if (r["noise_ratio"], r["overlap"]) == (ratio, overlap)]
         cats = list(dict.fromkeys(r["category"] for r in sel))
         mode = "overlap" if overlap else "no-overlap"
-        lines.append(f"\nnoise {ratio:.0%} ({mode}), image AUROC / pixel AUROC")
+        split = ", ".join(
+            dict.fromkeys(str(r["dataset.split"]) for r in sel if "dataset.split" in r)
+        )
+        head = (f"split {split}, " if split else "") + f"noise {ratio:.0%} ({mode}), "
+        lines.append("\n" + head + " / ".join(results.METRIC_NAMES[m] for m in shown))
         lines.append("| category | " + " | ".join(methods) + " |")
         lines.append("|---|" + "---|" * len(methods))
         cell = {(r["category"], r["method"]): r for r in sel}
@@ -34,13 +44,22 @@ def summary_table(rows: Sequence[dict]) -> str:
             for m in methods:
                 if cat == "mean":
                     rs = [cell[(c, m)] for c in cats if (c, m) in cell]
-                    im = sum(r["image_auroc"] for r in rs) / max(len(rs), 1)
-                    px = sum(r["pixel_auroc"] for r in rs) / max(len(rs), 1)
+                    got = [sum(r[k] for r in rs) / max(len(rs), 1) for k in shown]
                 else:
                     r = cell.get((cat, m))
-                    im, px = (r["image_auroc"], r["pixel_auroc"]) if r else (float("nan"),) * 2
-                vals.append(f"{results.fmt(im)} / {results.fmt(px)}")
+                    got = [r[k] for k in shown] if r else [float("nan")] * len(shown)
+                vals.append(" / ".join(results.fmt(v) for v in got))
             lines.append(f"| {cat} | " + " | ".join(vals) + " |")
+        noisy = {r["category"]: r for r in sel if r.get("train_anomalous")}
+        if noisy:
+            lines.append(
+                "\nanomalous training images: "
+                + ", ".join(
+                    f"{c} {r['train_anomalous']}/{r['num_train']} "
+                    f"({r['train_anomalous'] / r['num_train']:.1%})"
+                    for c, r in noisy.items()
+                )
+            )
     if results.is_random_init(rows):
         lines.append("\n" + results.RANDOM_INIT_WARNING)
     return "\n".join(lines).lstrip("\n")
@@ -72,7 +91,10 @@ def write_report(
     cols = ["method", *[c for c in columns if c != "method"]]
     if len({r["method"] for r in rows}) == 1 and len(cols) > 1:
         cols.remove("method")  # one method: the column label is the swept field alone
-    built = results.tables(rows, cols, results.metrics_in(rows))
+    shown = results.metrics_in(rows)
+    if any(r.get("train_anomalous") for r in rows) and all(results.NOISE_FIELD in r for r in rows):
+        shown.append(results.NOISE_FIELD)  # the true noise ratio beside the metrics it explains
+    built = results.tables(rows, cols, shown)
     md = "\n\n".join(t.markdown() for t in built) + "\n"
     if results.is_random_init(rows):
         md = f"**{results.RANDOM_INIT_WARNING}**\n\n{md}"

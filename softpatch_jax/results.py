@@ -24,8 +24,16 @@ METRIC_NAMES = {
     "image_ap": "image AP",
     "image_f1_max": "image F1-max",
     "pixel_f1_max": "pixel F1-max",
+    "sample_auroc": "sample AUROC",
+    "sample_ap": "sample AP",
 }
 ALL_METRICS = tuple(METRIC_NAMES)
+# Computed only from file names that carry a view (`metrics.sample_keys`); absent otherwise.
+SAMPLE_METRICS = ("sample_auroc", "sample_ap")
+# The training set's measured anomalous fraction (a results-row field): a table of its own where
+# any training set held anomalies, e.g. across Real-IAD's FUIAD splits.
+NOISE_FIELD = "train_anomalous_fraction"
+FIELD_NAMES = {**METRIC_NAMES, NOISE_FIELD: "anomalous fraction of the training set"}
 # The pair every run computes: the summary table and the curve plots show these.
 HEADLINE = ("image_auroc", "pixel_auroc")
 # Row fields that describe a setting; config paths (dotted: "softpatch.tau") are settings too.
@@ -138,7 +146,7 @@ class Table:
     random_init: bool
 
     def title(self) -> str:
-        parts = [METRIC_NAMES.get(self.metric, self.metric)]
+        parts = [FIELD_NAMES.get(self.metric, self.metric)]
         parts += [setting_label(k, v) for k, v in self.setting.items()]
         seeds = max((s[2] for stats in self.cells.values() for s in stats), default=0)
         parts.append(f"mean ± std over {seeds} seeds" if seeds > 1 else "one seed")

@@ -171,3 +171,53 @@ def make_btad(
 def _mkdir(path: str) -> str:
     os.makedirs(path, exist_ok=True)
     return path
+
+
+def make_realiad(root: str, rng: np.random.Generator, nested: bool = False) -> str:
+    """A miniature Real-IAD tree (softpatch_jax/data/realiad_demo.py): audiojack and mint, 6 OK and
+    6 NG samples x 5 views, the NG samples' C5 view stored as "OK" with a null mask, every split's
+    JSONs beside realiad_256/ or (`nested`) inside realiad_jsons/. Returns the root."""
+    from softpatch_jax.data import realiad_demo
+
+    spec = realiad_demo.Spec(nested=nested)
+    return realiad_demo.write(root, spec, seed=int(rng.integers(2**31)))
+
+
+def realiad_expected(root: str, category: str, split: str) -> dict[str, list]:
+    """What the reader should return, judged from the files rather than the JSON's classes: a test
+    image is anomalous when it lies under NG/CODE/ with a .png mask of the same stem; every
+    training image is unlabelled. Membership of train / test comes from the split's JSON.
+
+    Returns {"train": [(path, 0, "good", None)], "test": [(path, label, defect, mask)],
+    "train_anomalous": [path]}, each sorted.
+    """
+    import json
+
+    from softpatch_jax.data import realiad
+
+    folder = realiad.SPLITS[split]
+    flat = os.path.join(root, folder, f"{category}.json")
+    path = (
+        flat
+        if os.path.isfile(flat)
+        else os.path.join(root, "realiad_jsons", folder, f"{category}.json")
+    )
+    with open(path) as f:
+        doc = json.load(f)
+    base = os.path.join(root, "realiad_256", category)
+    out: dict[str, list] = {"train": [], "test": [], "train_anomalous": []}
+    for split_name in ("train", "test"):
+        for item in doc[split_name]:
+            image = os.path.join(base, item["image_path"])
+            parts = item["image_path"].split("/")
+            mask = os.path.splitext(image)[0] + ".png"
+            anomalous = parts[0] == "NG" and os.path.isfile(mask)
+            if split_name == "train":
+                out["train"].append((image, 0, "good", None))
+                if anomalous:
+                    out["train_anomalous"].append(image)
+            elif anomalous:
+                out["test"].append((image, 1, parts[1], mask))
+            else:
+                out["test"].append((image, 0, "good", None))
+    return {k: sorted(v) for k, v in out.items()}

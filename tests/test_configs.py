@@ -61,3 +61,36 @@ def test_paper_config_runs_end_to_end(tmp_path, name, make, ratios):
         assert 0.0 <= r["image_auroc"] <= 1.0
     assert "random-init" in proc.stdout
     assert os.path.isdir(tmp_path / "tfds")  # the prepared store was written and read
+
+
+@pytest.mark.slow
+def test_realiad_config_runs_a_fuiad_split_end_to_end(tmp_path):
+    root = fake_trees.make_realiad(str(tmp_path / "data"), np.random.default_rng(0), nested=True)
+    workdir = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "softpatch_jax.main",
+        "--config=configs/realiad.py",
+        f"--workdir={workdir}",
+        f"--config.dataset.root={root}",
+        f"--config.dataset.data_dir={tmp_path / 'tfds'}",
+        "--config.dataset.split=fuiad_0.2",
+        *TINY,
+    ]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(workdir / "results.json") as f:
+        rows = json.load(f)["rows"]
+    assert sorted({r["category"] for r in rows}) == ["audiojack", "mint"]
+    assert len(rows) == 2 * 3
+    for r in rows:
+        want = fake_trees.realiad_expected(root, r["category"], "fuiad_0.2")
+        assert r["dataset.split"] == "fuiad_0.2" and r["num_injected"] == 0
+        assert (r["train_anomalous"], r["num_train"]) == (len(want["train_anomalous"]), 30)
+        assert r["train_anomalous_fraction"] == round(8 / 30, 6)
+        assert all(0.0 <= r[m] <= 1.0 for m in ("image_auroc", "sample_auroc", "sample_ap"))
+    assert "image AUROC / sample AUROC / pixel AUROC" in proc.stdout
+    assert "anomalous training images: audiojack 8/30 (26.7%), mint 8/30 (26.7%)" in proc.stdout
+    assert os.path.isdir(tmp_path / "tfds" / "real_iad")  # through the prepared store

@@ -111,10 +111,77 @@ def test_evaluate_computes_the_metrics_asked_for():
     labels = np.array([0, 1, 1, 1])
     scores = np.array([0.2, 0.9, 0.1, 0.8])
     every = metrics.evaluate(scores, labels, maps, masks)
-    assert tuple(every) == metrics.ALL
+    # Without file names there are no samples: every metric but the sample ones.
+    assert tuple(every) == tuple(m for m in metrics.ALL if m not in metrics.SAMPLE)
     np.testing.assert_allclose(every["image_ap"], metrics.average_precision(scores, labels))
     np.testing.assert_allclose(every["pixel_aupro"], _aupro_oracle(maps, masks), atol=2e-6)
     some = metrics.evaluate(scores, labels, maps, masks, "pixel_ap, image_auroc")
     assert list(some) == ["image_auroc", "pixel_ap"]
     with pytest.raises(ValueError, match=r"eval.metrics: unknown metric\(s\) \['pro'\]"):
         metrics.check_names("pro,pixel_ap")
+
+
+def _view_names(rng, num_samples, views=5):
+    """Real-IAD-style file names: samples of two categories and classes, numbers restarting per
+    class, views C1..C5 in shuffled order (a sample's views need not be adjacent)."""
+    names, sample_of = [], []
+    for s in range(num_samples):
+        cat = ("audio_jack2", "mint")[s % 2]
+        cls = ("OK", "NG_QS", "NG_AK")[s % 3]
+        for c in range(1, views + 1):
+            names.append(
+                f"{cat}/NG/S{s:04d}/{cat}_{s // 6:04d}_{cls}_C{c}_2023{rng.integers(1e6)}.jpg"
+            )
+            sample_of.append((cat, s // 6, cls))
+    order = rng.permutation(len(names))
+    return [names[i] for i in order], [sample_of[i] for i in order]
+
+
+def _sample_oracle(scores, labels, sample_of):
+    """A plain loop over groups: each sample's max score and max label, then scikit-learn."""
+    from sklearn.metrics import average_precision_score
+
+    groups = {}
+    for score, label, key in zip(scores, labels, sample_of):
+        best = groups.get(key, (-np.inf, 0))
+        groups[key] = (max(best[0], float(score)), max(best[1], int(label)))
+    s = np.array([v[0] for v in groups.values()])
+    y = np.array([v[1] for v in groups.values()])
+    return roc_auc_score(y, s), average_precision_score(y, s), len(groups)
+
+
+@pytest.mark.parametrize("seed,decimals", [(0, 1), (1, 0), (2, 3)])
+def test_sample_metrics_match_a_loop_over_groups_with_ties(seed, decimals):
+    rng = np.random.default_rng(seed)
+    names, sample_of = _view_names(rng, 60)
+    labels = (rng.random(len(names)) < 0.3).astype(int)
+    # Rounding makes many ties between samples; decimals=0 leaves a handful of distinct scores.
+    scores = np.round(rng.normal(size=len(names)) + labels, decimals)
+    got = metrics.evaluate(scores, labels, np.zeros((len(names), 2, 2)), np.zeros((len(names), 2, 2)),
+                           "sample_auroc,sample_ap", names)  # fmt: skip
+    auroc, ap, num = _sample_oracle(scores, labels, sample_of)
+    assert num == 60 and len(set(metrics.sample_keys(names))) == 60
+    np.testing.assert_allclose(got["sample_auroc"], auroc, atol=1e-6)
+    np.testing.assert_allclose(got["sample_ap"], ap, atol=1e-6)
+
+
+def test_sample_keys_follow_adeval_and_are_absent_without_views():
+    keys = metrics.sample_keys(
+        ["r/realiad_256/mint/NG/QS/S0027/mint_0027_NG_QS_C2_20230512.jpg",
+         "audiojack_0001_OK_C5_1.jpg", "x/usb_adaptor_0013_NG_ZW_C1_9.png"]
+    )  # fmt: skip
+    assert keys == ["mint_0027_NG_QS", "audiojack_0001_OK", "usb_adaptor_0013_NG_ZW"]
+    # Names without a view (MVTec's), or only some with one: no sample metrics at all.
+    assert metrics.sample_keys(["bottle/test/good/000.png"]) is None
+    assert metrics.sample_keys(["mint_0027_NG_QS_C2_1.jpg", "000.png"]) is None
+    # The view digit must be followed by "_", and the class must end in a capital letter.
+    assert metrics.sample_keys(["mint_0027_NG_QS_C2.jpg"]) is None
+    assert metrics.sample_keys(["mint_0027_NG__C2_1.jpg"]) is None
+    scores, labels = np.array([0.3, 0.9, 0.5]), np.array([0, 1, 0])
+    z = np.zeros((3, 2, 2))
+    out = metrics.evaluate(scores, labels, z, z.astype(bool), "all", ["a.png", "b.png", "c.png"])
+    assert not set(metrics.SAMPLE) & set(out) and "image_auroc" in out
+    # Two views of one defective sample and one normal sample: max score, max label.
+    names = ["mint_0001_NG_QS_C1_1.jpg", "mint_0001_NG_QS_C2_1.jpg", "mint_0001_OK_C1_1.jpg"]
+    s, y = metrics.by_sample(scores, labels, metrics.sample_keys(names))
+    assert s.tolist() == pytest.approx([0.9, 0.5]) and y.tolist() == [1, 0]

@@ -196,3 +196,35 @@ def test_results_need_neither_jax_nor_matplotlib_and_agree_with_weights_on_the_m
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
     assert results.RANDOM_INIT == weights.RANDOM_INIT  # rows carry what weights.resolve writes
+
+
+def test_view_rows_show_sample_auroc_and_the_training_sets_anomalous_fraction(tmp_path):
+    rows = []
+    for split, fraction in (("fuiad_0.1", 0.16), ("fuiad_0.4", 0.4)):
+        for r in make_rows(ratio=0.0):
+            n = 25 if split == "fuiad_0.1" else 40
+            rows.append(
+                {**r, "sample_auroc": r["image_auroc"] - 0.05, "sample_ap": 0.5,
+                 "dataset.split": split, "num_train": n, "train_anomalous": round(fraction * n),
+                 "train_anomalous_fraction": fraction}
+            )  # fmt: skip
+    one = [r for r in rows if r["dataset.split"] == "fuiad_0.4" and r["seed"] == 0]
+    summary = report.summary_table(one)
+    assert (
+        "split fuiad_0.4, noise 0% (overlap), image AUROC / sample AUROC / pixel AUROC" in summary
+    )
+    assert "| a | 0.900 / 0.850 / 0.500 | 1.000 / 0.950 / 0.900 |" in summary
+    assert "anomalous training images: a 16/40 (40.0%), b 16/40 (40.0%)" in summary
+    # Rows without views or anomalies: the summary as before.
+    plain = report.summary_table(make_rows())
+    assert "sample" not in plain and "anomalous" not in plain
+    with open(tmp_path / "results.json", "w") as f:
+        json.dump({"rows": rows}, f)
+    report.write_report(str(tmp_path), curves=[])
+    md = (tmp_path / "report" / "tables.md").read_text()
+    # Without a sweep's column hint, each split is a table of its own.
+    for split, fraction in (("fuiad_0.1", "0.160"), ("fuiad_0.4", "0.400")):
+        for title in ("sample AUROC", "sample AP", "anomalous fraction of the training set"):
+            assert f"### {title} | split={split} |" in md, (title, split)
+        table = md.split(f"### anomalous fraction of the training set | split={split} |")[1]
+        assert f"| a | {fraction} ± 0.000 | {fraction} ± 0.000 |" in table.split("###")[0]

@@ -13,9 +13,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from fake_trees import make_realiad, realiad_expected
 
 from configs import demo as demo_config
-from configs.sweeps import common
+from configs.sweeps import common, fuiad
 from softpatch_jax import features, memory_bank, methods, pipeline, scoring, sweep
 from softpatch_jax.data import demo, noise
 from softpatch_jax.data.records import Augment, Record
@@ -326,6 +327,44 @@ def test_infeasible_noise_fails_before_any_work(tiny_root, tmp_path, fake_backbo
     with pytest.raises(ValueError, match="at most"):
         sweep.run(c, str(tmp_path))
     assert fake_backbone["images"] == 0
+
+
+def test_fuiad_sweep_runs_the_four_splits_and_matches_a_run(tmp_path, fake_backbone):
+    root = make_realiad(str(tmp_path / "realiad"), np.random.default_rng(0))
+    c = fuiad.get_config("realiad")
+    c.dataset.root = root
+    c.dataset.prepared = False
+    c.dataset.resize = c.dataset.crop = 32
+    c.softpatch.projection_dim = 8
+    c.softpatch.lof_k = 3
+    rows = jsonl_rows(c, str(tmp_path / "sweep"))
+    assert len(rows) == 2 * 4 * 3  # categories x splits x methods
+    for r in rows:
+        want = realiad_expected(root, r["category"], r["dataset.split"])
+        assert r["train_anomalous"] == len(want["train_anomalous"])
+        assert (r["train_anomalous"] > 0) == (r["dataset.split"] != "fuiad_0.0")
+        assert r["num_train"] == len(want["train"]) and r["num_test"] == len(want["test"])
+        assert r["train_anomalous_fraction"] == round(r["train_anomalous"] / r["num_train"], 6)
+        assert r["noise_ratio"] == 0.0 and r["num_injected"] == 0
+        assert {"sample_auroc", "sample_ap"} <= set(r)
+    # The oracle: pipeline.run of one split on the same stand-in backbone.
+    run_cfg = fuiad.get_config("realiad")
+    del run_cfg["sweep"]
+    run_cfg.dataset.update(root=root, prepared=False, resize=32, crop=32, split="fuiad_0.4")
+    run_cfg.softpatch.update(projection_dim=8, lof_k=3)
+    want = pipeline.run(run_cfg, str(tmp_path / "run"))
+    got = {(r["category"], r["method"]): r for r in rows if r["dataset.split"] == "fuiad_0.4"}
+    for w in want:
+        g = got[(w["category"], w["method"])]
+        for m in ("image_auroc", "pixel_auroc", "sample_auroc", "sample_ap"):
+            np.testing.assert_allclose(g[m], w[m], atol=1e-6, err_msg=m)
+        assert g["train_anomalous"] == w["train_anomalous"]
+    # A FUIAD split with injected noise on top fails before any work.
+    c.noise.ratios = "0.0,0.1"
+    images = fake_backbone["images"]
+    with pytest.raises(ValueError, match="fixes the training set's noise"):
+        sweep.run(c, str(tmp_path / "bad"))
+    assert fake_backbone["images"] == images
 
 
 # ----------------------------------------------------------------------------- vmapped fit

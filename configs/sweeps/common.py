@@ -10,14 +10,15 @@ A sweep config is a run config (configs/base.py and a dataset's differences) plu
                    through memory_bank.fit_many and scoring.predict, as pipeline.run does).
   sweep.report     hints for `python -m softpatch_jax.report`: `columns` (row fields that name a
                    table column, besides the method) and `curves` (x axes of the curve plots).
-The dataset comes from the config argument: `--config=configs/sweeps/NAME.py:demo|mvtec|visa`.
+The dataset comes from the config argument: `--config=configs/sweeps/NAME.py:demo|mvtec|visa`
+(`fuiad.py`: `:realiad`).
 """
 
 import ml_collections
 
-from configs import base, demo
+from configs import base, demo, realiad
 
-DATASETS = ("demo", "mvtec", "visa")
+DATASETS = ("demo", "mvtec", "visa", "realiad")
 
 
 def run_config(dataset: str) -> ml_collections.ConfigDict:
@@ -31,6 +32,8 @@ def run_config(dataset: str) -> ml_collections.ConfigDict:
         c = base.get_config()
         c.dataset.name = "visa"
         c.dataset.layout = "visa"  # the VisA reader (split_csv/1cls.csv); set dataset.root
+    elif dataset == "realiad":
+        c = realiad.get_config()  # set dataset.root; the split is the sweep's axis
     else:
         raise ValueError(f"unknown sweep dataset {dataset!r}; valid: {DATASETS}")
     # Save a few test images' anomaly maps per cell (0 = none): the anomaly-map figure reads them.

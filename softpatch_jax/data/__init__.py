@@ -1,5 +1,6 @@
 """Dataset readers, keyed by `config.dataset.layout` (METHOD.md section 7). Each reader lists
-categories and returns `CategorySplits` of undecoded records; `loader` gives the function that
+categories and returns `CategorySplits` of undecoded records (Real-IAD's also takes the
+`dataset.split` and `dataset.resolution` options, `options`); `loader` gives the function that
 turns records into arrays, by decoding the files (`preprocess.load_records`) or, with
 `config.dataset.prepared`, from the TFDS store under `config.dataset.data_dir` (`prepared.py`).
 """
@@ -12,7 +13,7 @@ from collections.abc import Callable, Sequence
 import ml_collections
 import numpy as np
 
-from softpatch_jax.data import btad, mvtec, preprocess, visa
+from softpatch_jax.data import btad, mvtec, preprocess, realiad, visa
 from softpatch_jax.data.records import CategorySplits, Record
 from softpatch_jax.io_utils import split_list
 
@@ -39,8 +40,24 @@ LAYOUTS: dict[str, tuple[Callable, Callable, Callable]] = {
     "mvtec": (_root, mvtec.list_categories, mvtec.read_category),
     "visa": (_root, visa.list_categories, visa.read_category),
     "btad": (_root, btad.list_categories, btad.read_category),
+    "realiad": (_root, realiad.list_categories, realiad.read_category),
     "demo": (_demo_root, mvtec.list_categories, mvtec.read_category),
 }
+
+
+def options(cfg: ml_collections.ConfigDict) -> dict[str, str]:
+    """The reader's options beyond (root, category): Real-IAD's split and resolution, checked."""
+    if cfg.layout != "realiad":
+        return {}
+    split, resolution = str(cfg.get("split", "")), str(cfg.get("resolution", ""))
+    realiad.check_options(split, resolution)
+    return {"split": split, "resolution": resolution}
+
+
+def fixed_noise(cfg: ml_collections.ConfigDict) -> bool:
+    """True when the split itself fixes the training set's noise (Real-IAD's FUIAD splits), so
+    that injecting more (config.noise.ratios > 0) would change the benchmark."""
+    return cfg.layout == "realiad" and options(cfg)["split"] in realiad.FUIAD_SPLITS
 
 
 def _layout(cfg: ml_collections.ConfigDict):
@@ -53,7 +70,7 @@ def categories(cfg: ml_collections.ConfigDict) -> list[str]:
     """The categories to run: config.dataset.categories ("all" or a comma list), checked."""
     resolve_root, list_cats, _ = _layout(cfg)
     root = resolve_root(cfg)
-    have = list_cats(root)
+    have = list_cats(root, **options(cfg))
     if cfg.categories in ("", "all"):
         return have
     wanted = split_list(cfg.categories)
@@ -66,7 +83,7 @@ def categories(cfg: ml_collections.ConfigDict) -> list[str]:
 def read(cfg: ml_collections.ConfigDict, category: str) -> CategorySplits:
     """One category's records, read and validated from the source files."""
     resolve_root, _, read_category = _layout(cfg)
-    return read_category(resolve_root(cfg), category)
+    return read_category(resolve_root(cfg), category, **options(cfg))
 
 
 def loader(cfg: ml_collections.ConfigDict, category: str) -> Loader:
@@ -82,6 +99,11 @@ def loader(cfg: ml_collections.ConfigDict, category: str) -> Loader:
 
     resolve_root, _, _ = _layout(cfg)
     store = prepared.ensure(
-        cfg.layout, resolve_root(cfg), category, cfg.resize, cfg.get("data_dir", "")
+        cfg.layout,
+        resolve_root(cfg),
+        category,
+        cfg.resize,
+        cfg.get("data_dir", ""),
+        options=options(cfg),
     )
     return functools.partial(store.load_records, crop=cfg.crop)

@@ -78,4 +78,4 @@ def inject(splits: CategorySplits, spec: NoiseSpec, rng: np.random.Generator) ->
     if not spec.overlap:
         removed = {anomalies[i].path for i in chosen}
         test = tuple(r for r in splits.test if r.path not in removed)
-    return CategorySplits(splits.category, splits.train + tuple(injected), test)
+    return dataclasses.replace(splits, train=splits.train + tuple(injected), test=test)

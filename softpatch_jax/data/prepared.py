@@ -65,27 +65,38 @@ def _lock(path: str) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def store_path(layout: str, category: str, resize: int, data_dir: str = "") -> str:
-    """DATA_DIR/BUILDER/CATEGORY-RESIZE/VERSION, where a store lives."""
+def store_path(
+    layout: str, category: str, resize: int, data_dir: str = "", options: dict | None = None
+) -> str:
+    """DATA_DIR/BUILDER/CATEGORY[-OPTIONS]-RESIZE/VERSION, where a store lives."""
     cls = _builder_cls(layout)
     return os.path.join(
         data_dir or default_data_dir(),
         cls.name,
-        tfds_builders.config_name(category, resize),
+        tfds_builders.config_name(category, resize, tfds_builders.option_items(options)),
         str(cls.VERSION),
     )
 
 
-def is_fresh(layout: str, root: str, category: str, resize: int, data_dir: str = "") -> bool:
+def is_fresh(
+    layout: str,
+    root: str,
+    category: str,
+    resize: int,
+    data_dir: str = "",
+    options: dict | None = None,
+) -> bool:
     """True when the store exists and was made from the source as it is now."""
     cls = _builder_cls(layout)
-    splits = cls.read_category(root, category)
+    splits = cls.read_category(root, category, tfds_builders.option_items(options))
     want = tfds_builders.fingerprint(cls.name, root, splits, resize)
-    return _stored_fingerprint(store_path(layout, category, resize, data_dir)) == want
+    return _stored_fingerprint(store_path(layout, category, resize, data_dir, options)) == want
 
 
-def _prepare_locked(cls: type, root: str, category: str, resize: int, data_dir: str) -> None:
-    path = store_path(cls.LAYOUT, category, resize, data_dir)
+def _prepare_locked(
+    cls: type, root: str, category: str, resize: int, data_dir: str, options: dict | None = None
+) -> None:
+    path = store_path(cls.LAYOUT, category, resize, data_dir, options)
     config_dir = os.path.dirname(path)
     # A stale store, and leftovers of interrupted runs: only a run holding the lock writes here.
     for name in os.listdir(config_dir) if os.path.isdir(config_dir) else ():
@@ -94,40 +105,55 @@ def _prepare_locked(cls: type, root: str, category: str, resize: int, data_dir: 
     logging.info("preparing %s/%s from %s into %s", cls.name, category, root, path)
     builder = cls(
         data_dir=data_dir or default_data_dir(),
-        config=cls.config_for(category, resize),
+        config=cls.config_for(category, resize, tfds_builders.option_items(options)),
         file_format="array_record",
     )
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=root))
 
 
-def prepare(layout: str, root: str, category: str, resize: int, data_dir: str = "") -> str:
+def prepare(
+    layout: str,
+    root: str,
+    category: str,
+    resize: int,
+    data_dir: str = "",
+    options: dict | None = None,
+) -> str:
     """(Re)builds the store for one category, replacing any existing one; returns its path.
 
     Raises what the reader raises for a bad source, and ValueError naming the file for an image
     that cannot be decoded; in both cases no store is left behind.
     """
     cls = _builder_cls(layout)
-    path = store_path(layout, category, resize, data_dir)
+    path = store_path(layout, category, resize, data_dir, options)
     with _lock(os.path.dirname(path) + ".lock"):
-        _prepare_locked(cls, root, category, resize, data_dir)
+        _prepare_locked(cls, root, category, resize, data_dir, options)
     return path
 
 
-def ensure(layout: str, root: str, category: str, resize: int, data_dir: str = "") -> PreparedStore:
-    """The store for (layout, category, resize), prepared first if missing or stale.
+def ensure(
+    layout: str,
+    root: str,
+    category: str,
+    resize: int,
+    data_dir: str = "",
+    options: dict | None = None,
+) -> PreparedStore:
+    """The store for (layout, category, resize, reader options), prepared first if missing or
+    stale. `options` are the reader's own (Real-IAD's split and resolution, `data.options`).
 
     Validates the source with the layout's reader on every call (a directory walk and a stat per
     file, milliseconds), so a changed, added or removed file is never served from an old store.
     """
     cls = _builder_cls(layout)
-    splits = cls.read_category(root, category)
+    splits = cls.read_category(root, category, tfds_builders.option_items(options))
     want = tfds_builders.fingerprint(cls.name, root, splits, resize)
-    path = store_path(layout, category, resize, data_dir)
+    path = store_path(layout, category, resize, data_dir, options)
     if _stored_fingerprint(path) != want:
         with _lock(os.path.dirname(path) + ".lock"):
             # Another run may have prepared it while this one waited for the lock.
             if _stored_fingerprint(path) != want:
-                _prepare_locked(cls, root, category, resize, data_dir)
+                _prepare_locked(cls, root, category, resize, data_dir, options)
         if _stored_fingerprint(path) != want:
             raise RuntimeError(
                 f"the source of {path!r} changed while it was being prepared (files under "

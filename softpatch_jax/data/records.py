@@ -1,6 +1,6 @@
 """What a dataset reader returns: one record per image, with its label and mask, nothing decoded.
 
-Readers (MVTec folders, VisA, BTAD, plain folders, the demo generator) all produce `CategorySplits`;
+Readers (MVTec folders, VisA, BTAD, Real-IAD, plain folders, the demo generator) all produce `CategorySplits`;
 the noisy-set construction (`noise.py`) and the loaders (`preprocess.py`, `prepared.py`) only see
 records. A record's `path` is the identity of its image everywhere, the prepared store included.
 """
@@ -43,9 +43,18 @@ class Record:
 
 @dataclasses.dataclass(frozen=True)
 class CategorySplits:
+    """One category's records.
+
+    Attributes:
+      train_anomalous: paths of training records that the source itself labels anomalous (Real-IAD's
+        fully unsupervised lists). Their records are unlabelled like every training record; this is
+        only read to report the true noise ratio, never by the method.
+    """
+
     category: str
     train: tuple[Record, ...]
     test: tuple[Record, ...]
+    train_anomalous: tuple[str, ...] = ()
 
     def __post_init__(self):
         if not self.train:

@@ -1,10 +1,12 @@
-"""TFDS builders for the paper datasets (METHOD.md sections 2 and 7): `mvtec_ad`, `visa`, `btad`.
+"""TFDS builders for the paper datasets (METHOD.md sections 2 and 7): `mvtec_ad`, `visa`, `btad`,
+`real_iad`.
 
 Each reads the extracted official archive from the manual dir with this package's own reader, so
 the records (and every validation) are the same as on the direct path, and writes array_record
 files. One builder config per category and resize, named CATEGORY-RESIZE (e.g. `bottle-256`,
-`01-512`); `BUILDER_CONFIGS` lists the papers' resize for every category and `config_for` makes any
-other.
+`01-512`), with the reader's options in between where it has some (Real-IAD's resolution and split:
+`audiojack-256-fuiad_0.2-224`, one store per split); `BUILDER_CONFIGS` lists the papers' resize for
+every category and `config_for` makes any other.
 
 What is stored is the expensive half of the preprocessing, `preprocess.decode_resized`: the image
 decoded and its shorter side resized, uncropped, as raw uint8 with its shape, and the binarised mask
@@ -32,7 +34,7 @@ import numpy as np
 import PIL
 import tensorflow_datasets as tfds
 
-from softpatch_jax.data import btad, mvtec, preprocess, visa
+from softpatch_jax.data import btad, mvtec, preprocess, realiad, visa
 from softpatch_jax.data.records import CategorySplits, Record
 
 # Bump when the stored features or their meaning change (the fingerprint includes it).
@@ -53,10 +55,16 @@ class CategoryConfig(tfds.core.BuilderConfig):
 
     category: str = ""
     resize: int = 256
+    options: tuple[tuple[str, str], ...] = ()  # the reader's options, sorted (key, value) pairs
 
 
-def config_name(category: str, resize: int) -> str:
-    return f"{category}-{resize}"
+def option_items(options: dict | tuple | None) -> tuple[tuple[str, str], ...]:
+    """Reader options (a dict, or already pairs) -> sorted (key, value) pairs, hashable."""
+    return tuple(sorted(dict(options or ()).items()))
+
+
+def config_name(category: str, resize: int, options: tuple = ()) -> str:
+    return "-".join([category, *(str(v) for _, v in option_items(options)), str(resize)])
 
 
 def relpath(path: str, root: str) -> str:
@@ -132,17 +140,19 @@ class _AnomalyDataset(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         return None
 
     @classmethod
-    def config_for(cls, category: str, resize: int) -> CategoryConfig:
-        """The listed config for (category, resize) if there is one, else a new one."""
-        name = config_name(category, resize)
+    def config_for(cls, category: str, resize: int, options: tuple = ()) -> CategoryConfig:
+        """The listed config for (category, resize, options) if there is one, else a new one."""
+        name = config_name(category, resize, options)
         for c in cls.BUILDER_CONFIGS:
             if c.name == name:
                 return c
-        return CategoryConfig(name=name, category=category, resize=resize)
+        return CategoryConfig(
+            name=name, category=category, resize=resize, options=option_items(options)
+        )
 
     @classmethod
-    def read_category(cls, root: str, category: str) -> CategorySplits:
-        return cls.READER(root, category)
+    def read_category(cls, root: str, category: str, options: tuple = ()) -> CategorySplits:
+        return cls.READER(root, category, **dict(options))
 
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(
@@ -158,7 +168,7 @@ class _AnomalyDataset(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Any]:
         root = os.fspath(dl_manager.manual_dir)
         cfg = self.builder_config
-        splits = self.read_category(root, cfg.category)
+        splits = self.read_category(root, cfg.category, cfg.options)
         # Taken before decoding: a file edited during preparation leaves a stale fingerprint, so
         # the next run prepares again rather than trusting a mixed store.
         self.info.metadata.update(
@@ -167,6 +177,7 @@ class _AnomalyDataset(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                 "layout": self.LAYOUT,
                 "category": cfg.category,
                 "resize": cfg.resize,
+                "options": dict(cfg.options),
                 "root": os.path.abspath(root),
                 "index": {
                     "train": [relpath(r.path, root) for r in splits.train],
@@ -246,5 +257,25 @@ class Btad(_AnomalyDataset, skip_registration=True):
     )
 
 
+class RealIad(_AnomalyDataset, skip_registration=True):
+    """Real-IAD, 30 objects x 5 views, split by its JSON files (standard, single view, FUIAD)."""
+
+    LAYOUT = "realiad"
+    CATEGORIES = realiad.CATEGORIES
+    BUILDER_CONFIGS: ClassVar[list[CategoryConfig]] = []  # one per (split, resolution): made
+    READER = staticmethod(realiad.read_category)
+    HOMEPAGE = "https://realiad4ad.github.io/Real-IAD/"
+    MANUAL_DOWNLOAD_INSTRUCTIONS = (
+        "Request Real-IAD from its page and extract realiad_256 (or 512, 1024, raw) and the "
+        "realiad_jsons* folders side by side; the manual dir is the folder holding them (pass it "
+        "as --config.dataset.root)."
+    )
+
+
 # layout name (config.dataset.layout) -> builder
-BUILDERS: dict[str, type[_AnomalyDataset]] = {"mvtec": MvtecAd, "visa": Visa, "btad": Btad}
+BUILDERS: dict[str, type[_AnomalyDataset]] = {
+    "mvtec": MvtecAd,
+    "visa": Visa,
+    "btad": Btad,
+    "realiad": RealIad,
+}

@@ -20,6 +20,8 @@ EXPECTED = {
     "mask paths relative to ROOT",
     "btad": "ROOT/NN/train/ok/*, ROOT/NN/test/{ok,ko}/*, ROOT/NN/ground_truth/ko/* "
     "(NN = 01, 02, 03)",
+    "realiad": "ROOT/realiad_RES/CATEGORY/{OK,NG}/... and ROOT/realiad_jsons_SPLIT/CATEGORY.json "
+    "or ROOT/realiad_jsons/realiad_jsons_SPLIT/CATEGORY.json (RES = 256, 512, 1024, raw)",
 }
 
 
@@ -35,6 +37,8 @@ def guess_layout(root: str) -> str | None:
     if os.path.isfile(os.path.join(root, "split_csv", "1cls.csv")):
         return "visa"
     subdirs = _subdirs(root)
+    if any(d.startswith("realiad_jsons") for d in subdirs):
+        return "realiad"
     if any(os.path.isdir(os.path.join(root, d, "train", "ok")) for d in subdirs):
         return "btad"
     if any(os.path.isdir(os.path.join(root, d, "train", "good")) for d in subdirs):

@@ -96,6 +96,7 @@ def run(
     cells = grid.expand(config, data.categories)
     for c in cells:
         pipeline.eval_metrics(c.config)  # a misspelt metric fails here, before any work
+        pipeline.check_noise(c.config, [c.ratio])
     results_path = os.path.join(workdir, RESULTS)
     finished = {r.get("cell_id") for r in jsonl.read(results_path, repair=True)}
     # Categories run in the grid's order whatever is finished, so a resumed sweep goes on where it
@@ -175,7 +176,9 @@ def _run_setting(ctx: _Context, category: str, cells: list[grid.Cell], splits, n
         times = {"features": time.perf_counter() - t_feat}
         feats = jnp.asarray(train)
         for gcells in grid.group(ncells, lambda c: c.fit_key).values():
-            _run_fit_group(ctx, ex, category, feats, feats_key, evalset, gcells, injected, times)
+            _run_fit_group(
+                ctx, ex, category, feats, feats_key, evalset, gcells, injected, times, noisy
+            )
 
 
 @dataclasses.dataclass
@@ -187,7 +190,9 @@ class _EvalSet:
     shown: dict = dataclasses.field(default_factory=dict)  # decoded on demand for saved maps
 
 
-def _run_fit_group(ctx, ex, category, feats, feats_key, evalset, cells, injected, times) -> None:
+def _run_fit_group(
+    ctx, ex, category, feats, feats_key, evalset, cells, injected, times, noisy
+) -> None:
     cfg = cells[0].config
     key = pipeline.category_key(cfg.seed, category)
     specs = {}
@@ -211,10 +216,11 @@ def _run_fit_group(ctx, ex, category, feats, feats_key, evalset, cells, injected
             jax.block_until_ready(predicted)
         results = {}
         names = pipeline.eval_metrics(scells[0].config)
+        paths = [r.path for r in evalset.records]
         with timer("metrics"):
             for k, (image_scores, maps) in predicted.items():
                 results[k] = metrics.evaluate(
-                    image_scores, evalset.labels, maps, evalset.masks, names
+                    image_scores, evalset.labels, maps, evalset.masks, names, paths
                 )
         for c in scells:
             k = _spec_key(c.spec())
@@ -229,10 +235,13 @@ def _run_fit_group(ctx, ex, category, feats, feats_key, evalset, cells, injected
                 feats,
                 injected,
                 {**times, **timer.seconds},
+                len(noisy.train_anomalous),
             )
 
 
-def _finish_cell(ctx, ex, cell, result, banks, maps, evalset, feats, injected, times) -> None:
+def _finish_cell(
+    ctx, ex, cell, result, banks, maps, evalset, feats, injected, times, source_anomalous
+) -> None:
     spec = pipeline.noise_spec(cell.config, cell.ratio)
     row = pipeline.result_row(
         cell.config,
@@ -246,6 +255,7 @@ def _finish_cell(ctx, ex, cell, result, banks, maps, evalset, feats, injected, t
         times=times,
         injected=injected,
         weights=ex.info.get("weights"),
+        source_anomalous=source_anomalous,
     )
     row = {"cell_id": cell.id, **row, **cell.row_fields(), "axes": cell.axes}
     num_maps = int(cell.config.eval.get("save_maps", 0))
