@@ -9,9 +9,10 @@ Rules, for a target folder OUT:
 - Leftovers of killed runs (`.OUT.staging-*`, `.OUT.old-*`, `.OUT.tmp-*` beside it, and the older
   `.predict-staging-*` inside it) are removed by the next run that holds the lock, and reported.
 - An existing OUT is replaced only with `overwrite` and only when it is an output of the same kind
-  (its marker file is there: `manifest.json` for a model, `predictions.json`, `audit.json`), and
-  never when it holds or contains the inputs; anything else is an error saying what is there. An
-  empty folder is used as if it did not exist.
+  (its marker file is there: `manifest.json` for a model, `predictions.json`, `audit.json`);
+  anything else is an error saying what is there. An empty folder is used as if it did not exist.
+- OUT may not be an input, hold one, or lie inside an input folder (with or without overwrite):
+  inside the inputs it may hold images, and its own PNGs would be read as images by the next run.
 - Files and folders get the permissions the umask gives (temp files start private, 0600/0700).
 - An OSError that names no file (ENOSPC from a flush, say) is re-raised naming the folder.
 """
@@ -69,6 +70,12 @@ def check_target(
             raise OutputFolderError(
                 f"{kind} folder {target!r} holds the input {src!r}: writing there would destroy "
                 "the images; choose another folder"
+            )
+        if os.path.isdir(src_real) and _inside(real, src_real):
+            raise OutputFolderError(
+                f"{kind} folder {target!r} lies inside the input folder {src!r}: it may hold input "
+                "images, and what is written there would be read as images by the next run; "
+                "choose a folder outside the inputs"
             )
     if not os.path.lexists(target):
         return
