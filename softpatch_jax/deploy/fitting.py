@@ -105,6 +105,9 @@ def extract_all(
         "tiles": len(v.origins),
         "origins": v.origins.tolist(),
         "frame_hw": list(v.frame.shape[:2]),
+        "distinct_fraction": min(
+            1.0, v.frame.shape[0] * v.frame.shape[1] / (len(v.origins) * config.dataset.crop**2)
+        ),
         "source_hw": list(v.source_hw),
         "described": region_lib.describe(
             opts.region, v, config.dataset.resize, config.dataset.crop
@@ -160,8 +163,14 @@ def fit(
     starts = coreset.draw_starts(
         memory_bank.stream(key, "coreset"), n * p, config.coreset.num_starts
     )
+    # Overlapping tiles hold near-duplicate patches: the coreset ratio counts the frame's distinct
+    # area, so the bank has the density per pixel it has on centre crops (deploy/region.py).
+    ratio = config.coreset.ratio * region_info["distinct_fraction"]
+    bank_config = ml_collections.ConfigDict(config.to_dict())
+    bank_config.coreset.ratio = ratio
+    region_info["coreset_ratio"] = ratio
     out = memory_bank.fit_many(
-        key, feats, config, [spec], projection=projection, starts=starts, scores_NxP=scores
+        key, feats, bank_config, [spec], projection=projection, starts=starts, scores_NxP=scores
     )
     banks = out.banks[opts.method]
     logging.info("fit: held-out training scores (%d folds)", opts.threshold_folds)
@@ -172,7 +181,7 @@ def fit(
         out.keep_NxP[opts.method],
         memory_bank.soft_weights(spec.cls, out.scores_NxP, (n, p)),
         starts,
-        config.coreset.ratio,
+        ratio,
         fold_N,
         config.scoring.chunk_size,
     )

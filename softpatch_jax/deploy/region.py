@@ -21,7 +21,9 @@ as anomalous. Tiles keep the fit's scale and content; they cost T backbone passe
 
 `fit` in "full" mode needs every training image to give the same tile layout (one camera, one
 size): the noise discriminators compare the same patch position across training images, so the
-positions are (tile, patch) pairs, P = T * h * w.
+positions are (tile, patch) pairs, P = T * h * w. Overlapping tiles repeat patches, so `fit` scales
+the coreset ratio by the frame's distinct share of the tiles' area (256x256 at crop 224:
+65536 / (4 * 224^2) = 0.33): the bank keeps the same density per pixel as on centre crops.
 """
 
 from __future__ import annotations
