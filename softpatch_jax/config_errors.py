@@ -147,7 +147,7 @@ def explain(argv: list[str], error: Exception) -> str:
             if key in str(error) or f"--config.{key}" in str(error):
                 return (
                     f"config key {key}={value!r} is invalid: expected a "
-                    f"{type(current).__name__} (default {current!r}); {_last_line(error)}"
+                    f"{type(current).__name__} (default {current!r})"
                 )
     return _last_line(error)
 

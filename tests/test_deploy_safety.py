@@ -313,3 +313,41 @@ def test_config_errors_name_key_value_and_suggestion():
     with pytest.raises(config_errors.ConfigError, match=r"rank_scope='global'.*'all', 'position'"):
         config_errors.validate(c)
     config_errors.validate(tiny_config())
+
+
+def test_full_frame_fit_on_wide_images_tiles_audits_and_refuses_mixed_sizes(ex, tmp_path):
+    rng = np.random.default_rng(5)
+    root = tmp_path / "wide"
+    root.mkdir()
+    for i in range(8):
+        img = np.concatenate([normal_image(rng), normal_image(rng)[:, :16]], axis=1)  # 48x32
+        Image.fromarray(img).save(root / f"n{i}.png")
+    bad = np.concatenate([normal_image(rng), defective_image(rng)[:, 16:]], axis=1)
+    Image.fromarray(bad).save(root / "d.png")
+    m = commands.fit_and_save(tiny_config(), str(root), str(tmp_path / "m"), extractor=ex)
+    reg = m.meta["region"]
+    assert (reg["tiles"], reg["origins"], reg["frame_hw"]) == (2, [[0, 0], [0, 16]], [32, 48])
+    assert reg["distinct_fraction"] == pytest.approx(48 * 32 / (2 * 32 * 32))
+    assert m.arrays["keep"].shape == (9, 2 * 16)  # positions = tiles x patches
+    assert os.path.getsize(tmp_path / "m" / "audit" / "contact_sheet.png") > 1000
+    Image.fromarray(normal_image(rng)).save(root / "square.png")
+    with pytest.raises(ValueError, match=r"one size.*square\.png.*32x32.*48x32"):
+        commands.fit_and_save(tiny_config(), str(root), str(tmp_path / "m2"), extractor=ex)
+    assert not os.path.exists(tmp_path / "m2")
+
+
+def test_main_prints_one_line_for_a_misspelt_key():
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run(
+        [sys.executable, "-m", "softpatch_jax.main", "--config=configs/demo.py",
+         "--workdir=/nonexistent/never_written", "--config.softpatch.tua=0.1"],
+        capture_output=True, text=True, cwd=repo, timeout=120,
+        env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=repo),
+    )  # fmt: skip
+    assert res.returncode == 2
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in res.stderr
+    assert "unknown config key 'softpatch.tua'; did you mean 'softpatch.tau'?" in lines[0]
