@@ -198,6 +198,14 @@ def test_tile_starts_cover_the_frame_by_hand():
     maps = np.zeros((8, 224, 224), np.float32)
     maps[0, 5, 7] = 3.0
     assert region.stitch(maps, v.origins, (256, 768))[5, 7] == 3.0
+    # Each pixel belongs to the tile with the nearest centre: x centres 112, 293, 475, 656.
+    own = region.owners(v.origins, 224, (256, 768))
+    assert own[0, 202] == 0 and own[0, 203] == 1 and own[0, 383] == 1 and own[0, 384] == 2
+    assert own[127, 0] == 0 and own[128, 0] == 4  # y centres 112 and 144: split at 128
+    # 256x256 in 2x2 tiles of a 28x28 grid (stride 8): the owned patches are the frame's 32x32.
+    v2 = region.views(np.zeros((256, 256, 3), np.uint8), 256, 224, "full")
+    owned = region.owned_patches(v2.origins, 224, (28, 28), (256, 256))
+    assert owned.shape == (4 * 28 * 28,) and owned.sum() == 32 * 32
 
 
 def test_defect_in_the_left_third_of_a_wide_frame_is_found_and_drawn(fitted, ex, tmp_path):

@@ -186,7 +186,13 @@ def fit(
         config.scoring.chunk_size,
     )
     del pool
-    train_scores = train_patch.max(axis=1)
+    owned = region_lib.owned_patches(
+        np.asarray(region_info["origins"]),
+        config.dataset.crop,
+        tuple(ex.grid),
+        tuple(region_info["frame_hw"]),
+    )
+    train_scores = train_patch[:, owned].max(axis=1)  # as predict scores an image
     names = [folder.escape(listing.relative(listing.records[i].path)) for i in kept]
     arrays = {f"scores/{k}": np.asarray(v) for k, v in out.scores_NxP.items()}
     arrays["keep"] = np.asarray(out.keep_NxP[opts.method])

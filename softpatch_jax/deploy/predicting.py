@@ -64,24 +64,31 @@ def build_extractor(
 
 
 def _scorer(model: model_lib.Model, ex: features.Extractor):
-    """(padded uint8 batch) -> (features, image scores [B], maps [B, H, W]); compiled once."""
+    """(padded uint8 batch) -> (features, classification patch scores [B, P], maps [B, H, W]);
+    `scoring.predict` before its max over patches, which the caller takes over owned patches."""
     cfg = model.config
     banks = model.banks
+    m_cls = banks.cls.feats_MxD.shape[0]
+    m_seg = banks.seg.feats_MxD.shape[0]
+    cls_chunk = cfg.scoring.chunk_size or scoring.chunk_size_for(m_cls)
+    seg_chunk = cfg.scoring.chunk_size or scoring.chunk_size_for(m_seg)
 
     def run(batch_BxHxWx3):
         f = ex.apply(ex.variables, jnp.asarray(batch_BxHxWx3))
         f = f.reshape(f.shape[0], -1, f.shape[-1])
-        s, maps = scoring.predict(
-            banks, f, ex.grid, ex.image_size, cfg.scoring.blur_sigma, cfg.scoring.chunk_size
+        cls = scoring.patch_scores(banks.cls, f, cls_chunk)
+        seg = cls if banks.seg is banks.cls else scoring.patch_scores(banks.seg, f, seg_chunk)
+        maps = scoring.anomaly_maps(
+            seg, tuple(ex.grid), tuple(ex.image_size), cfg.scoring.blur_sigma
         )
-        return f, s, maps
+        return f, cls, maps
 
     return run
 
 
 def _score_tiles(run, batch_size: int, tiles_TxHxWx3: np.ndarray):
     """Every tile through `run` in fixed-size padded batches -> features-finite flags [T],
-    scores [T], maps [T, H, W] (host)."""
+    patch scores [T, P], maps [T, H, W] (host)."""
     ok, scores, maps = [], [], []
     for start in range(0, len(tiles_TxHxWx3), batch_size):
         chunk = tiles_TxHxWx3[start : start + batch_size]
@@ -154,8 +161,10 @@ def predict(
                             f"NaN or inf in the backbone features of {paths[i]!r}; check the "
                             "backbone weights and dtype (bfloat16 can overflow)"
                         )
-                    frame_map = region_lib.stitch(maps[a:b], v.origins, v.frame.shape[:2])
-                    score = float(s[a:b].max())
+                    frame_hw = v.frame.shape[:2]
+                    frame_map = region_lib.stitch(maps[a:b], v.origins, frame_hw)
+                    owned = region_lib.owned_patches(v.origins, cfg.dataset.crop, ex.grid, frame_hw)
+                    score = float(s[a:b].reshape(-1)[owned].max())
                     if not (np.isfinite(score) and np.isfinite(frame_map).all()):
                         raise model_lib.DamagedModelError(
                             f"model {model.path!r} gives a non-finite score ({score}) for "
