@@ -35,7 +35,7 @@ def atomic_open(path: str, mode: str = "w", **kwargs):
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         if isinstance(e, OSError) and e.filename is None:  # ENOSPC from a write names no file
-            raise OSError(e.errno, f"{e.strerror} (writing {path!r})") from e
+            raise OSError(e.errno, e.strerror, path) from e
         raise
 
 

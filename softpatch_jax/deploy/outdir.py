@@ -195,7 +195,7 @@ def staged(
                 os.replace(stage, target)
         except OSError as e:
             if e.filename is None:
-                raise OSError(e.errno, f"{e.strerror} (writing {target!r})") from e
+                raise OSError(e.errno, e.strerror, target) from e
             raise
         finally:
             shutil.rmtree(stage, ignore_errors=True)
