@@ -35,6 +35,7 @@ def test_colab_notebook_runs_headless_on_cpu(tmp_path, monkeypatch):
     )
     assert f"checkout: {REPO}" in text
     assert "patchcore" in text and "softpatch_plus" in text  # the results table was shown
+    assert "random-init backbone" in text.lower()  # as the text says, the CPU run is marked
     assert os.path.isdir(tmp_path / "runs" / "noise_curve")
     figures = [
         o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})
