@@ -124,6 +124,13 @@ def predict(
     rule = threshold or model.meta["threshold"]["rule"]
     thr = threshold_lib.value(rule, model.arrays["train_scores"])
     mode = region_lib.check_mode(region or model.meta["region"]["mode"])
+    if mode != model.meta["region"]["mode"]:
+        logging.warning(
+            "--region=%s but the model was fitted on region=%s: its threshold comes from training "
+            "scores of that region, so scores are not on the same footing",
+            mode,
+            model.meta["region"]["mode"],
+        )
     listing = folder.list_images(sources)
     inputs = (sources,) if isinstance(sources, str) else tuple(sources)
     outdir.check_target(out_dir, MARKER, "prediction", overwrite=overwrite, inputs=inputs)
