@@ -359,3 +359,13 @@ def test_main_prints_one_line_for_a_misspelt_key():
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "Traceback" not in res.stderr
     assert "unknown config key 'softpatch.tua'; did you mean 'softpatch.tau'?" in lines[0]
+
+
+def test_audit_never_replaces_its_model_but_may_refresh_model_audit(fitted, tmp_path):
+    dst = _copy_model(fitted[1], tmp_path)
+    with pytest.raises(outdir.OutputFolderError, match="holds the input"):
+        commands.run_audit(dst, dst, overwrite=True)
+    with pytest.raises(outdir.OutputFolderError, match="pass --overwrite"):
+        commands.run_audit(dst, os.path.join(dst, "audit"))
+    commands.run_audit(dst, os.path.join(dst, "audit"), overwrite=True)
+    model.load(dst)  # the manifest still holds

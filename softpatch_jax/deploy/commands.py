@@ -139,7 +139,12 @@ def run_audit(
     """The audit into OUT, staged and renamed whole (`outdir.staged`)."""
     model = model_lib.load(model_dir)
     with outdir.staged(
-        out_dir, audit_lib.MARKER, "audit", overwrite=overwrite, inputs=(model_dir,)
+        out_dir,
+        audit_lib.MARKER,
+        "audit",
+        overwrite=overwrite,
+        inputs=(model_dir,),
+        input_folders=False,  # MODEL/audit may be refreshed; MODEL itself never replaced
     ) as (stage, _):
         return write_audit(model, stage, truth_csv=truth_csv, top=top)
 

@@ -59,10 +59,17 @@ def _inside(path: str, folder: str) -> bool:
 
 
 def check_target(
-    target: str, marker: str, kind: str, *, overwrite: bool, inputs: Sequence[str] = ()
+    target: str,
+    marker: str,
+    kind: str,
+    *,
+    overwrite: bool,
+    inputs: Sequence[str] = (),
+    input_folders: bool = True,
 ) -> None:
     """Raises unless `target` may be written: absent, empty, or (with overwrite) an earlier output
-    of this kind; never a folder that is, holds or lies inside one of the inputs' folders' files."""
+    of this kind; never a folder that is or holds an input, nor (input_folders: the inputs are
+    image folders) one inside an input folder."""
     real = os.path.realpath(target)
     for src in inputs:
         src_real = os.path.realpath(src)
@@ -71,7 +78,7 @@ def check_target(
                 f"{kind} folder {target!r} holds the input {src!r}: writing there would destroy "
                 "the images; choose another folder"
             )
-        if os.path.isdir(src_real) and _inside(real, src_real):
+        if input_folders and os.path.isdir(src_real) and _inside(real, src_real):
             raise OutputFolderError(
                 f"{kind} folder {target!r} lies inside the input folder {src!r}: it may hold input "
                 "images, and what is written there would be read as images by the next run; "
@@ -161,6 +168,7 @@ def staged(
     *,
     overwrite: bool = False,
     inputs: Sequence[str] = (),
+    input_folders: bool = True,
 ) -> Iterator[tuple[str, list[str]]]:
     """Yields (staging folder, cleaned leftovers); on a clean exit the staging folder replaces
     target whole. On any error the staging folder is removed and target is untouched."""
@@ -170,14 +178,15 @@ def staged(
         os.makedirs(parent, exist_ok=True)
     except OSError as e:
         raise PermissionError(f"folder {parent!r} is not writable: {e.strerror or e}") from e
-    check_target(target, marker, kind, overwrite=overwrite, inputs=inputs)
+    check = dict(overwrite=overwrite, inputs=inputs, input_folders=input_folders)
+    check_target(target, marker, kind, **check)
     try:
         lock_cm = lock(target)
         lock_cm.__enter__()
     except PermissionError as e:
         raise PermissionError(f"folder {parent!r} is not writable: {e.strerror or e}") from e
     try:
-        check_target(target, marker, kind, overwrite=overwrite, inputs=inputs)  # now under lock
+        check_target(target, marker, kind, **check)  # again, now under the lock
         cleaned = clean_leftovers(target)
         try:
             stage = tempfile.mkdtemp(prefix=f".{name}.staging-", dir=parent)
