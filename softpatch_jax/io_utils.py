@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import math
 import os
 import tempfile
 
@@ -21,21 +22,40 @@ def atomic_open(path: str, mode: str = "w", **kwargs):
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", dir=folder)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    os.fchmod(fd, 0o666 & ~mask)  # mkstemp makes 0600; the result follows the umask
     try:
         with os.fdopen(fd, mode, **kwargs) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.filename is None:  # ENOSPC from a write names no file
+            raise OSError(e.errno, e.strerror, path) from e
         raise
 
 
-def write_json(path: str, obj) -> None:
+def _finite(obj):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def write_json(path: str, obj, *, strict: bool = False) -> None:
+    """strict: valid JSON for any reader, NaN/inf written as null (json's default writes a bare
+    NaN, which only Python reads back)."""
+    if strict:
+        obj = _finite(obj)
     with atomic_open(path) as f:
-        json.dump(obj, f, indent=1, sort_keys=False, default=str)
+        json.dump(obj, f, indent=1, sort_keys=False, default=str, allow_nan=not strict)
         f.write("\n")
 
 

@@ -142,7 +142,9 @@ def test_disk_full_while_saving_leaves_no_model_and_no_temp(fitted, tmp_path, mo
 
 def test_disk_full_midway_through_predict_leaves_out_unchanged(fitted, ex, tmp_path, monkeypatch):
     m, _, root, _ = fitted
-    (tmp_path / "keep.txt").write_text("earlier file")
+    out = tmp_path / "out"
+    predicting.predict(m, root, str(out), skip_bad_images=True, extractor=ex)
+    before = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
     real, calls = io_utils.atomic_open, []
 
     def failing_open(path, mode="w", **kw):
@@ -153,8 +155,12 @@ def test_disk_full_midway_through_predict_leaves_out_unchanged(fitted, ex, tmp_p
 
     monkeypatch.setattr(io_utils, "atomic_open", failing_open)
     with pytest.raises(OSError, match="No space left"):
-        predicting.predict(m, root, str(tmp_path), skip_bad_images=True, extractor=ex)
-    assert sorted(os.listdir(tmp_path)) == ["keep.txt"]
+        predicting.predict(
+            m, root, str(out), skip_bad_images=True, extractor=ex, overwrite=True, threshold="0"
+        )
+    after = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    assert after == before  # the earlier prediction, byte for byte
+    assert sorted(os.listdir(tmp_path)) == ["out"]  # no staging folder, no lock left
 
 
 class _failing:

@@ -11,12 +11,21 @@ Rules (what `list_images` accepts and reports):
   mistake there is an error, not a skip).
 - Order is sorted by path, so runs are reproducible whatever the file system's listing order.
 - No image at all is an error naming the folder and saying what was ignored there.
+- Symbolic links are followed, but every real folder and every real file is visited once: a folder
+  reached again (a loop such as `sub/up -> ..`, or a second link to it) and a file reached again
+  (a link to an image already listed) are skipped and reported in `skipped` with the reason, as are
+  broken links and entries that are not regular files (a FIFO named x.png would block the reader).
+- Names are whatever bytes the file system holds. Inside Python they are str with undecodable bytes
+  as surrogates (os.fsdecode); every name the tool writes to CSV/JSON goes through `escape`:
+  a backslash becomes two, control characters and bytes that are not UTF-8 become \\xNN, so any
+  name can be written and `unescape` gives back the original (os.fsencode of it: the bytes).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Sequence
 
 from softpatch_jax.data.records import Record
@@ -38,6 +47,7 @@ class Listing:
     records: tuple[Record, ...]
     ignored: tuple[str, ...]
     root: str
+    skipped: tuple[tuple[str, str], ...] = ()  # (path, why): loops, repeats, broken links
 
     def relative(self, path: str) -> str:
         return os.path.relpath(path, self.root)
@@ -47,20 +57,86 @@ def is_image_name(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def _walk(folder: str) -> tuple[list[str], list[str]]:
-    images, ignored = [], []
+def escape(name: str) -> str:
+    """A file name (str from os.fsdecode) as printable UTF-8 text; `unescape` inverts it."""
+    out = []
+    for ch in name:
+        o = ord(ch)
+        if ch == "\\":
+            out.append("\\\\")
+        elif 0xDC80 <= o <= 0xDCFF:  # an undecodable byte, as surrogateescape carries it
+            out.append(f"\\x{o - 0xDC00:02x}")
+        elif o < 0x20 or o == 0x7F:
+            out.append(f"\\x{o:02x}")
+        else:
+            out.append(ch)
+    return "".join(out)
 
-    def onerror(err: OSError) -> None:
-        raise PermissionError(f"cannot list folder {err.filename!r}: {err.strerror}") from err
 
-    for dirpath, dirnames, filenames in os.walk(folder, onerror=onerror, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in filenames:
-            if name.startswith("."):
+_ESCAPED = re.compile(r"\\\\|\\x([0-9a-f]{2})")
+
+
+def unescape(text: str) -> str:
+    """The inverse of `escape`: the name as os.fsdecode gives it (os.fsencode -> original bytes)."""
+
+    def one(m: re.Match) -> str:
+        if m.group(1) is None:
+            return "\\"
+        v = int(m.group(1), 16)
+        return chr(0xDC00 + v) if v >= 0x80 else chr(v)
+
+    return _ESCAPED.sub(one, text)
+
+
+def _walk(folder: str) -> tuple[list[str], list[str], list[tuple[str, str]]]:
+    images, ignored, skipped = [], [], []
+    seen_dirs: dict[tuple[int, int], str] = {}
+    stack = [folder]
+    while stack:
+        d = stack.pop()
+        try:
+            st = os.stat(d)
+            key = (st.st_dev, st.st_ino)
+            if key in seen_dirs:
+                skipped.append((d, f"folder already visited as {seen_dirs[key]!r} (symlink loop)"))
                 continue
-            path = os.path.join(dirpath, name)
-            (images if is_image_name(name) else ignored).append(path)
-    return images, ignored
+            seen_dirs[key] = d
+            with os.scandir(d) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as err:
+            raise PermissionError(f"cannot list folder {d!r}: {err.strerror}") from err
+        subdirs = []
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            try:
+                if e.is_dir():  # follows links
+                    subdirs.append(e.path)
+                elif e.is_file():
+                    (images if is_image_name(e.name) else ignored).append(e.path)
+                elif e.is_symlink():
+                    skipped.append((e.path, "broken symbolic link"))
+                else:
+                    skipped.append((e.path, "not a regular file"))
+            except OSError as err:
+                skipped.append((e.path, f"cannot stat: {err.strerror}"))
+        stack += reversed(subdirs)
+    return images, ignored, skipped
+
+
+def _once(paths: list[str], skipped: list[tuple[str, str]]) -> list[str]:
+    """Sorted paths with every real file kept once (the first path in sorted order)."""
+    seen: dict[tuple[int, int], str] = {}
+    out = []
+    for p in sorted(set(paths)):
+        st = os.stat(p)
+        key = (st.st_dev, st.st_ino)
+        if key in seen:
+            skipped.append((p, f"same file as {seen[key]!r}"))
+            continue
+        seen[key] = p
+        out.append(p)
+    return out
 
 
 def list_images(sources: str | Sequence[str]) -> Listing:
@@ -77,11 +153,13 @@ def list_images(sources: str | Sequence[str]) -> Listing:
         raise FileNotFoundError("no images given: pass a folder or a list of image files")
     images: list[str] = []
     ignored: list[str] = []
+    skipped: list[tuple[str, str]] = []
     for src in sources:
         if os.path.isdir(src):
-            found, skipped = _walk(src)
+            found, passed, odd = _walk(src)
             images += found
-            ignored += skipped
+            ignored += passed
+            skipped += odd
         elif os.path.isfile(src):
             if not is_image_name(src):
                 raise ValueError(
@@ -91,7 +169,8 @@ def list_images(sources: str | Sequence[str]) -> Listing:
             images.append(src)
         else:
             raise FileNotFoundError(f"image source {src!r} does not exist")
-    images = sorted({os.path.abspath(p) for p in images})
+    skipped = [(os.path.abspath(p), why) for p, why in skipped]
+    images = _once([os.path.abspath(p) for p in images], skipped)
     ignored = sorted({os.path.abspath(p) for p in ignored})
     if not images:
         what = f"; ignored {len(ignored)} non-image file(s): {ignored[:5]}" if ignored else ""
@@ -103,4 +182,4 @@ def list_images(sources: str | Sequence[str]) -> Listing:
     # The deepest folder holding every image (commonpath of a single file is the file itself).
     root = os.path.dirname(images[0]) if len(images) == 1 else os.path.commonpath(images)
     records = tuple(Record(p, UNKNOWN, "unknown") for p in images)
-    return Listing(records, tuple(ignored), root)
+    return Listing(records, tuple(ignored), root, tuple(skipped))

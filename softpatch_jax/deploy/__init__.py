@@ -2,8 +2,10 @@
 training set. Command line: `python -m softpatch_jax.deploy {fit,predict,audit,make_demo} ...`
 (see `__main__.py`); the same operations as functions are in `commands.py`.
 
-Modules: fitting (fit), predicting (predict, streamed), model (save/load/compatibility), threshold
-(training scores and rules), audit (training-set audit), render (PNG heat maps, contact sheets).
+Modules: fitting (fit), predicting (predict, streamed), model (save/load with a checksummed
+manifest, compatibility), region (what is inspected: the whole frame in tiles, or the centre crop),
+outdir (output folders staged whole, locked, never replacing inputs), threshold (training scores
+and rules), audit (training-set audit), render (PNG heat maps, contact sheets).
 
 Determinism: all randomness (projection, coreset starts, threshold folds) derives from
 config.seed, files are read in sorted path order, and batches have a fixed padded size, so the

@@ -2,15 +2,18 @@
 
   python -m softpatch_jax.deploy fit --images=DIR --model=MODEL [--config=configs/demo.py]
       [--config.x=v] [--method=softpatch_plus] [--threshold=mad:3] [--skip_bad_images]
-      [--truth=truth.csv]          # fit also writes MODEL/audit/
+      [--region=full|center] [--truth=truth.csv] [--overwrite]   # fit also writes MODEL/audit/
   python -m softpatch_jax.deploy predict --model=MODEL --images=DIR_OR_FILE [--images=...]
       --out=DIR [--threshold=0.8|mad:3|quantile:0.95] [--skip_bad_images] [--nowrite_maps]
+      [--region=full|center] [--overwrite]
   python -m softpatch_jax.deploy audit --model=MODEL --out=DIR [--truth=truth.csv] [--top=16]
   python -m softpatch_jax.deploy make_demo --out=DIR [--category=pill] [--noise_ratio=0.2]
 
 Image files may also follow the command as positional arguments (shell globs). Errors about the
-input (bad image, empty folder, incompatible model, unwritable folder) print one message naming
-the file or value and exit with status 2; --debug shows the traceback instead.
+input (bad image, empty folder, incompatible or damaged model, unwritable or foreign output folder,
+bad config key or value) print one message naming the file or value and exit with status 2;
+--debug shows the traceback instead. Output folders (MODEL, OUT) are written whole or not at all;
+--overwrite replaces only an earlier output of the same kind (deploy/outdir.py).
 """
 
 from __future__ import annotations
@@ -22,8 +25,9 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from softpatch_jax import config_errors
 from softpatch_jax.data import demo, images
-from softpatch_jax.deploy import commands, fitting, model, threshold
+from softpatch_jax.deploy import commands, fitting, model, outdir, region, threshold
 
 
 def _default_config() -> str | None:
@@ -53,7 +57,19 @@ _THRESHOLD = flags.DEFINE_string(
 _METHOD = flags.DEFINE_string("method", "softpatch_plus", "fit: the method (see methods.py).")
 _SKIP_BAD = flags.DEFINE_bool("skip_bad_images", False, "Skip and list unreadable images.")
 _UPSCALE = flags.DEFINE_bool("allow_upscale", False, "Accept images smaller than the crop.")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "fit: replace an existing model folder.")
+_OVERWRITE = flags.DEFINE_bool(
+    "overwrite",
+    False,
+    "Replace an earlier output of the same kind (fit: a model with its manifest; predict/audit: "
+    "an earlier prediction/audit); never a folder holding the inputs or anything else.",
+)
+_REGION = flags.DEFINE_enum(
+    "region",
+    None,
+    list(region.MODES),
+    f"fit: what is inspected (default {region.DEFAULT}: the whole frame, tiled; center: the "
+    "centre crop only); predict: overrides the model's.",
+)
 _TRUTH = flags.DEFINE_string(
     "truth", None, "fit/audit: CSV (image, defective) for precision/recall."
 )
@@ -73,6 +89,9 @@ USER_ERRORS = (
     FloatingPointError,
     images.BadImageError,
     model.IncompatibleModelError,
+    model.DamagedModelError,
+    outdir.OutputFolderError,
+    config_errors.ConfigError,
 )
 
 
@@ -94,9 +113,11 @@ def run(command: str, extra: list[str]) -> None:
             threshold=_THRESHOLD.value or threshold.DEFAULT_RULE,
             skip_bad_images=_SKIP_BAD.value,
             allow_upscale=_UPSCALE.value,
+            region=_REGION.value or region.DEFAULT,
         )
         if _CONFIG.value is None:
             raise app.UsageError("no configs/base.py found: pass --config=PATH")
+        config_errors.validate(_CONFIG.value)
         commands.fit_and_save(
             _CONFIG.value,
             sources,
@@ -118,6 +139,8 @@ def run(command: str, extra: list[str]) -> None:
             allow_upscale=_UPSCALE.value,
             write_maps=_WRITE_MAPS.value,
             strict_version=_STRICT.value,
+            region=_REGION.value,
+            overwrite=_OVERWRITE.value,
         )
         flagged = sum(r["anomalous"] for r in rows)
         print(f"{len(rows)} images scored, {flagged} above threshold -> {_OUT.value}")
@@ -127,6 +150,7 @@ def run(command: str, extra: list[str]) -> None:
             _need(_OUT, "out", command),
             truth_csv=_TRUTH.value,
             top=_TOP.value,
+            overwrite=_OVERWRITE.value,
         )
         if "precision_recall" in summary:
             from softpatch_jax.deploy import audit
@@ -159,4 +183,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=config_errors.parse_flags)

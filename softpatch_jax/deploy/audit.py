@@ -34,6 +34,7 @@ from softpatch_jax import discriminators, io_utils
 from softpatch_jax.deploy import render
 
 FUSION = "fusion"
+MARKER = "audit.json"  # marks a folder as an audit written by this tool
 TOP_FRACTION = 0.01
 
 
@@ -147,6 +148,7 @@ def write(
     *,
     load_image: Callable[[int], np.ndarray | None],
     grid: tuple[int, int],
+    rank_map: Callable[[np.ndarray, tuple[int, int]], np.ndarray] | None = None,
     top: int = 16,
     tau: float = 0.15,
     truth_N: np.ndarray | None = None,
@@ -154,7 +156,8 @@ def write(
 ) -> dict:
     """audit.csv, audit.json (definitions, precision/recall if truth is given), contact_sheet.png of
     the `top` suspects with their fusion patch-rank maps. load_image(i) gives training image i's
-    crop, or None when it can no longer be read."""
+    picture (centre crop or whole frame), or None when it can no longer be read; rank_map(ranks_P,
+    (H, W)) draws an image's patch ranks at that size (default: a `grid` map upsampled)."""
     io_utils.check_writable(folder)
     table = rows(audit)
     io_utils.write_csv(os.path.join(folder, "audit.csv"), table)
@@ -175,10 +178,14 @@ def write(
     tiles, captions = [], []
     for pos, i in enumerate(audit.order[:top]):
         img = load_image(int(i))
-        r = audit.ranks_NxP[FUSION][i].reshape(grid)
+        r = audit.ranks_NxP[FUSION][i]
         if img is None:
             img = np.full((*grid, 3), 128, np.uint8)
-        up = render.upsample(r, img.shape[:2])
+            up = render.upsample(r[: grid[0] * grid[1]].reshape(grid), img.shape[:2])
+        elif rank_map is not None:
+            up = rank_map(r, img.shape[:2])
+        else:
+            up = render.upsample(r.reshape(grid), img.shape[:2])
         tiles.append(render.overlay(img, up, 1.0 - tau, 1.0))
         name = audit.names[i]
         known = "" if truth_N is None else (" [defective]" if truth_N[i] else " [normal]")
@@ -190,5 +197,5 @@ def write(
         f"top {len(tiles)} training suspects: fusion patch ranks above 1 - tau = {1 - tau:.2f} "
         f"shown{note}",
     )
-    io_utils.write_json(os.path.join(folder, "audit.json"), summary)
+    io_utils.write_json(os.path.join(folder, "audit.json"), summary, strict=True)
     return summary

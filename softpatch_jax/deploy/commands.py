@@ -20,8 +20,9 @@ from absl import logging
 
 from softpatch_jax import io_utils
 from softpatch_jax.data import demo, images, mvtec, noise
+from softpatch_jax.data import folder as folder_lib
 from softpatch_jax.deploy import audit as audit_lib
-from softpatch_jax.deploy import fitting, predicting, render
+from softpatch_jax.deploy import fitting, outdir, predicting, region, render
 from softpatch_jax.deploy import model as model_lib
 
 
@@ -34,9 +35,10 @@ def read_truth(path: str, names: Sequence[str], root: str) -> np.ndarray:
         raise ValueError(f"truth file {path!r} needs the columns 'image' and 'defective'")
     truth = {}
     for r in rows:
-        name = r["image"]
+        name = folder_lib.unescape(r["image"])
         if os.path.isabs(name):
             name = os.path.relpath(name, root)
+        name = folder_lib.escape(name)  # names as the model and audit carry them
         truth[os.path.normpath(name)] = r["defective"].strip() in ("1", "true", "True")
     missing = [n for n in names if os.path.normpath(n) not in truth]
     if missing:
@@ -52,23 +54,32 @@ def write_audit(
     """The audit report of a model's training set into `folder` (see deploy/audit.py)."""
     audit = fitting.audit_of(model)
     cfg = model.config
-    root = model.meta["training"]["root"]
+    root = folder_lib.unescape(model.meta["training"]["root"])
     truth = read_truth(truth_csv, audit.names, root) if truth_csv else None
+    reg = model.meta["region"]
+    grid = tuple(model.meta["embedding"]["grid"])
+    crop = cfg.dataset.crop
 
     def load_image(i: int):
         try:
-            path = os.path.join(root, audit.names[i])
-            return images.load(path, cfg.dataset.resize, cfg.dataset.crop, allow_upscale=True)
+            path = os.path.join(root, folder_lib.unescape(audit.names[i]))
+            v = region.load(path, cfg.dataset.resize, crop, reg["mode"], allow_upscale=True)
         except (images.BadImageError, OSError):
             return None  # moved or deleted since the fit: the sheet shows a grey tile
+        return v.frame if list(v.frame.shape[:2]) == reg["frame_hw"] else None
+
+    def rank_map(ranks, hw):
+        tiles = ranks.reshape(-1, *grid)
+        up = np.stack([render.upsample(t, (crop, crop)) for t in tiles])
+        return region.stitch(up, np.asarray(reg["origins"]), hw)
 
     note = " [RANDOM-INIT BACKBONE]" if model.meta.get("random_init") else ""
-    grid = tuple(model.meta["embedding"]["grid"])
     return audit_lib.write(
         folder,
         audit,
         load_image=load_image,
         grid=grid,
+        rank_map=rank_map,
         top=top,
         tau=cfg.softpatch.tau,
         truth_N=truth,
@@ -87,9 +98,9 @@ def fit_and_save(
     top: int = 16,
     extractor=None,
 ) -> model_lib.Model:
-    # Refuse an unusable target before the long part.
-    if os.path.exists(model_dir) and not overwrite:
-        raise FileExistsError(f"model folder {model_dir!r} already exists; pass --overwrite")
+    # Refuse an unusable target before the long part (save checks again, under its lock).
+    inputs = (sources,) if isinstance(sources, str) else tuple(sources)
+    outdir.check_target(model_dir, model_lib.MANIFEST, "model", overwrite=overwrite, inputs=inputs)
     io_utils.check_writable(os.path.dirname(os.path.abspath(model_dir)))
     model, audit, _ = fitting.fit(config, sources, opts or fitting.Options(), extractor)
     path = model_lib.save(
@@ -97,6 +108,7 @@ def fit_and_save(
         model_dir,
         overwrite=overwrite,
         extra_dirs={"audit": lambda d: write_audit(model, d, truth_csv=truth_csv, top=top)},
+        inputs=inputs,
     )
     thr = model.meta["threshold"]
     logging.info(
@@ -116,8 +128,25 @@ def run_predict(model_dir: str, sources: str | Sequence[str], out_dir: str, **kw
     return predicting.predict(model_lib.load(model_dir), sources, out_dir, **kwargs)
 
 
-def run_audit(model_dir: str, out_dir: str, *, truth_csv: str | None = None, top: int = 16) -> dict:
-    return write_audit(model_lib.load(model_dir), out_dir, truth_csv=truth_csv, top=top)
+def run_audit(
+    model_dir: str,
+    out_dir: str,
+    *,
+    truth_csv: str | None = None,
+    top: int = 16,
+    overwrite: bool = False,
+) -> dict:
+    """The audit into OUT, staged and renamed whole (`outdir.staged`)."""
+    model = model_lib.load(model_dir)
+    with outdir.staged(
+        out_dir,
+        audit_lib.MARKER,
+        "audit",
+        overwrite=overwrite,
+        inputs=(model_dir,),
+        input_folders=False,  # MODEL/audit may be refreshed; MODEL itself never replaced
+    ) as (stage, _):
+        return write_audit(model, stage, truth_csv=truth_csv, top=top)
 
 
 def make_demo(

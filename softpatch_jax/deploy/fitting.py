@@ -23,6 +23,7 @@ from softpatch_jax import coreset, discriminators, features, memory_bank, method
 from softpatch_jax.data import folder, images
 from softpatch_jax.deploy import audit as audit_lib
 from softpatch_jax.deploy import model as model_lib
+from softpatch_jax.deploy import region as region_lib
 from softpatch_jax.deploy import threshold as threshold_lib
 from softpatch_jax.io_utils import split_list
 
@@ -34,6 +35,7 @@ class Options:
     threshold_folds: int = threshold_lib.DEFAULT_FOLDS
     skip_bad_images: bool = False
     allow_upscale: bool = False
+    region: str = region_lib.DEFAULT  # "full" frame (tiled) or "center" crop, deploy/region.py
 
 
 def check_finite(feats_BxPxD: jax.Array, paths: Sequence[str]) -> None:
@@ -49,28 +51,41 @@ def check_finite(feats_BxPxD: jax.Array, paths: Sequence[str]) -> None:
 
 def extract_all(
     ex: features.Extractor, listing: folder.Listing, config, opts: Options
-) -> tuple[np.ndarray, list[int], list[images.BadImageError]]:
-    """Features [N, P, D] (host, float32) of the readable images, their listing indices, and the
-    skipped files."""
+) -> tuple[np.ndarray, list[int], list[images.BadImageError], dict]:
+    """Features [N, T*P, D] (host, float32) of the readable images (T tiles of P patches each,
+    deploy/region.py), their listing indices, the skipped files, and the region's description."""
     paths = [r.path for r in listing.records]
     chunks, kept, bad = [], [], []
+    layout, first = None, None
     done, t0 = 0, time.perf_counter()
-    for batch in images.iter_batches(
+    for index, views, skipped in region_lib.iter_views(
         paths,
         ex.batch_size,
         config.dataset.resize,
         config.dataset.crop,
+        opts.region,
         skip_bad=opts.skip_bad_images,
         allow_upscale=opts.allow_upscale,
     ):
-        bad += batch.bad
-        done += len(batch.index) + len(batch.bad)
-        if len(batch.index):
-            f = features.extract(ex, batch.images)
-            f = f.reshape(f.shape[0], -1, f.shape[-1])
-            check_finite(f, [paths[i] for i in batch.index])
+        bad += skipped
+        done += len(index) + len(skipped)
+        for i, v in zip(index, views):
+            if layout is None:
+                layout, first = v.layout, (paths[i], v)
+            elif v.layout != layout:
+                raise ValueError(
+                    f"fit with --region=full needs training images of one size: {paths[i]!r} is "
+                    f"{v.source_hw[1]}x{v.source_hw[0]} but {first[0]!r} is "
+                    f"{first[1].source_hw[1]}x{first[1].source_hw[0]} (width x height); "
+                    "resize them alike or pass --region=center"
+                )
+        if index:
+            tiles = np.concatenate([v.tiles for v in views])
+            f = features.extract(ex, tiles)
+            f = f.reshape(len(index), -1, f.shape[-1])  # [b, T*P, D], tile-major
+            check_finite(f, [paths[i] for i in index])
             chunks.append(np.asarray(f, np.float32))
-            kept += batch.index.tolist()
+            kept += index
         logging.info(
             "fit: features %d/%d images (%.1f img/s)",
             done,
@@ -84,7 +99,21 @@ def extract_all(
             f"fit needs at least 2 readable training images, found {len(kept)} "
             f"({len(bad)} skipped as bad) in {listing.root!r}"
         )
-    return np.concatenate(chunks), kept, bad
+    v = first[1]
+    info = {
+        "mode": opts.region,
+        "tiles": len(v.origins),
+        "origins": v.origins.tolist(),
+        "frame_hw": list(v.frame.shape[:2]),
+        "distinct_fraction": min(
+            1.0, v.frame.shape[0] * v.frame.shape[1] / (len(v.origins) * config.dataset.crop**2)
+        ),
+        "source_hw": list(v.source_hw),
+        "described": region_lib.describe(
+            opts.region, v, config.dataset.resize, config.dataset.crop
+        ),
+    }
+    return np.concatenate(chunks), kept, bad, info
 
 
 def fit(
@@ -111,7 +140,8 @@ def fit(
         )
     if ex.random_init:
         logging.warning(features.RANDOM_INIT_WARNING)
-    feats_np, kept, bad = extract_all(ex, listing, config, opts)
+    region_lib.check_mode(opts.region)
+    feats_np, kept, bad, region_info = extract_all(ex, listing, config, opts)
     n, p, d = feats_np.shape
     feats = jnp.asarray(feats_np)
     del feats_np
@@ -133,8 +163,14 @@ def fit(
     starts = coreset.draw_starts(
         memory_bank.stream(key, "coreset"), n * p, config.coreset.num_starts
     )
+    # Overlapping tiles hold near-duplicate patches: the coreset ratio counts the frame's distinct
+    # area, so the bank has the density per pixel it has on centre crops (deploy/region.py).
+    ratio = config.coreset.ratio * region_info["distinct_fraction"]
+    bank_config = ml_collections.ConfigDict(config.to_dict())
+    bank_config.coreset.ratio = ratio
+    region_info["coreset_ratio"] = ratio
     out = memory_bank.fit_many(
-        key, feats, config, [spec], projection=projection, starts=starts, scores_NxP=scores
+        key, feats, bank_config, [spec], projection=projection, starts=starts, scores_NxP=scores
     )
     banks = out.banks[opts.method]
     logging.info("fit: held-out training scores (%d folds)", opts.threshold_folds)
@@ -145,15 +181,21 @@ def fit(
         out.keep_NxP[opts.method],
         memory_bank.soft_weights(spec.cls, out.scores_NxP, (n, p)),
         starts,
-        config.coreset.ratio,
+        ratio,
         fold_N,
         config.scoring.chunk_size,
         distance=config.scoring.distance,
         strict=config.coreset.strict_parity,
     )
     del pool
-    train_scores = train_patch.max(axis=1)
-    names = [listing.relative(listing.records[i].path) for i in kept]
+    owned = region_lib.owned_patches(
+        np.asarray(region_info["origins"]),
+        config.dataset.crop,
+        tuple(ex.grid),
+        tuple(region_info["frame_hw"]),
+    )
+    train_scores = train_patch[:, owned].max(axis=1)  # as predict scores an image
+    names = [folder.escape(listing.relative(listing.records[i].path)) for i in kept]
     arrays = {f"scores/{k}": np.asarray(v) for k, v in out.scores_NxP.items()}
     arrays["keep"] = np.asarray(out.keep_NxP[opts.method])
     arrays["train_scores"] = train_scores
@@ -170,11 +212,16 @@ def fit(
             "value": threshold_lib.value(opts.threshold, train_scores),
             "train_scores": f"held out, {len(np.unique(fold_N))} folds (deploy/threshold.py)",
         },
+        "region": region_info,
         "training": {
-            "root": listing.root,
+            "root": folder.escape(listing.root),
             "images": names,
-            "skipped_bad": [{"path": b.path, "reason": b.reason} for b in bad],
-            "ignored_non_images": list(listing.ignored),
+            "names": "escaped (data/folder.py escape): \\ a backslash, \\xNN a byte",
+            "skipped_bad": [{"path": folder.escape(b.path), "reason": b.reason} for b in bad],
+            "ignored_non_images": [folder.escape(p) for p in listing.ignored],
+            "skipped_entries": [
+                {"path": folder.escape(p), "reason": why} for p, why in listing.skipped
+            ],
         },
         "banks": {
             "cls": int(banks.cls.feats_MxD.shape[0]),

@@ -4,12 +4,16 @@ sha256 of its parameters, the preprocessing, the embedding dimensions, the confi
 the threshold rule and the training-set statistics the audit and threshold are computed from.
 
 Layout of MODEL/:
-  model.json   human-readable metadata (FORMAT_VERSION below)
-  arrays/      orbax checkpoint: banks, projection, per-training-image audit arrays
-  audit/       the training-set audit written by `fit` (optional)
+  model.json     human-readable metadata (FORMAT_VERSION below)
+  arrays/        orbax checkpoint: banks, projection, per-training-image audit arrays
+  audit/         the training-set audit written by `fit` (optional)
+  manifest.json  sha256 and size of every file under arrays/ and of model.json (so of the config)
 
-Saving builds the whole folder under a temporary name beside the target and renames it into place
-last, so an interrupted save or a full disk never leaves a model that looks complete.
+Saving builds the whole folder under a staging name beside the target and renames it into place
+last (`deploy/outdir.py`), so an interrupted save or a full disk never leaves a model that looks
+complete. Loading verifies the manifest before reading anything else, then that every stored array
+is finite: a flipped byte, a missing or extra file, or a truncated array is a `DamagedModelError`
+naming the model and the file, never a model that scores.
 """
 
 from __future__ import annotations
@@ -18,9 +22,7 @@ import contextlib
 import dataclasses
 import hashlib
 import os
-import shutil
 import subprocess
-import tempfile
 
 import jax
 import ml_collections
@@ -30,15 +32,21 @@ from absl import logging
 
 import softpatch_jax
 from softpatch_jax import features, io_utils, models
+from softpatch_jax.deploy import outdir
 from softpatch_jax.memory_bank import Banks, MemoryBank
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: manifest.json of checksums
 META = "model.json"
 ARRAYS = "arrays"
+MANIFEST = "manifest.json"
 
 
 class IncompatibleModelError(ValueError):
     """The saved model cannot be used with this install; the message lists every difference."""
+
+
+class DamagedModelError(ValueError):
+    """The saved model's files do not match its manifest, or it holds NaN/inf: never score with it."""
 
 
 @dataclasses.dataclass
@@ -63,14 +71,7 @@ class Model:
 
     @property
     def config(self) -> ml_collections.ConfigDict:
-        cfg = ml_collections.ConfigDict(self.meta["config"])
-        # Models saved before scoring.distance existed were fitted and thresholded with the plain
-        # L2 distance (and the masked coreset): keep scoring them as they were fitted.
-        if "distance" not in cfg.scoring:
-            cfg.scoring.distance = "l2"
-        if "strict_parity" not in cfg.coreset:
-            cfg.coreset.strict_parity = False
-        return cfg
+        return ml_collections.ConfigDict(self.meta["config"])
 
 
 def git_commit() -> str | None:
@@ -222,19 +223,80 @@ def _quiet():
         logging.set_verbosity(level)
 
 
-def save(
-    model: Model, path: str, *, overwrite: bool = False, extra_dirs: dict | None = None
-) -> str:
-    """Writes MODEL/ atomically. extra_dirs {name: callable(folder)} add sub-folders (the audit)."""
-    path = os.path.abspath(path)
-    if os.path.exists(path) and not overwrite:
-        raise FileExistsError(
-            f"model folder {path!r} already exists; pass --overwrite to replace it"
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _covered(folder: str) -> list[str]:
+    """Relative paths the manifest covers: model.json and every file under arrays/."""
+    out = [META]
+    for dirpath, _, filenames in os.walk(os.path.join(folder, ARRAYS)):
+        out += [os.path.relpath(os.path.join(dirpath, f), folder) for f in filenames]
+    return sorted(out)
+
+
+def write_manifest(folder: str) -> dict:
+    files = {
+        rel: {
+            "sha256": _sha256(os.path.join(folder, rel)),
+            "bytes": os.path.getsize(os.path.join(folder, rel)),
+        }
+        for rel in _covered(folder)
+    }
+    manifest = {"format": FORMAT_VERSION, "algorithm": "sha256", "files": files}
+    io_utils.write_json(os.path.join(folder, MANIFEST), manifest, strict=True)
+    return manifest
+
+
+def verify(path: str) -> None:
+    """DamagedModelError naming the model and every file that is missing, extra or changed."""
+    man_path = os.path.join(path, MANIFEST)
+    if not os.path.isfile(man_path):
+        raise DamagedModelError(
+            f"model {path!r} has no {MANIFEST}: it is damaged, or was written by an older version "
+            "(format 1) without checksums; refit it"
         )
-    parent = os.path.dirname(path)
-    io_utils.check_writable(parent)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
     try:
+        files = io_utils.read_json(man_path)["files"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise DamagedModelError(f"model {path!r}: {MANIFEST} is unreadable ({e})") from e
+    problems = []
+    for rel in sorted(set(files) | set(_covered(path))):
+        full = os.path.join(path, rel)
+        if rel not in files:
+            problems.append(f"{rel}: not in the manifest (added after the fit)")
+        elif not os.path.isfile(full):
+            problems.append(f"{rel}: missing")
+        elif os.path.getsize(full) != files[rel]["bytes"]:
+            problems.append(
+                f"{rel}: {os.path.getsize(full)} bytes, the manifest says {files[rel]['bytes']}"
+            )
+        elif _sha256(full) != files[rel]["sha256"]:
+            problems.append(f"{rel}: sha256 differs from the manifest (contents changed)")
+    if problems:
+        raise DamagedModelError(
+            f"model {path!r} is damaged, refusing to use it (refit or restore it): "
+            + "; ".join(problems[:10])
+            + (f"; and {len(problems) - 10} more" if len(problems) > 10 else "")
+        )
+
+
+def save(
+    model: Model,
+    path: str,
+    *,
+    overwrite: bool = False,
+    extra_dirs: dict | None = None,
+    inputs: tuple[str, ...] = (),
+) -> str:
+    """Writes MODEL/ atomically (see `outdir.staged`: overwrite replaces only an earlier model, never
+    a folder holding `inputs`). extra_dirs {name: callable(folder)} add sub-folders (the audit)."""
+    path = os.path.abspath(path)
+    with outdir.staged(path, MANIFEST, "model", overwrite=overwrite, inputs=inputs) as (tmp, _):
         tree = {"cls": _bank_tree(model.banks.cls), "seg": _bank_tree(model.banks.seg)}
         tree["audit"] = {k.replace("/", "__"): np.asarray(v) for k, v in model.arrays.items()}
         if model.projection_DxR is not None:
@@ -243,20 +305,24 @@ def save(
             ckpt.save(os.path.join(tmp, ARRAYS), tree)
             ckpt.wait_until_finished()
         meta = dict(model.meta, seg_is_cls=model.banks.seg is model.banks.cls)
-        io_utils.write_json(os.path.join(tmp, META), meta)
+        io_utils.write_json(os.path.join(tmp, META), meta, strict=True)
         for name, write in (extra_dirs or {}).items():
             write(os.path.join(tmp, name))
-        if os.path.exists(path):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
-            os.replace(path, os.path.join(old, "m"))
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_manifest(tmp)
     return path
+
+
+def _check_finite(path: str, tree: dict, prefix: str = "") -> None:
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            _check_finite(path, value, f"{prefix}{key}/")
+            continue
+        arr = np.asarray(value)
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            raise DamagedModelError(
+                f"model {path!r} is damaged: array {prefix}{key} holds "
+                f"{int((~np.isfinite(arr)).sum())} NaN/inf values"
+            )
 
 
 def load(path: str) -> Model:
@@ -266,14 +332,25 @@ def load(path: str) -> Model:
         raise FileNotFoundError(
             f"{path!r} is not a saved model: expected {META} and {ARRAYS}/ (written by `fit`)"
         )
-    meta = io_utils.read_json(meta_path)
+    try:
+        meta = io_utils.read_json(meta_path)
+    except ValueError as e:
+        raise DamagedModelError(f"model {path!r}: {META} is not valid JSON ({e})") from e
     if meta.get("code", {}).get("format") != FORMAT_VERSION:
         raise IncompatibleModelError(
             f"{path!r} has model format {meta.get('code', {}).get('format')!r}; "
             f"this install reads format {FORMAT_VERSION}"
         )
-    with _quiet(), ocp.StandardCheckpointer() as ckpt:
-        tree = ckpt.restore(os.path.abspath(os.path.join(path, ARRAYS)))
+    verify(path)
+    try:
+        with _quiet(), ocp.StandardCheckpointer() as ckpt:
+            tree = ckpt.restore(os.path.abspath(os.path.join(path, ARRAYS)))
+    except Exception as e:  # orbax/tensorstore raise many types; the manifest passed, so say so
+        raise DamagedModelError(
+            f"model {path!r}: its arrays pass the checksums but cannot be read "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:300]})"
+        ) from e
+    _check_finite(path, tree)
     cls = _bank(tree["cls"])
     seg = cls if meta.get("seg_is_cls") else _bank(tree["seg"])
     arrays = {k.replace("__", "/"): np.asarray(v) for k, v in tree["audit"].items()}

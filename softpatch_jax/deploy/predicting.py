@@ -1,22 +1,27 @@
 """`predict` for the deployment tool: a saved model + images -> per-image score and decision, heat map
 and overlay PNGs, predictions.csv / predictions.json (METHOD.md section 5 for the scores).
 
-Streaming: images are decoded, embedded and scored one fixed-size batch at a time (padded, so the
-backbone and the scoring compile once) and each batch's maps are written and dropped before the next,
-so memory does not grow with the number of images. Everything is written into a staging folder inside
-OUT and moved into place only when the whole run succeeded, so a failure (bad image, full disk)
-leaves OUT as it was.
+Region: by default the whole frame, tiled at the fit's scale (deploy/region.py); every row says
+which region was inspected ("region" column) and the heat map covers the same frame.
+
+Streaming: images are decoded, tiled, embedded and scored one fixed-size batch of tiles at a time
+(padded, so the backbone and the scoring compile once) and each group's maps are written and dropped
+before the next, so memory does not grow with the number of images. OUT is built whole under a
+staging name beside it and renamed into place only when the run succeeded (deploy/outdir.py), so a
+failure (bad image, damaged model, full disk) leaves OUT as it was; an earlier prediction in OUT is
+replaced whole only with --overwrite.
+
+Decisions are never written from a damaged model: the model's checksums are verified on load
+(deploy/model.py), and a non-finite score or map is an error naming the model and the image.
 
 Output names mirror the images' paths relative to their common folder (nested folders may repeat
-file names): OUT/heatmaps/<rel>.png, OUT/overlays/<rel>.png.
+file names): OUT/heatmaps/<rel>.png, OUT/overlays/<rel>.png; in the CSV/JSON they are escaped
+(`folder.escape`), so names that are not UTF-8 survive and the original bytes can be recovered.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 
@@ -27,11 +32,12 @@ from absl import logging
 
 from softpatch_jax import features, io_utils, scoring
 from softpatch_jax.data import folder, images
-from softpatch_jax.deploy import fitting, render
 from softpatch_jax.deploy import model as model_lib
+from softpatch_jax.deploy import outdir, render
+from softpatch_jax.deploy import region as region_lib
 from softpatch_jax.deploy import threshold as threshold_lib
 
-OUTPUTS = ("predictions.csv", "predictions.json", "heatmaps", "overlays")
+MARKER = "predictions.json"  # marks a folder as a prediction written by this tool
 
 
 def map_scale(model: model_lib.Model, thr: float) -> tuple[float, float]:
@@ -58,25 +64,47 @@ def build_extractor(
 
 
 def _scorer(model: model_lib.Model, ex: features.Extractor):
-    """(padded uint8 batch) -> (image scores [B], maps [B, H, W]); shapes fixed, compiled once."""
+    """(padded uint8 batch) -> (features, classification patch scores [B, P], maps [B, H, W]);
+    `scoring.predict` before its max over patches, which the caller takes over owned patches."""
     cfg = model.config
     banks = model.banks
+    m_cls = banks.cls.feats_MxD.shape[0]
+    m_seg = banks.seg.feats_MxD.shape[0]
+    cls_chunk = cfg.scoring.chunk_size or scoring.chunk_size_for(m_cls)
+    seg_chunk = cfg.scoring.chunk_size or scoring.chunk_size_for(m_seg)
 
     def run(batch_BxHxWx3):
         f = ex.apply(ex.variables, jnp.asarray(batch_BxHxWx3))
         f = f.reshape(f.shape[0], -1, f.shape[-1])
-        s, maps = scoring.predict(
-            banks,
-            f,
-            ex.grid,
-            ex.image_size,
-            cfg.scoring.blur_sigma,
-            cfg.scoring.chunk_size,
-            distance=cfg.scoring.distance,
+        dist = cfg.scoring.distance
+        cls = scoring.patch_scores(banks.cls, f, cls_chunk, distance=dist)
+        seg = (
+            cls
+            if banks.seg is banks.cls
+            else scoring.patch_scores(banks.seg, f, seg_chunk, distance=dist)
         )
-        return f, s, maps
+        maps = scoring.anomaly_maps(
+            seg, tuple(ex.grid), tuple(ex.image_size), cfg.scoring.blur_sigma
+        )
+        return f, cls, maps
 
     return run
+
+
+def _score_tiles(run, batch_size: int, tiles_TxHxWx3: np.ndarray):
+    """Every tile through `run` in fixed-size padded batches -> features-finite flags [T],
+    patch scores [T, P], maps [T, H, W] (host)."""
+    ok, scores, maps = [], [], []
+    for start in range(0, len(tiles_TxHxWx3), batch_size):
+        chunk = tiles_TxHxWx3[start : start + batch_size]
+        real = len(chunk)
+        padded = np.zeros((batch_size, *chunk.shape[1:]), np.uint8)
+        padded[:real] = chunk
+        f, s, m = run(padded)
+        ok.append(np.asarray(jnp.all(jnp.isfinite(f[:real]), axis=(1, 2))))
+        scores.append(np.asarray(s[:real]))
+        maps.append(np.asarray(m[:real]))
+    return np.concatenate(ok), np.concatenate(scores), np.concatenate(maps)
 
 
 def predict(
@@ -90,43 +118,75 @@ def predict(
     write_maps: bool = True,
     strict_version: bool = True,
     extractor: features.Extractor | None = None,
+    region: str | None = None,
+    overwrite: bool = False,
 ) -> list[dict]:
-    """Scores every image under `sources`; writes OUT (see module docstring); returns the rows."""
+    """Scores every image under `sources`; writes OUT (see module docstring); returns the rows.
+
+    region: "full" or "center" (deploy/region.py); default the one the model was fitted with.
+    overwrite: replace an OUT that holds an earlier prediction (anything else there is an error).
+    """
     rule = threshold or model.meta["threshold"]["rule"]
     thr = threshold_lib.value(rule, model.arrays["train_scores"])
+    mode = region_lib.check_mode(region or model.meta["region"]["mode"])
+    if mode != model.meta["region"]["mode"]:
+        logging.warning(
+            "--region=%s but the model was fitted on region=%s: its threshold comes from training "
+            "scores of that region, so scores are not on the same footing",
+            mode,
+            model.meta["region"]["mode"],
+        )
     listing = folder.list_images(sources)
-    io_utils.check_writable(out_dir)
+    inputs = (sources,) if isinstance(sources, str) else tuple(sources)
+    outdir.check_target(out_dir, MARKER, "prediction", overwrite=overwrite, inputs=inputs)
+    io_utils.check_writable(os.path.dirname(os.path.abspath(out_dir)))
     ex = build_extractor(model, strict_version, extractor)
     lo, hi = map_scale(model, thr)
     cfg = model.config
     paths = [r.path for r in listing.records]
     run = _scorer(model, ex)
-    stage = tempfile.mkdtemp(prefix=".predict-staging-", dir=out_dir)
     rows: list[dict] = []
     bad: list[images.BadImageError] = []
-    try:
+    with outdir.staged(out_dir, MARKER, "prediction", overwrite=overwrite, inputs=inputs) as (
+        stage,
+        cleaned,
+    ):
         t0 = time.perf_counter()
-        for batch in images.iter_batches(
+        for index, views, skipped in region_lib.iter_views(
             paths,
             ex.batch_size,
             cfg.dataset.resize,
             cfg.dataset.crop,
+            mode,
             skip_bad=skip_bad_images,
             allow_upscale=allow_upscale,
         ):
-            bad += batch.bad
-            real = len(batch.index)
-            if real:
-                padded = np.zeros((ex.batch_size, *batch.images.shape[1:]), np.uint8)
-                padded[:real] = batch.images
-                f, s, maps = run(padded)
-                fitting.check_finite(f[:real], [paths[i] for i in batch.index])
-                s, maps = np.asarray(s[:real]), np.asarray(maps[:real])
-                for j, i in enumerate(batch.index):
-                    row = _row(listing, paths[i], float(s[j]), float(maps[j].max()), thr)
+            bad += skipped
+            if index:
+                tiles = np.concatenate([v.tiles for v in views])
+                ok, s, maps = _score_tiles(run, ex.batch_size, tiles)
+                bounds = np.cumsum([0] + [len(v.origins) for v in views])
+                for j, (i, v) in enumerate(zip(index, views)):
+                    a, b = bounds[j], bounds[j + 1]
+                    if not ok[a:b].all():
+                        raise FloatingPointError(
+                            f"NaN or inf in the backbone features of {paths[i]!r}; check the "
+                            "backbone weights and dtype (bfloat16 can overflow)"
+                        )
+                    frame_hw = v.frame.shape[:2]
+                    frame_map = region_lib.stitch(maps[a:b], v.origins, frame_hw)
+                    owned = region_lib.owned_patches(v.origins, cfg.dataset.crop, ex.grid, frame_hw)
+                    score = float(s[a:b].reshape(-1)[owned].max())
+                    if not (np.isfinite(score) and np.isfinite(frame_map).all()):
+                        raise model_lib.DamagedModelError(
+                            f"model {model.path!r} gives a non-finite score ({score}) for "
+                            f"{paths[i]!r}; refusing to decide: the model is damaged"
+                        )
+                    described = region_lib.describe(mode, v, cfg.dataset.resize, cfg.dataset.crop)
+                    row = _row(listing, paths[i], score, float(frame_map.max()), thr, described)
                     rows.append(row if write_maps else _without_maps(row))
                     if write_maps:
-                        _write_maps(stage, row, batch.images[j], maps[j], lo, hi)
+                        _write_maps(stage, paths[i], listing, v.frame, frame_map, lo, hi)
             done = len(rows) + len(bad)
             rate = done / max(time.perf_counter() - t0, 1e-9)
             logging.info("predict: %d/%d images (%.1f img/s)", done, len(paths), rate)
@@ -135,36 +195,44 @@ def predict(
         summary = {
             "model": model.path,
             "threshold": {"rule": rule, "value": thr},
+            "region": {"mode": mode, "doc": region_lib.MODE_DOC[mode]},
             "map_scale": {"lo": lo, "hi": hi, "colormap": "inferno"},
             "num_images": len(rows),
             "num_anomalous": int(sum(r["anomalous"] for r in rows)),
-            "skipped_bad": [{"path": b.path, "reason": b.reason} for b in bad],
-            "ignored_non_images": list(listing.ignored),
+            "skipped_bad": [{"path": folder.escape(b.path), "reason": b.reason} for b in bad],
+            "ignored_non_images": [folder.escape(p) for p in listing.ignored],
+            "skipped_entries": [
+                {"path": folder.escape(p), "reason": why} for p, why in listing.skipped
+            ],
+            "cleaned_leftovers": [folder.escape(p) for p in cleaned],
+            "names": "escaped: \\ is a backslash, \\xNN a control character or non-UTF-8 byte",
             "random_init": ex.random_init,
             "devices": [str(d) for d in jax.devices()],
             "rows": rows,
         }
         io_utils.write_csv(os.path.join(stage, "predictions.csv"), rows)
-        io_utils.write_json(os.path.join(stage, "predictions.json"), summary)
-        _commit(stage, out_dir)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+        io_utils.write_json(os.path.join(stage, MARKER), summary, strict=True)
     for b in bad:
         logging.warning("skipped bad image %s", b)
+    for p, why in listing.skipped:
+        logging.warning("skipped %s: %s", p, why)
     return rows
 
 
-def _row(listing: folder.Listing, path: str, score: float, map_max: float, thr: float) -> dict:
+def _row(
+    listing: folder.Listing, path: str, score: float, map_max: float, thr: float, region: str
+) -> dict:
     rel = listing.relative(path)
     return {
-        "image": rel,
-        "path": path,
+        "image": folder.escape(rel),
+        "path": folder.escape(path),
         "score": score,
         "threshold": thr,
         "anomalous": bool(score > thr),
         "map_max": map_max,
-        "heatmap": os.path.join("heatmaps", _png_name(rel)),
-        "overlay": os.path.join("overlays", _png_name(rel)),
+        "region": region,
+        "heatmap": folder.escape(os.path.join("heatmaps", _png_name(rel))),
+        "overlay": folder.escape(os.path.join("overlays", _png_name(rel))),
     }
 
 
@@ -177,19 +245,8 @@ def _without_maps(row: dict) -> dict:
     return {k: v for k, v in row.items() if k not in ("heatmap", "overlay")}
 
 
-def _write_maps(stage: str, row: dict, image: np.ndarray, map_HxW: np.ndarray, lo, hi) -> None:
-    render.save_png(os.path.join(stage, row["heatmap"]), render.heat(map_HxW, lo, hi))
-    render.save_png(os.path.join(stage, row["overlay"]), render.overlay(image, map_HxW, lo, hi))
-
-
-def _commit(stage: str, out_dir: str) -> None:
-    """Moves the staged outputs over OUT's previous ones; a leftover from an earlier run of the same
-    name is replaced, anything else in OUT is left alone."""
-    for name in OUTPUTS:
-        src, dst = os.path.join(stage, name), os.path.join(out_dir, name)
-        if not os.path.exists(src):
-            continue
-        if os.path.isdir(dst):
-            with contextlib.suppress(FileNotFoundError):
-                shutil.rmtree(dst)
-        os.replace(src, dst)
+def _write_maps(stage, path, listing, frame, map_HxW, lo, hi) -> None:
+    """Heat map and overlay under their real (unescaped) names, mirroring the input tree."""
+    name = _png_name(listing.relative(path))
+    render.save_png(os.path.join(stage, "heatmaps", name), render.heat(map_HxW, lo, hi))
+    render.save_png(os.path.join(stage, "overlays", name), render.overlay(frame, map_HxW, lo, hi))

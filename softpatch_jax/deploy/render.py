@@ -22,7 +22,9 @@ _LUT = (matplotlib.colormaps["inferno"](np.linspace(0, 1, 256))[:, :3] * 255 + 0
 
 
 def heat(map_HxW: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """uint8 [H, W, 3] colour image of a map on the fixed scale [lo, hi]."""
+    """uint8 [H, W, 3] colour image of a map on the fixed scale [lo, hi]; NaN/inf are errors."""
+    if not (np.isfinite(lo) and np.isfinite(hi) and np.isfinite(map_HxW).all()):
+        raise ValueError(f"heat map scale ({lo}, {hi}) or map values are not finite")
     span = max(float(hi) - float(lo), 1e-12)
     t = np.clip((np.asarray(map_HxW, np.float64) - lo) / span, 0.0, 1.0)
     return _LUT[np.rint(t * 255).astype(np.int64)]

@@ -36,18 +36,22 @@ def parse(rule: str) -> tuple[str, float]:
     """'mad:3' -> ('mad', 3.0); '0.7' -> ('value', 0.7). ValueError names the bad rule."""
     text = str(rule).strip()
     kind, _, arg = text.partition(":")
+    if not arg:
+        kind, arg = "value", text
     try:
-        if not arg:
-            return "value", float(text)
         value = float(arg)
     except ValueError:
         value = None
-    if value is None or kind not in ("mad", "quantile", "") or not np.isfinite(value):
+    if value is None or kind not in ("mad", "quantile", "value"):
         raise ValueError(
             f"threshold {rule!r} not understood: use a number, 'mad:K' or 'quantile:Q' (0<Q<1)"
         )
+    if not np.isfinite(value):
+        raise ValueError(f"threshold {rule!r}: the number must be finite (not NaN or inf)")
     if kind == "quantile" and not 0.0 < value < 1.0:
         raise ValueError(f"threshold {rule!r}: the quantile must be in (0, 1)")
+    if kind == "mad" and value < 0:
+        raise ValueError(f"threshold {rule!r}: K must be >= 0")
     return kind, value
 
 
@@ -57,6 +61,11 @@ def value(rule: str, train_scores_N: np.ndarray) -> float:
     s = np.asarray(train_scores_N, np.float64)
     if kind == "value":
         return float(arg)
+    if not np.isfinite(s).all():
+        raise FloatingPointError(
+            f"threshold {rule!r}: {int((~np.isfinite(s)).sum())} training score(s) are NaN/inf "
+            "(a damaged model?)"
+        )
     if kind == "quantile":
         return float(np.quantile(s, arg))
     med = float(np.median(s))

@@ -1,0 +1,166 @@
+"""Configuration errors as one line, for every command line (`main`, `deploy`): a misspelt key, a value
+of the wrong type, or a value out of its range or choices prints the key, the value and what is
+expected ("did you mean ..." for a misspelt key), with no traceback, and exits with status 2.
+
+  app.run(main, flags_parser=config_errors.parse_flags)   # flag parsing errors
+  config_errors.validate(config)                          # ranges and choices (RULES below)
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import sys
+
+import ml_collections
+from absl import flags
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the key, the value and what is expected."""
+
+
+def _fraction(lo_open: bool, hi_open: bool):
+    def check(v):
+        lo_ok = v > 0 if lo_open else v >= 0
+        hi_ok = v < 1 if hi_open else v <= 1
+        return lo_ok and hi_ok
+
+    text = ("(" if lo_open else "[") + "0, 1" + (")" if hi_open else "]")
+    return check, f"a number in {text}"
+
+
+def _at_least(n):
+    return (lambda v: v >= n), f"an integer >= {n}"
+
+
+def _choices(*names):
+    return (lambda v: v in names), "one of " + ", ".join(repr(n) for n in names)
+
+
+def _each(check_text):
+    check, text = check_text
+
+    def each(v):
+        items = [s.strip() for s in str(v).split(",") if s.strip()]
+        try:
+            return bool(items) and all(check(float(s)) for s in items)
+        except ValueError:
+            return False
+
+    return each, f"a comma list of {text.replace('a number', 'numbers')}"
+
+
+# key -> (predicate, what is expected). Keys absent from a config are not checked.
+RULES = {
+    "softpatch.tau": _fraction(False, True),
+    "softpatch.tau_seg": _fraction(False, True),
+    "softpatch.lof_k": _at_least(1),
+    "softpatch.projection_dim": _at_least(0),
+    "softpatch.soft_weight": _choices("lof", "nearest", "gaussian", "fused", "none"),
+    "softpatch.rank_scope": _choices("all", "position"),
+    "softpatch.discriminator": _choices("nearest", "gaussian", "lof"),
+    "coreset.ratio": _fraction(True, False),
+    "coreset.num_starts": _at_least(1),
+    "dataset.resize": _at_least(1),
+    "dataset.crop": _at_least(1),
+    "dataset.batch_size": _at_least(1),
+    "backbone.dtype": _choices("float32", "bfloat16"),
+    "noise.ratios": _each(_fraction(False, False)),
+    "scoring.blur_sigma": ((lambda v: v >= 0), "a number >= 0"),
+}
+
+
+def _get(config, dotted: str):
+    node = config
+    for part in dotted.split("."):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            return None, False
+        node = node[part]
+    return node, True
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """ConfigError for the first value outside its range or choices (RULES)."""
+    for key, (check, expected) in RULES.items():
+        value, found = _get(config, key)
+        if found and not check(value):
+            raise ConfigError(f"config key {key}={value!r} is invalid: expected {expected}")
+    crop, found = _get(config, "dataset.crop")
+    resize, found2 = _get(config, "dataset.resize")
+    if found and found2 and resize < crop:
+        raise ConfigError(f"config key dataset.resize={resize} must be >= dataset.crop={crop}")
+
+
+def unknown_key(config: ml_collections.ConfigDict, dotted: str) -> str | None:
+    """'unknown config key ...; did you mean ...' for the first part of `dotted` that is not there,
+    or None when the whole path exists."""
+    node, seen = config, []
+    for part in dotted.split("."):
+        if not isinstance(node, ml_collections.ConfigDict):
+            return f"config key {'.'.join(seen)} is a value, not a section: {dotted!r} is unknown"
+        if part not in node:
+            keys = sorted(node.keys())
+            where = ".".join(seen)
+            close = difflib.get_close_matches(part, keys, n=1, cutoff=0.5)
+            hint = f"; did you mean {'.'.join([*seen, close[0]])!r}?" if close else ""
+            return (
+                f"unknown config key {'.'.join([*seen, part])!r}{hint} "
+                f"(keys {'in ' + where if where else 'at the top'}: {', '.join(keys)})"
+            )
+        seen.append(part)
+        node = node[part]
+    return None
+
+
+def _load_config(argv: list[str]) -> ml_collections.ConfigDict | None:
+    """The config named by --config=PATH[:ARG] in argv (or the flag's default), best effort."""
+    path = None
+    for a in argv:
+        if a.startswith("--config="):
+            path = a.split("=", 1)[1]
+    if path is None and "config" in flags.FLAGS:
+        path = flags.FLAGS["config"].default_as_str
+        path = path.strip("'\"") if path else None
+    if not path:
+        return None
+    path, _, arg = path.partition(":")
+    try:
+        spec = importlib.util.spec_from_file_location("_config_for_error", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module.get_config(arg) if arg else module.get_config()
+    except Exception:  # the error is about a bad config file: let absl's message stand
+        return None
+
+
+def explain(argv: list[str], error: Exception) -> str:
+    """One line for an error raised while parsing `argv`'s flags."""
+    config = _load_config(argv)
+    for a in argv:
+        if a.startswith("--config.") and config is not None:
+            key, _, value = a[len("--config.") :].partition("=")
+            msg = unknown_key(config, key)
+            if msg:
+                return f"{msg}, in {a}"
+            current, _ = _get(config, key)
+            if key in str(error) or f"--config.{key}" in str(error):
+                return (
+                    f"config key {key}={value!r} is invalid: expected a "
+                    f"{type(current).__name__} (default {current!r})"
+                )
+    return _last_line(error)
+
+
+def _last_line(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    return (text[-1] if text else type(error).__name__).strip("\"'")
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl `flags_parser` for app.run: flag errors as one line on stderr, exit status 2."""
+    try:
+        return flags.FLAGS(argv)
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+        print(f"error: {explain(argv, e)}", file=sys.stderr)
+        sys.exit(2)
