@@ -106,12 +106,14 @@ def block_rows() -> int:
 
 
 def step_distances(x_RxN: jax.Array, x_sq_N: jax.Array, c_KxR: jax.Array, c_sq_K: jax.Array):
-    """Distances [K, N] of every (centred, feature-major) patch to each mask's picked patch; K is a
-    multiple of `block_rows()`. One pass over x_RxN per block of masks: the step's only one."""
-    b = block_rows()
-    prod_KxN = jnp.concatenate(
-        [ops.matmul(c_KxR[i : i + b], x_RxN) for i in range(0, c_KxR.shape[0], b)]
-    )
+    """Distances [K, N] of every (centred, feature-major) patch to each mask's picked patch: one
+    pass over x_RxN per block of `block_rows()` masks (the step's only one). The last block is
+    padded with zero rows for the product only."""
+    b, k = block_rows(), c_KxR.shape[0]
+    c = jnp.pad(c_KxR, ((0, (-k) % b), (0, 0)))
+    prod_KxN = jnp.concatenate([ops.matmul(c[i : i + b], x_RxN) for i in range(0, c.shape[0], b)])[
+        :k
+    ]
     d2 = x_sq_N[None, :] + c_sq_K[:, None] - 2.0 * prod_KxN
     return jnp.sqrt(jnp.maximum(d2, 0.0))
 
@@ -149,7 +151,7 @@ def _steps(prepared: Prepared, keep_KxN: jax.Array, carry: Carry, lo, hi, strict
 
     def step(i, carry):
         min_d, picked = carry
-        j_K = jnp.argmax(min_d, axis=1)
+        j_K = ops.first_argmax(min_d)
         c_KxR = jnp.take(x_RxN, j_K, axis=1).T
         d = masked_step(step_distances(x_RxN, x_sq, c_KxR, x_sq[j_K]), keep_KxN, strict)
         min_d = jnp.minimum(min_d, d)
@@ -165,13 +167,6 @@ def segments(num_samples: int, progress: Callable[[int], None] | None, count: in
         return [(0, num_samples)]
     size = max(1, -(-num_samples // count))
     return [(lo, min(lo + size, num_samples)) for lo in range(0, num_samples, size)]
-
-
-def pad_masks(keep_KxN: jax.Array, multiple: int) -> jax.Array:
-    """Pads the mask axis to a multiple of `multiple` with all-False masks (their picks are junk,
-    cut off by the caller)."""
-    k = keep_KxN.shape[0]
-    return jnp.pad(keep_KxN, ((0, (-k) % multiple), (0, 0)))
 
 
 def select_many(
@@ -193,15 +188,14 @@ def select_many(
     progress: called on the host with the number of picks done after each of ~50 segments of the
       loop (each segment one device call; nothing runs on the host inside the loop).
     """
-    k = keep_KxN.shape[0]
-    keep = pad_masks(jnp.asarray(keep_KxN, bool), block_rows())
+    keep = jnp.asarray(keep_KxN, bool)
     carry = _init(prepared, keep, int(num_samples), bool(strict))
     for lo, hi in segments(int(num_samples), progress):
         carry = _steps(prepared, keep, carry, jnp.int32(lo), jnp.int32(hi), bool(strict))
         if progress is not None:
             jax.block_until_ready(carry.picked_KxM)
             progress(hi - lo)
-    return carry.picked_KxM[:k]
+    return carry.picked_KxM
 
 
 def select(

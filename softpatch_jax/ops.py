@@ -74,6 +74,16 @@ def pairwise_dist(a_MxD: jax.Array, b_NxD: jax.Array) -> jax.Array:
     return jnp.sqrt(pairwise_sqdist(a_MxD, b_NxD))
 
 
+def first_argmax(x_KxN: jax.Array) -> jax.Array:
+    """`jnp.argmax(x, axis=-1)` (first index of the max; no NaNs) as two plain reductions: XLA's CPU
+    backend runs argmax's (value, index) reduce over rows of a [4, N] array ~7x slower than one
+    [N] row, where a max and an index min stay vectorised (measured at N = 156,800)."""
+    n = x_KxN.shape[-1]
+    top = jnp.max(x_KxN, axis=-1, keepdims=True)
+    iota = jax.lax.broadcasted_iota(jnp.int32, x_KxN.shape, x_KxN.ndim - 1)
+    return jnp.min(jnp.where(x_KxN == top, iota, n), axis=-1)
+
+
 def smallest_k(x_NxM: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     """The k smallest values per row, ascending, and their column indices."""
     neg, idx = jax.lax.top_k(-x_NxM, k)

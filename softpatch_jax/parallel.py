@@ -237,7 +237,7 @@ def _select_fn(m: Mesh, strict: bool):
 
         def step(i, carry):
             min_d, picked = carry
-            lj_K = jnp.argmax(min_d, axis=1)
+            lj_K = ops.first_argmax(min_d)
             c_KxR = jnp.take(x_RxL, lj_K, axis=1).T
             # One gather carries every device's candidates: min-distance, squared norm and row.
             cand = jnp.concatenate([min_d[rows, lj_K][:, None], x_sq_L[lj_K][:, None], c_KxR], 1)
@@ -270,8 +270,7 @@ def select_many(
     """`coreset.select_many` on `prepare`'s sharded inputs: indices [K, num_samples] into the
     unpadded pool, bitwise those of one device (progress: as there)."""
     m = mesh or default_mesh()
-    k, n = keep_KxN.shape
-    keep_KxN = coreset.pad_masks(jnp.asarray(keep_KxN, bool), coreset.block_rows())
+    n = keep_KxN.shape[1]
     keep = _place(_pad(keep_KxN, m.size, axis=1), m, P(None, AXIS))  # padding rows: never picked
     valid = _place(_pad(jnp.ones((n,), bool), m.size, axis=0), m, P(AXIS))
     carry = (
@@ -284,7 +283,7 @@ def select_many(
         if progress is not None:
             jax.block_until_ready(carry)
             progress(hi - lo)
-    return _local(carry[1])[:k]
+    return _local(carry[1])
 
 
 def select(
