@@ -48,8 +48,8 @@ def prepare_rows(
     per shard gives the same rows as running it whole. Centring on the pool mean (`ops.mean_row`)
     changes no distance but keeps the float32 |a|^2 + |b|^2 - 2ab form accurate.
 
-    The features are stored feature-major [R, N]: each step's distances are then one vector-matrix
-    product c @ x_RxN, which XLA's CPU backend runs multi-threaded near memory bandwidth, where the
+    The features are stored feature-major [R, N]: each step's distances are then products
+    c_BxR @ x_RxN (`step_distances`), which XLA's CPU backend runs multi-threaded, where the
     row-major matrix-vector product measured ~5x slower and a direct sum((x - c)^2) slower still.
     The transposed copy is written `block` rows at a time into its buffer, because XLA made the
     one-shot centre+transpose in two full-size temporaries (4x the pool at peak instead of 2x).
