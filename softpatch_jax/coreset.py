@@ -111,9 +111,8 @@ def step_distances(x_RxN: jax.Array, x_sq_N: jax.Array, c_KxR: jax.Array, c_sq_K
     padded with zero rows for the product only."""
     b, k = block_rows(), c_KxR.shape[0]
     c = jnp.pad(c_KxR, ((0, (-k) % b), (0, 0)))
-    prod_KxN = jnp.concatenate([ops.matmul(c[i : i + b], x_RxN) for i in range(0, c.shape[0], b)])[
-        :k
-    ]
+    blocks = [ops.matmul(c[i : i + b], x_RxN) for i in range(0, c.shape[0], b)]
+    prod_KxN = jnp.concatenate(blocks)[:k]
     d2 = x_sq_N[None, :] + c_sq_K[:, None] - 2.0 * prod_KxN
     return jnp.sqrt(jnp.maximum(d2, 0.0))
 
