@@ -83,6 +83,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.scoring.distance = "squared"
     c.scoring.blur_sigma = 4.0
     c.scoring.chunk_size = 0  # test patches per nearest-neighbour chunk; 0 = sized from memory
+    # Nearest-neighbour search (scoring.SEARCHES), every choice with the exact search's results:
+    # "auto" = "exact" on CPU (a bfloat16 product does not pay there), "bfloat16" on accelerators
+    # (tensor-core candidates, certified or searched again exactly).
+    c.scoring.search = "auto"
 
     # Multi-device: "auto" shards positions / the coreset pool / the memory bank over all local
     # devices when there is more than one (softpatch_jax/parallel.py); "true" / "false" force it;

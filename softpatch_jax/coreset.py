@@ -9,14 +9,17 @@ patches are never picked: they sit at -1 from the start, which also holds when e
 `strict=True` reproduces the reference loop exactly instead (a defect kept only for parity checks):
 it multiplies the distances it ADDS after each pick by the keep mask (0 for removed patches) but
 leaves the starting distances unmasked, so its first pick can be a removed (noisy) patch.
-The whole loop is one compiled `fori_loop` on the device whose step reads the features once (a
-vector-matrix product); everything else in a step touches only [N] vectors. The inputs it needs
-(`prepare`) do not depend on the removal mask, so banks with different masks share them.
+The whole loop is one compiled `fori_loop` on the device, and it runs every keep mask of a fit at
+once (`select_many`: SoftPatch+'s two banks, a sweep's taus, the threshold's held-out folds): each
+step picks one patch per mask and reads the features once per block of masks (a [B, R] x [R, N]
+product); everything else in a step touches only [K, N] vectors. The inputs it needs (`prepare`)
+do not depend on the removal mask, so all masks share them.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import jax
@@ -45,8 +48,8 @@ def prepare_rows(
     per shard gives the same rows as running it whole. Centring on the pool mean (`ops.mean_row`)
     changes no distance but keeps the float32 |a|^2 + |b|^2 - 2ab form accurate.
 
-    The features are stored feature-major [R, N]: each step's distances are then one vector-matrix
-    product c @ x_RxN, which XLA's CPU backend runs multi-threaded near memory bandwidth, where the
+    The features are stored feature-major [R, N]: each step's distances are then products
+    c_BxR @ x_RxN (`step_distances`), which XLA's CPU backend runs multi-threaded, where the
     row-major matrix-vector product measured ~5x slower and a direct sum((x - c)^2) slower still.
     The transposed copy is written `block` rows at a time into its buffer, because XLA made the
     one-shot centre+transpose in two full-size temporaries (4x the pool at peak instead of 2x).
@@ -88,17 +91,36 @@ def prepare(feats_NxR: jax.Array, starts_S: jax.Array) -> Prepared:
     return _prepare_rows(feats_NxR, ops.mean_row(feats_NxR), feats_NxR[starts_S])
 
 
-def step_distances(x_RxN: jax.Array, x_sq_N: jax.Array, c_R: jax.Array, c_sq: jax.Array):
-    """Distance [N] of every (centred, feature-major) patch to the picked patch c: the step's only
-    pass over x_RxN."""
-    d2 = x_sq_N + c_sq - 2.0 * ops.matmul(c_R, x_RxN)
+def block_rows() -> int:
+    """Masks per matrix product in a step (`select_many`), fixed per backend.
+
+    A [B, R] x [R, N] product does not give the bits of B vector-matrix products, and a product's
+    bits can depend on its row count (measured on XLA's CPU backend at R = 1024), but not, for a
+    fixed shape, on a row's position or on the other rows (checked by tests/test_coreset.py). So
+    every loop, one mask or many, multiplies in blocks of exactly B rows: a mask's picks are the
+    same whichever masks it runs with. B = 4 on CPU, where the product is compute-bound (a
+    [4, 128] x [128, N] block costs ~1.5x a vector product); 8 on accelerators, where each step
+    is bound by reading the pool and the extra rows are almost free (unmeasured here).
+    """
+    return 4 if jax.default_backend() == "cpu" else 8
+
+
+def step_distances(x_RxN: jax.Array, x_sq_N: jax.Array, c_KxR: jax.Array, c_sq_K: jax.Array):
+    """Distances [K, N] of every (centred, feature-major) patch to each mask's picked patch: one
+    pass over x_RxN per block of `block_rows()` masks (the step's only one). The last block is
+    padded with zero rows for the product only."""
+    b, k = block_rows(), c_KxR.shape[0]
+    c = jnp.pad(c_KxR, ((0, (-k) % b), (0, 0)))
+    blocks = [ops.matmul(c[i : i + b], x_RxN) for i in range(0, c.shape[0], b)]
+    prod_KxN = jnp.concatenate(blocks)[:k]
+    d2 = x_sq_N[None, :] + c_sq_K[:, None] - 2.0 * prod_KxN
     return jnp.sqrt(jnp.maximum(d2, 0.0))
 
 
 def initial_distances(start_N: jax.Array, keep_N: jax.Array, strict: bool) -> jax.Array:
-    """The loop's starting min-distances: removed patches at -1 (never picked), or, with `strict`,
-    unmasked as in the reference."""
-    return start_N if strict else jnp.where(keep_N, start_N, -1.0)
+    """The loop's starting min-distances (any leading mask axes): removed patches at -1 (never
+    picked), or, with `strict`, unmasked as in the reference."""
+    return jnp.broadcast_to(start_N, keep_N.shape) if strict else jnp.where(keep_N, start_N, -1.0)
 
 
 def masked_step(d_N: jax.Array, keep_N: jax.Array, strict: bool) -> jax.Array:
@@ -107,29 +129,103 @@ def masked_step(d_N: jax.Array, keep_N: jax.Array, strict: bool) -> jax.Array:
     return jnp.where(keep_N, d_N, 0.0 if strict else -1.0)
 
 
-@functools.partial(jax.jit, static_argnames=("num_samples", "strict"))
-def select(
-    prepared: Prepared, keep_N: jax.Array, num_samples: int, strict: bool = False
-) -> jax.Array:
-    """The greedy loop on prepared inputs: indices [num_samples] in the order picked.
+class Carry(NamedTuple):
+    """The loop's state between segments: running min-distances and the picks so far."""
 
-    strict: reproduce the reference's unmasked first pick (see the module docstring)."""
-    x_RxN, x_sq, start = prepared
-    min_d = initial_distances(start, keep_N, strict)
+    min_d_KxN: jax.Array
+    picked_KxM: jax.Array
+
+
+@functools.partial(jax.jit, static_argnames=("num_samples", "strict"))
+def _init(prepared: Prepared, keep_KxN: jax.Array, num_samples: int, strict: bool) -> Carry:
+    min_d = initial_distances(prepared.start_N, keep_KxN, strict)
+    return Carry(min_d, jnp.zeros((keep_KxN.shape[0], num_samples), jnp.int32))
+
+
+@functools.partial(jax.jit, static_argnames=("strict",), donate_argnums=2)
+def _steps(prepared: Prepared, keep_KxN: jax.Array, carry: Carry, lo, hi, strict: bool) -> Carry:
+    """Picks lo..hi-1 of every mask (lo, hi traced: segments of any length share one compile)."""
+    x_RxN, x_sq, _ = prepared
+    rows = jnp.arange(keep_KxN.shape[0])
 
     def step(i, carry):
         min_d, picked = carry
-        j = jnp.argmax(min_d)
-        c = jax.lax.dynamic_index_in_dim(x_RxN, j, axis=1, keepdims=False)
-        d = masked_step(step_distances(x_RxN, x_sq, c, x_sq[j]), keep_N, strict)
+        j_K = ops.first_argmax(min_d)
+        c_KxR = jnp.take(x_RxN, j_K, axis=1).T
+        d = masked_step(step_distances(x_RxN, x_sq, c_KxR, x_sq[j_K]), keep_KxN, strict)
         min_d = jnp.minimum(min_d, d)
-        min_d = min_d.at[j].set(-1.0)  # never picked twice, even among exact duplicates
-        return min_d, picked.at[i].set(j.astype(jnp.int32))
+        min_d = min_d.at[rows, j_K].set(-1.0)  # never picked twice, even among exact duplicates
+        return Carry(min_d, picked.at[:, i].set(j_K.astype(jnp.int32)))
 
-    _, picked = jax.lax.fori_loop(
-        0, num_samples, step, (min_d, jnp.zeros((num_samples,), jnp.int32))
-    )
-    return picked
+    return jax.lax.fori_loop(lo, hi, step, carry)
+
+
+def segments(num_samples: int, progress: Callable[[int], None] | None, count: int = 50):
+    """[lo, hi) pick ranges: one range without progress, else ~`count` of them."""
+    if progress is None:
+        return [(0, num_samples)]
+    size = max(1, -(-num_samples // count))
+    return [(lo, min(lo + size, num_samples)) for lo in range(0, num_samples, size)]
+
+
+def select_many(
+    prepared: Prepared,
+    keep_KxN: jax.Array,
+    num_samples: int,
+    strict: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> jax.Array:
+    """The greedy loop for K keep masks at once: indices [K, num_samples], each row in the order
+    picked and identical to `select` on that row's mask alone (ties included).
+
+    Each step reads the pool once per `block_rows()` masks (one [B, R] x [R, N] product) and keeps
+    a running min-distance per mask. A mask's first m picks do not depend on how many follow, so
+    masks with smaller coresets run to the largest size and keep a prefix (`num_samples` is the
+    largest; see `select_sizes`).
+
+    strict: reproduce the reference's unmasked first pick (see the module docstring).
+    progress: called on the host with the number of picks done after each of ~50 segments of the
+      loop (each segment one device call; nothing runs on the host inside the loop).
+    """
+    keep = jnp.asarray(keep_KxN, bool)
+    carry = _init(prepared, keep, int(num_samples), bool(strict))
+    for lo, hi in segments(int(num_samples), progress):
+        carry = _steps(prepared, keep, carry, jnp.int32(lo), jnp.int32(hi), bool(strict))
+        if progress is not None:
+            jax.block_until_ready(carry.picked_KxM)
+            progress(hi - lo)
+    return carry.picked_KxM
+
+
+def select(
+    prepared: Prepared,
+    keep_N: jax.Array,
+    num_samples: int,
+    strict: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> jax.Array:
+    """The greedy loop on prepared inputs for one mask: indices [num_samples] in the order picked
+    (`select_many` with one mask).
+
+    strict: reproduce the reference's unmasked first pick (see the module docstring)."""
+    return select_many(prepared, keep_N[None], num_samples, strict, progress)[0]
+
+
+def select_sizes(
+    prepared: Prepared,
+    keep_KxN: jax.Array,
+    sizes_K: Sequence[int],
+    strict: bool = False,
+    progress: Callable[[int], None] | None = None,
+    select_fn: Callable | None = None,
+) -> list[jax.Array]:
+    """`select_many` with a coreset size per mask: a list of K index arrays, row k cut to sizes_K[k].
+
+    select_fn: the loop to run (default `select_many`; `parallel.select_many` for the sharded one).
+    """
+    fn = select_fn or select_many
+    picked = fn(prepared, keep_KxN, max(sizes_K), strict=strict, progress=progress)
+    return [picked[i, :m] for i, m in enumerate(sizes_K)]
 
 
 def greedy(

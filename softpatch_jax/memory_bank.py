@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from softpatch_jax import coreset, discriminators, methods, ops
+from softpatch_jax import coreset, discriminators, methods, ops, progress
 from softpatch_jax import parallel as parallel_lib
 
 # Named random streams derived from the root key (STYLE.md: no global RNG).
@@ -203,6 +203,34 @@ def soft_weights(
     return discriminators.soft_weight(bank.soft_weight, scores_NxP[bank.soft_weight])
 
 
+def select_coresets(
+    prepared: coreset.Prepared,
+    masks: dict,
+    ratio: float,
+    strict: bool = False,
+    *,
+    parallel: bool = False,
+    num_patches: int | None = None,
+) -> dict:
+    """Every mask's coreset in one pass of the greedy loop (`coreset.select_many`): {key: indices}.
+
+    masks: key -> keep mask [N*P] (e.g. `BankSpec.coreset_key()` -> mask); each coreset's size is
+      `coreset.num_samples(ratio, num_patches, kept)`, num_patches defaulting to the pool's size.
+    parallel: the sharded loop (`parallel.select_many`; `prepared` from `parallel.prepare`).
+    """
+    if not masks:
+        return {}
+    keep_KxN = jnp.stack(list(masks.values()))
+    total = keep_KxN.shape[1] if num_patches is None else num_patches
+    kept = jax.device_get(jnp.sum(keep_KxN, axis=1))
+    sizes = [coreset.num_samples(ratio, total, int(k)) for k in kept]
+    select = parallel_lib.select_many if parallel else coreset.select_many
+    desc = f"coreset ({len(sizes)} mask{'s' if len(sizes) > 1 else ''})"
+    with progress.bar(desc, max(sizes), "picks") as update:
+        picked = coreset.select_sizes(prepared, keep_KxN, sizes, strict, update, select)
+    return dict(zip(masks, jax.block_until_ready(picked)))
+
+
 def _null_timer(_stage: str):
     return contextlib.nullcontext()
 
@@ -270,28 +298,27 @@ def fit_many(
         prep = parallel_lib.prepare if coreset_parallel else coreset.prepare
         prepared = jax.block_until_ready(prep(flat_pool, starts))
         del flat_pool  # the loop reads only its feature-major copy
-    select = parallel_lib.select if coreset_parallel else coreset.select
-    strict = bool(config.coreset.get("strict_parity", False))
-    coresets: dict[tuple, jax.Array] = {}
-    banks: dict[str, Banks] = {}
+    masks: dict[tuple, jax.Array] = {}
     keeps: dict[str, jax.Array] = {}
+    for spec in specs:
+        for bank in (spec.cls, spec.seg or spec.cls):
+            keep = keep_mask(bank, scores, (n, p))
+            masks.setdefault(bank.coreset_key(), keep.reshape(-1))
+            if bank is spec.cls:
+                keeps[spec.name] = keep
+    with timer("coreset"):
+        strict = bool(config.coreset.get("strict_parity", False))
+        coresets = select_coresets(
+            prepared, masks, config.coreset.ratio, strict, parallel=coreset_parallel
+        )
+    banks: dict[str, Banks] = {}
     for spec in specs:
         built = []
         for bank in (spec.cls, spec.seg or spec.cls):
-            keep = keep_mask(bank, scores, (n, p))
-            ck = bank.coreset_key()
-            if ck not in coresets:
-                with timer("coreset"):
-                    kept = int(jnp.sum(keep))
-                    m = coreset.num_samples(config.coreset.ratio, n * p, kept)
-                    idx = select(prepared, keep.reshape(-1), num_samples=m, strict=strict)
-                    coresets[ck] = jax.block_until_ready(idx)
-            idx = coresets[ck]
+            idx = coresets[bank.coreset_key()]
             weights = soft_weights(bank, scores, (n, p)).reshape(-1)
             with timer("bank_gather"):
                 built.append(MemoryBank(gather_rows(feats_NxPxD, idx), weights[idx], idx))
-            if bank is spec.cls:
-                keeps[spec.name] = keep
         banks[spec.name] = Banks(cls=built[0], seg=built[1])
     return FitOutput(banks, scores, keeps, projection)
 

@@ -6,11 +6,12 @@ How each stage splits:
 - Discriminators (`discriminator_scores`): every position is independent, so each device scores its
   slice of positions with the one-device code (`discriminators.score_local`); the [P, N] scores are
   collected onto one device afterwards.
-- Coreset (`prepare`, `select`, `greedy`): each device holds a slice of the pool's rows and its
-  running min-distances. A step: local argmax; one all-gather of every device's (max, candidate
-  row, its squared norm) and one of the candidates' global indices; the first device holding the
-  global max wins (the one-device argmax's tie rule); every device lowers its min-distances with the
-  winner's row. Per step that moves ~8*(R+3) bytes between devices and reads the local rows once.
+- Coreset (`prepare`, `select_many`, `select`, `greedy`): each device holds a slice of the pool's
+  rows and its running min-distances (one per keep mask). A step, for every mask at once: local
+  argmax; one all-gather of every device's (max, candidate row, its squared norm) and one of the
+  candidates' global indices; the first device holding the global max wins (the one-device argmax's
+  tie rule); every device lowers its min-distances with the winners' rows. Per step that moves
+  ~8*K*(R+3) bytes between devices and reads the local rows once per block of masks.
 - Scoring (`nearest`): each device searches its slice of the bank for every query; the global
   nearest is the device-local one with the smallest squared distance (first device on ties), and
   its directly recomputed distance is taken from the device that owns it ([devices, Q] candidates,
@@ -216,35 +217,73 @@ def prepare(
 
 
 @functools.lru_cache(maxsize=32)
-def _select_fn(m: Mesh, num_samples: int, strict: bool):
-    def local(x_RxL, x_sq_L, start_L, keep_L, valid_L):
+def _init_fn(m: Mesh, strict: bool):
+    def local(start_L, keep_KxL, valid_L):
+        # Padding rows start at -1 and stay there (min with a step's 0 or -1), strict or not.
+        return jnp.where(valid_L, coreset.initial_distances(start_L, keep_KxL, strict), -1.0)
+
+    spec = (P(AXIS), P(None, AXIS), P(AXIS))
+    return jax.jit(
+        jax.shard_map(local, mesh=m, in_specs=spec, out_specs=P(None, AXIS), check_vma=False)
+    )
+
+
+@functools.lru_cache(maxsize=32)
+def _select_fn(m: Mesh, strict: bool):
+    def local(x_RxL, x_sq_L, keep_KxL, min_d_KxL, picked_KxM, lo, hi):
         me = jax.lax.axis_index(AXIS)
         offset = me * x_sq_L.shape[0]
-        # Padding rows start at -1 and stay there (min with a step's 0 or -1), strict or not.
-        min_d = jnp.where(valid_L, coreset.initial_distances(start_L, keep_L, strict), -1.0)
+        rows = jnp.arange(keep_KxL.shape[0])
 
         def step(i, carry):
             min_d, picked = carry
-            lj = jnp.argmax(min_d)
-            c = jax.lax.dynamic_index_in_dim(x_RxL, lj, axis=1, keepdims=False)
-            # One gather carries every device's candidate: its min-distance, squared norm and row.
-            cand = jnp.concatenate([min_d[lj][None], x_sq_L[lj][None], c])
-            all_cand = jax.lax.all_gather(cand, AXIS)  # [devices, R + 2]
-            all_idx = jax.lax.all_gather((lj + offset).astype(jnp.int32), AXIS)
-            best = jnp.argmax(all_cand[:, 0])  # first device on ties = the global first index
-            win = all_cand[best]
-            d = coreset.step_distances(x_RxL, x_sq_L, win[2:], win[1])
-            min_d = jnp.minimum(min_d, coreset.masked_step(d, keep_L, strict))
-            min_d = min_d.at[lj].set(jnp.where(me == best, -1.0, min_d[lj]))
-            return min_d, picked.at[i].set(all_idx[best])
+            lj_K = ops.first_argmax(min_d)
+            c_KxR = jnp.take(x_RxL, lj_K, axis=1).T
+            # One gather carries every device's candidates: min-distance, squared norm and row.
+            cand = jnp.concatenate([min_d[rows, lj_K][:, None], x_sq_L[lj_K][:, None], c_KxR], 1)
+            all_cand = jax.lax.all_gather(cand, AXIS)  # [devices, K, R + 2]
+            all_idx = jax.lax.all_gather((lj_K + offset).astype(jnp.int32), AXIS)  # [devices, K]
+            best_K = jnp.argmax(all_cand[:, :, 0], axis=0)  # first device on ties: first index
+            win = all_cand[best_K, rows]
+            d = coreset.step_distances(x_RxL, x_sq_L, win[:, 2:], win[:, 1])
+            min_d = jnp.minimum(min_d, coreset.masked_step(d, keep_KxL, strict))
+            mine = jnp.where(me == best_K, -1.0, min_d[rows, lj_K])
+            min_d = min_d.at[rows, lj_K].set(mine)
+            return min_d, picked.at[:, i].set(all_idx[best_K, rows])
 
-        _, picked = jax.lax.fori_loop(
-            0, num_samples, step, (min_d, jnp.zeros((num_samples,), jnp.int32))
-        )
-        return picked
+        return jax.lax.fori_loop(lo, hi, step, (min_d_KxL, picked_KxM))
 
-    spec = (P(None, AXIS), P(AXIS), P(AXIS), P(AXIS), P(AXIS))
-    return jax.jit(jax.shard_map(local, mesh=m, in_specs=spec, out_specs=P(), check_vma=False))
+    spec = (P(None, AXIS), P(AXIS), P(None, AXIS), P(None, AXIS), P(), P(), P())
+    return jax.jit(
+        jax.shard_map(local, mesh=m, in_specs=spec, out_specs=(P(None, AXIS), P()), check_vma=False)
+    )
+
+
+def select_many(
+    prepared: coreset.Prepared,
+    keep_KxN: jax.Array,
+    num_samples: int,
+    mesh: Mesh | None = None,
+    strict: bool = False,
+    progress=None,
+) -> jax.Array:
+    """`coreset.select_many` on `prepare`'s sharded inputs: indices [K, num_samples] into the
+    unpadded pool, bitwise those of one device (progress: as there)."""
+    m = mesh or default_mesh()
+    n = keep_KxN.shape[1]
+    keep = _place(_pad(keep_KxN, m.size, axis=1), m, P(None, AXIS))  # padding rows: never picked
+    valid = _place(_pad(jnp.ones((n,), bool), m.size, axis=0), m, P(AXIS))
+    carry = (
+        _init_fn(m, bool(strict))(prepared.start_N, keep, valid),
+        _place(jnp.zeros((keep.shape[0], int(num_samples)), jnp.int32), m, P()),
+    )
+    fn = _select_fn(m, bool(strict))
+    for lo, hi in coreset.segments(int(num_samples), progress):
+        carry = fn(prepared.x_RxN, prepared.x_sq_N, keep, *carry, jnp.int32(lo), jnp.int32(hi))
+        if progress is not None:
+            jax.block_until_ready(carry)
+            progress(hi - lo)
+    return _local(carry[1])
 
 
 def select(
@@ -253,12 +292,10 @@ def select(
     num_samples: int,
     mesh: Mesh | None = None,
     strict: bool = False,
+    progress=None,
 ) -> jax.Array:
     """`coreset.select` on `prepare`'s sharded inputs: indices [num_samples] into the unpadded pool."""
-    m = mesh or default_mesh()
-    keep = _place(_pad(keep_N, m.size, axis=0), m, P(AXIS))  # padding rows: False, never picked
-    valid = _place(_pad(jnp.ones(keep_N.shape, bool), m.size, axis=0), m, P(AXIS))
-    return _local(_select_fn(m, int(num_samples), bool(strict))(*prepared, keep, valid))
+    return select_many(prepared, keep_N[None], num_samples, mesh, strict, progress)[0]
 
 
 def greedy(

@@ -18,7 +18,17 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from softpatch_jax import data, features, memory_bank, methods, metrics, parallel, report, scoring
+from softpatch_jax import (
+    data,
+    features,
+    memory_bank,
+    methods,
+    metrics,
+    parallel,
+    progress,
+    report,
+    scoring,
+)
 from softpatch_jax.data import noise
 from softpatch_jax.features import STORE_DTYPES
 from softpatch_jax.io_utils import atomic_open, write_csv, write_json
@@ -82,8 +92,9 @@ def _extract(ex, images, timer, what: str, store_dtype: str = "float32"):
     logging.info("  features: %d %s images", images.shape[0], what)
     if store_dtype not in STORE_DTYPES:
         raise ValueError(f"embedding.store_dtype {store_dtype!r}; valid: {sorted(STORE_DTYPES)}")
-    with timer("features"):
-        out = jax.block_until_ready(features.extract(ex, images).astype(STORE_DTYPES[store_dtype]))
+    with timer("features"), progress.bar(f"features ({what})", images.shape[0], "img") as update:
+        out = features.extract(ex, images, update).astype(STORE_DTYPES[store_dtype])
+        out = jax.block_until_ready(out)
     n, h, w, d = out.shape
     return out.reshape(n, h * w, d)
 
@@ -210,6 +221,7 @@ def evaluate_banks(banks, feats_TxPxD, labels, masks, ex, config, timer, paths=N
             config.scoring.chunk_size,
             distance=config.scoring.distance,
             parallel=parallel.enabled(config, "scoring"),
+            search=config.scoring.get("search", "exact"),
         )
         jax.block_until_ready(maps)
     with timer("metrics"):
@@ -302,47 +314,51 @@ def run_category(config, ex, specs, category: str, ratios, workdir: str = "") ->
         fitted = memory_bank.fit_many(root, feats, config, specs, timer=timer)
         t_feats = test_feats[keep_test]
         shown = map_indices(labels, num_maps, noisy.test, category, chosen, required=False)
-        for s in specs:
-            mtimer = Timer()
-            banks = fitted.banks[s.name]
-            result, _, maps = evaluate_banks(
-                banks,
-                t_feats,
-                labels,
-                test_masks[keep_test],
-                ex,
-                config,
-                mtimer,
-                [r.path for r in noisy.test],
-            )
-            times = {**base.seconds, **timer.seconds, **mtimer.seconds}
-            rows.append(
-                result_row(
-                    config,
-                    category,
-                    s.name,
-                    result,
+        bar = progress.bar(f"{category} noise {ratio:.2f}: scoring", len(specs), "method")
+        with bar as update:
+            for s in specs:
+                mtimer = Timer()
+                banks = fitted.banks[s.name]
+                result, _, maps = evaluate_banks(
                     banks,
-                    spec,
-                    num_train=int(feats.shape[0]),
-                    num_test=len(keep_test),
-                    times=times,
-                    injected=injected,
-                    weights=ex.info.get("weights"),
-                    source_anomalous=len(noisy.train_anomalous),
+                    t_feats,
+                    labels,
+                    test_masks[keep_test],
+                    ex,
+                    config,
+                    mtimer,
+                    [r.path for r in noisy.test],
                 )
-            )
-            if len(shown):
-                name = f"{category}_{s.name}_r{ratio:g}_s{config.seed}.npz"
-                save_maps(
-                    os.path.join(workdir, "maps", name),
-                    [noisy.test[i] for i in shown],
-                    test_imgs[keep_test[shown]],
-                    test_masks[keep_test[shown]],
-                    np.asarray(maps)[shown],
-                    {k: v for k, v in rows[-1].items() if k != "injected"},
+                times = {**base.seconds, **timer.seconds, **mtimer.seconds}
+                rows.append(
+                    result_row(
+                        config,
+                        category,
+                        s.name,
+                        result,
+                        banks,
+                        spec,
+                        num_train=int(feats.shape[0]),
+                        num_test=len(keep_test),
+                        times=times,
+                        injected=injected,
+                        weights=ex.info.get("weights"),
+                        source_anomalous=len(noisy.train_anomalous),
+                    )
                 )
-            logging.info("  %-16s %s", s.name, metrics.describe(result))
+                if len(shown):
+                    name = f"{category}_{s.name}_r{ratio:g}_s{config.seed}.npz"
+                    save_maps(
+                        os.path.join(workdir, "maps", name),
+                        [noisy.test[i] for i in shown],
+                        test_imgs[keep_test[shown]],
+                        test_masks[keep_test[shown]],
+                        np.asarray(maps)[shown],
+                        {k: v for k, v in rows[-1].items() if k != "injected"},
+                    )
+                logging.info("  %-16s %s", s.name, metrics.describe(result))
+                if update is not None:
+                    update(1)
     return rows
 
 

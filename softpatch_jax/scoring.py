@@ -13,6 +13,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from softpatch_jax import embedding, ops
 from softpatch_jax import parallel as parallel_lib
@@ -42,6 +43,72 @@ def nearest(
         return dist, idx
 
     return ops.chunked_map(chunk, query_QxD, chunk_size)
+
+
+# How the nearest memory patch is found; every choice gives the exact search's indices and bits.
+#   exact     float32 products at full precision (what the others are checked against).
+#   bfloat16  candidates from a bfloat16 product (tensor cores), certified or searched exactly
+#             (`nearest_certified`); on a CPU it costs more than exact.
+#   emulated  the bfloat16 search with the rounding emulated in float32 (tests on CPUs).
+#   auto      exact on CPU, bfloat16 on accelerators (there unmeasured so far).
+SEARCHES = ("auto", "exact", "bfloat16", "emulated")
+
+
+def resolve_search(search: str) -> str:
+    if search not in SEARCHES:
+        raise ValueError(f"scoring.search {search!r}; valid: {SEARCHES}")
+    if search == "auto":
+        return "exact" if jax.default_backend() == "cpu" else "bfloat16"
+    return search
+
+
+@functools.partial(jax.jit, static_argnames=("chunk_size", "candidates", "emulate"))
+def _certified(query_QxD, bank_MxD, centre_1xD, chunk_size: int, candidates: int, emulate: bool):
+    bank = bank_MxD.astype(jnp.float32) - centre_1xD
+    bank_sq = ops.sq_norms(bank)
+
+    def chunk(q):
+        q = q.astype(jnp.float32) - centre_1xD
+        return ops.certified_nearest_rows(q, bank, bank_sq, candidates, emulate)
+
+    return ops.chunked_map(chunk, query_QxD, chunk_size)
+
+
+_nearest = jax.jit(nearest, static_argnames=("chunk_size",))
+
+
+def nearest_certified(
+    query_QxD: jax.Array,
+    bank_MxD: jax.Array,
+    chunk_size: int,
+    centre_1xD: jax.Array | None = None,
+    *,
+    candidates: int = 16,
+    emulate: bool = False,
+) -> tuple[jax.Array, jax.Array, int]:
+    """`nearest` with candidates from a bfloat16 product: the same distances and indices, bit for
+    bit, and the number of queries that fell back to the exact search.
+
+    Each chunk finds `candidates` rows per query by a bfloat16 distance, re-ranks them by their
+    float32 distance and certifies the winner against the error bounds (`ops.certified_nearest_rows`).
+    The queries left uncertified (near-ties) are searched again by `nearest`, in chunks of the
+    shape the whole search would use (a product's rows can round differently in another shape),
+    with one host round trip to gather them.
+    """
+    centre = ops.mean_row(bank_MxD) if centre_1xD is None else centre_1xD
+    idx, dist, ok = _certified(query_QxD, bank_MxD, centre, chunk_size, candidates, emulate)
+    bad = np.flatnonzero(~np.asarray(ok))
+    if not bad.size:
+        return dist, idx, 0
+    q = query_QxD.shape[0]
+    c = min(chunk_size, q)
+    size = -(-bad.size // c) * c
+    # As many chunks of c rows as the whole search has, up to two: one chunk runs outside the loop.
+    size = max(size, min(q, 2 * c)) if q > c else q
+    take = jnp.asarray(np.resize(bad, size))
+    d2, i2 = _nearest(query_QxD[take], bank_MxD, c, centre)
+    at = jnp.asarray(bad)
+    return dist.at[at].set(d2[: bad.size]), idx.at[at].set(i2[: bad.size]), int(bad.size)
 
 
 DISTANCES = ("squared", "l2")
@@ -83,16 +150,28 @@ def patch_scores(
     *,
     distance: str = "squared",
     parallel: bool = False,
+    search: str = "exact",
 ) -> jax.Array:
     """[T, P]: weighted nearest-neighbour distance of every test patch.
 
     distance: "squared" (the authors' code) or "l2" (the paper's eq. 10).
     parallel: shard the bank over all devices (`parallel.nearest`); same values.
+    search: how the nearest patch is found (`SEARCHES`; all give the same values); the sharded
+      search is exact.
     """
     check_distance(distance)
+    t, p, d = feats_TxPxD.shape
     if parallel:
-        t, p, d = feats_TxPxD.shape
         dist, idx = parallel_lib.nearest(feats_TxPxD.reshape(t * p, d), bank.feats_MxD, chunk_size)
+        return _weigh(bank.weights_M, idx, dist, distance).reshape(t, p)
+    mode = resolve_search(search)
+    if mode != "exact":
+        query = feats_TxPxD.reshape(t * p, d)
+        centre = ops.mean_row(bank.feats_MxD)
+        dist, idx, fell_back = nearest_certified(
+            query, bank.feats_MxD, chunk_size, centre, emulate=mode == "emulated"
+        )
+        logging.debug("certified search: %d of %d queries searched exactly", fell_back, t * p)
         return _weigh(bank.weights_M, idx, dist, distance).reshape(t, p)
     return _patch_scores(bank, feats_TxPxD, ops.mean_row(bank.feats_MxD), chunk_size, distance)
 
@@ -153,14 +232,16 @@ def predict(
     *,
     distance: str = "squared",
     parallel: bool = False,
+    search: str = "exact",
 ) -> tuple[jax.Array, jax.Array]:
     """Library API: image scores [T] and anomaly maps [T, H, W] for test features [T, P, D].
 
     distance: "squared" (default, the authors' code) or "l2" (the paper's eq. 10); the maps come
       from the same patch scores.
     parallel: shard each memory bank over all devices for the search (`parallel.nearest`).
+    search: how the nearest memory patch is found (`SEARCHES`); the same values whichever.
     """
-    kw = dict(distance=distance, parallel=parallel)
+    kw = dict(distance=distance, parallel=parallel, search=search)
     cls_chunk = chunk_size or chunk_size_for(banks.cls.feats_MxD.shape[0])
     cls_scores = patch_scores(banks.cls, feats_TxPxD, cls_chunk, **kw)
     if banks.seg is banks.cls:

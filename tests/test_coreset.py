@@ -1,3 +1,4 @@
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -48,3 +49,68 @@ def test_num_samples_counts_all_patches_and_caps_at_kept():
     assert coreset.num_samples(0.9, 1000, 500) == 500
     with pytest.raises(ValueError, match="ratio"):
         coreset.num_samples(0.0, 10, 10)
+
+
+def pool_with_ties(rng, n=1500, r=128):
+    """A pool of R = 128 (where a [B, R] block product and a vector product differ in bits) with
+    duplicated rows (exact ties in the argmax)."""
+    x = (rng.normal(size=(n, r)) * rng.uniform(0.5, 3.0, r)).astype(np.float32) + 2.0
+    x[n // 2 : n // 2 + 80] = x[10:90]
+    return x
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_select_many_rows_equal_separate_selects(strict):
+    rng = np.random.default_rng(4)
+    x = pool_with_ties(rng)
+    keeps = rng.random((5, x.shape[0])) > rng.uniform(0.05, 0.4, (5, 1))  # 5: not a block multiple
+    keeps[3] = True
+    prep = coreset.prepare(jnp.asarray(x), jnp.asarray(rng.choice(x.shape[0], 10, replace=False)))
+    many = np.asarray(coreset.select_many(prep, jnp.asarray(keeps), 120, strict=strict))
+    for k, keep in enumerate(keeps):
+        one = np.asarray(coreset.select(prep, jnp.asarray(keep), 120, strict=strict))
+        np.testing.assert_array_equal(many[k], one)
+        if not strict:
+            assert keep[one].all()
+    # Different sizes: a prefix of the longest run is the shorter run.
+    sizes = [120, 37, 1, 80, 120]
+    cut = coreset.select_sizes(prep, jnp.asarray(keeps), sizes, strict=strict)
+    for k, m in enumerate(sizes):
+        one = np.asarray(coreset.select(prep, jnp.asarray(keeps[k]), m, strict=strict))
+        np.testing.assert_array_equal(np.asarray(cut[k]), one)
+
+
+def test_select_many_all_ties_follow_index_order():
+    x = jnp.zeros((50, 4), jnp.float32)  # every distance 0
+    keeps = jnp.asarray([np.ones(50, bool), np.arange(50) % 3 == 0])
+    got = np.asarray(coreset.select_many(coreset.prepare(x, jnp.arange(3)), keeps, 15))
+    np.testing.assert_array_equal(got[0], np.arange(15))
+    np.testing.assert_array_equal(got[1], np.arange(0, 45, 3))
+
+
+def test_block_product_bits_do_not_depend_on_position_or_companions():
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.normal(size=(128, 3001)).astype(np.float32))
+    x_sq = jnp.sum(x * x, axis=0)
+    b = coreset.block_rows()
+    c = jnp.asarray(rng.normal(size=(2 * b, 128)).astype(np.float32))
+    c_sq = jnp.sum(c * c, axis=1)
+    fn = jax.jit(coreset.step_distances)
+    base = np.asarray(fn(x, x_sq, c[:b], c_sq[:b]))[0]
+    perm = jnp.asarray(np.r_[b + 1 : 2 * b, 0, 1])  # row 0 last, among other rows
+    moved = np.asarray(fn(x, x_sq, jnp.concatenate([c[b + 1 :], c[:1]]), c_sq[perm[:b]]))
+    np.testing.assert_array_equal(moved[b - 1], base)
+
+
+def test_progress_segments_give_the_same_picks_without_retracing():
+    rng = np.random.default_rng(6)
+    x = jnp.asarray(pool_with_ties(rng, 400, 16))
+    keeps = jnp.asarray(rng.random((2, 400)) > 0.2)
+    prep = coreset.prepare(x, jnp.arange(5))
+    whole = np.asarray(coreset.select_many(prep, keeps, 90))
+    before = coreset._steps._cache_size()
+    done = []
+    segmented = np.asarray(coreset.select_many(prep, keeps, 90, progress=done.append))
+    np.testing.assert_array_equal(segmented, whole)
+    assert sum(done) == 90 and len(done) > 1
+    assert coreset._steps._cache_size() == before  # segments reuse the whole run's compile

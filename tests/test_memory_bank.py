@@ -7,6 +7,7 @@ from sklearn.neighbors import LocalOutlierFactor
 
 from configs import base
 from softpatch_jax import memory_bank, methods
+from tests.conftest import cpu_only
 from tests.test_coreset import numpy_greedy
 
 
@@ -110,6 +111,10 @@ class _Reader:
         return self.array[index]
 
 
+@cpu_only(
+    "the projection's rows round alike in blocks of 4 images and in one product on XLA's CPU "
+    "backend, which makes the coreset's picks equal; GPU libraries choose kernels by shape"
+)
 def test_host_sources_stream_to_the_same_banks_as_a_device_array():
     cfg = small_config(tau=0.15)
     feats = features(3, n=14)

@@ -63,6 +63,22 @@ out["coreset_ties"] = same(
     parallel.greedy(ties, jnp.ones(50, bool), jnp.arange(3), num_samples=20),
 )
 
+# Several masks in one loop (5: not a multiple of the block), R = 128 and duplicated rows: each
+# row equals the one-device loop on that mask alone, strict or not, with or without progress.
+wide_x = rng.normal(size=(1110, 128)).astype(np.float32) + 1.0
+wide_x[700:760] = wide_x[10:70]
+keeps = jnp.asarray(rng.random((5, 1110)) > rng.uniform(0.05, 0.4, (5, 1)))
+prep1 = coreset.prepare(jnp.asarray(wide_x), starts)
+prep8 = parallel.prepare(jnp.asarray(wide_x), starts)
+out["select_many"] = all(
+    same(
+        parallel.select_many(prep8, keeps, 150, strict=strict, progress=progress),
+        jnp.stack([coreset.select(prep1, k, 150, strict=strict) for k in keeps]),
+    )
+    for strict in (False, True)
+    for progress in (None, lambda _: None)
+)
+
 # Scoring: a bank of 203 rows (padded to 208), queries in chunks of 64.
 bank = MemoryBank(
     jnp.asarray(rng.normal(size=(203, 32)).astype(np.float32)),
@@ -174,6 +190,10 @@ def test_coreset_indices_bitwise_equal_including_ties(child_result):
     assert child_result["coreset"]
     assert child_result["coreset_strict"]
     assert child_result["coreset_ties"]
+
+
+def test_select_many_bitwise_equal_to_separate_one_device_loops(child_result):
+    assert child_result["select_many"]
 
 
 def test_scoring_and_library_path_equal(child_result):

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from softpatch_jax import scoring
+from softpatch_jax import ops, scoring
 from softpatch_jax.memory_bank import Banks, MemoryBank
 
 
@@ -52,3 +52,60 @@ def test_predict_uses_cls_bank_for_images_and_seg_bank_for_maps():
     # A constant patch map stays constant through upsampling and blur.
     flat = scoring.anomaly_maps(jnp.full((1, 16), 3.0), (4, 4), (16, 16), 4.0)
     np.testing.assert_allclose(np.asarray(flat), 3.0, rtol=1e-6)
+
+
+def near_tie_case(rng, d=256, m=600, q=700):
+    """Adversarial queries for the certified search: exact duplicate bank rows (ties the exact
+    search breaks by the lowest index), rows 1e-6 apart, queries at midpoints of two rows and on
+    bank rows (distance 0), plus ordinary ones; offset far from the origin."""
+    bank = rng.normal(size=(m, d)).astype(np.float32) + 30.0
+    bank[m // 2 : m // 2 + 40] = bank[:40]  # exact duplicates
+    bank[100:140] = bank[200:240] + 1e-6 * rng.normal(size=(40, d)).astype(np.float32)
+    mid = 0.5 * (bank[300:400] + bank[400:500])
+    on = bank[rng.choice(m, 100)]
+    near = bank[rng.choice(m, 200)] + 0.05 * rng.normal(size=(200, d)).astype(np.float32)
+    far = rng.normal(size=(q - 400, d)).astype(np.float32) * 2.0 + 30.0
+    return jnp.asarray(bank), jnp.asarray(np.concatenate([mid, on, near, far]).astype(np.float32))
+
+
+@pytest.mark.parametrize("chunk,emulate", [(64, True), (4096, True), (256, False)])
+def test_certified_search_equals_the_exact_search_bitwise(chunk, emulate):
+    """Against the jitted exact search, as scoring runs it (op by op, XLA fuses differently and the
+    recomputed distance can round differently)."""
+    bank, query = near_tie_case(np.random.default_rng(0))
+    want_d, want_i = scoring._nearest(query, bank, chunk, ops.mean_row(bank))
+    got_d, got_i, fell_back = scoring.nearest_certified(query, bank, chunk, emulate=emulate)
+    np.testing.assert_array_equal(np.asarray(got_i), np.asarray(want_i))
+    np.testing.assert_array_equal(np.asarray(got_d), np.asarray(want_d))
+    # Both ways are exercised: the duplicates and midpoints fall back, the ordinary ones do not.
+    assert 40 <= fell_back < query.shape[0] // 2
+
+
+def test_certified_patch_scores_equal_exact_ones():
+    bank, query = near_tie_case(np.random.default_rng(1), d=64, q=500)
+    mb = MemoryBank(bank, jnp.linspace(1.0, 2.0, bank.shape[0]), jnp.arange(bank.shape[0]))
+    feats = query.reshape(5, 100, 64)
+    want = scoring.patch_scores(mb, feats, 128)
+    got = scoring.patch_scores(mb, feats, 128, search="emulated")
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    with pytest.raises(ValueError, match="exact"):
+        scoring.patch_scores(mb, feats, 128, search="fast")
+
+
+def test_search_bounds_hold_against_float64():
+    """The bfloat16 distance and the exact search's expanded one stay within their bounds of the
+    true squared distance (float64 oracle), on centred data as the search sees it."""
+    rng = np.random.default_rng(2)
+    d = 512
+    q = (rng.normal(size=(64, d)) * rng.uniform(0.1, 10, d)).astype(np.float32)
+    b = (rng.normal(size=(300, d)) * rng.uniform(0.1, 10, d)).astype(np.float32)
+    true = ((q[:, None].astype(np.float64) - b[None]) ** 2).sum(-1)
+    scale = (q.astype(np.float64) ** 2).sum(1)[:, None] + (b.astype(np.float64) ** 2).sum(1)[None]
+    c_low, c_exact, _ = ops.search_bounds(d)
+    qs, bs = ops.sq_norms(jnp.asarray(q)), ops.sq_norms(jnp.asarray(b))
+    low = qs[:, None] + bs[None] - 2.0 * ops.reduced_products(jnp.asarray(q), jnp.asarray(b), True)
+    exact = ops.pairwise_sqdist(jnp.asarray(q), jnp.asarray(b))
+    assert (np.abs(np.asarray(low, np.float64) - true) <= c_low * scale).all()
+    assert (np.abs(np.asarray(exact, np.float64) - true) <= c_exact * scale).all()
+    # ... and are not vacuous: the bfloat16 error is a sizeable part of its bound.
+    assert np.abs(np.asarray(low, np.float64) - true).max() > 0.01 * c_low * scale.max()

@@ -6,7 +6,8 @@ rebuilt by the coreset from the other folds' kept patches, with the full fit's r
 weights. Scoring an image against the bank it helped build (leave-in) puts its patches at distance
 ~0 wherever the coreset kept them, so a threshold chosen on such scores flags many normal images;
 masking only the image's own memory patches overshoots instead, because the coreset left the
-neighbourhood of a picked patch uncovered. The K coreset runs cost about K-1 times the fit's one.
+neighbourhood of a picked patch uncovered. The K folds' coresets run together in one pass of the
+greedy loop (`coreset.select_many`), each step reading the pool once per block of folds.
 
 Rules (a string, stored with the model, overridable at predict time):
   "mad:K"       median + K * 1.4826 * MAD of the training scores (default K = 3). The median and
@@ -104,12 +105,16 @@ def heldout_patch_scores(
     keep = keep_NxP.reshape(-1)
     weights = weights_NxP.reshape(-1)
     out = np.zeros((n, p), np.float32)
-    for k in np.unique(fold_N):
-        held_N = fold_N == k
-        held_Q = jnp.asarray(np.repeat(held_N, p))
-        train_keep = keep & ~held_Q
-        m = coreset.num_samples(ratio, int(n - held_N.sum()) * p, int(jnp.sum(train_keep)))
-        idx = coreset.greedy(pool_QxR, train_keep, starts, num_samples=m, strict=strict)
+    held_KxN = [fold_N == k for k in np.unique(fold_N)]
+    # Every fold's coreset in one pass of the greedy loop over one preparation of the pool.
+    keep_KxQ = jnp.stack([keep & ~jnp.asarray(np.repeat(h, p)) for h in held_KxN])
+    kept = jax.device_get(jnp.sum(keep_KxQ, axis=1))
+    sizes = [
+        coreset.num_samples(ratio, int(n - h.sum()) * p, int(c)) for h, c in zip(held_KxN, kept)
+    ]
+    prepared = coreset.prepare(pool_QxR, starts)
+    picked = coreset.select_sizes(prepared, keep_KxQ, sizes, strict=strict)
+    for held_N, idx, m in zip(held_KxN, picked, sizes):
         bank = MemoryBank(flat[idx], weights[idx], idx)
         held = feats_NxPxD[np.flatnonzero(held_N)]
         chunk = chunk_size or scoring.chunk_size_for(m)

@@ -1,17 +1,11 @@
-"""Many memory banks from one noisy training set at once: the sweep's vmapped fit and scoring.
+"""Many memory banks from one noisy training set at once: the sweep's fit and vmapped scoring.
 
 A sweep asks for many banks that differ only in array values: tau thresholds, discriminator subsets,
 patch- or image-level removal. They share the features, the projection, the discriminator scores and
-the coreset start points; only the keep mask differs. `memory_bank.fit_many` runs one greedy coreset
-loop per distinct mask, one after another. Here the masks of equal coreset size are stacked and the
-loop is vmapped over them: one compiled loop whose every step updates all the masks' distances
-(a [pool, R] x [R, B] product instead of B matrix-vector products), which on an accelerator costs
-about as much as one loop, since each step is latency-bound. Scoring is vmapped the same way over
-banks of equal size. On a CPU the work is the same either way (it is compute-bound).
-
-Sizes are static, so a batch needs equal coreset sizes: int(ratio * N * P) for every tau that keeps
-at least that many patches, i.e. tau <= 1 - coreset ratio; other sizes form their own batches.
-"""
+the coreset start points; only the keep mask differs. Every distinct mask's coreset comes from one
+run of the greedy loop (`coreset.select_many` via `memory_bank.select_coresets`: each step reads the
+pool once per block of masks, picks one patch per mask; masks with smaller coresets keep a prefix),
+the indices identical to one loop per mask. Scoring is vmapped over banks of equal size."""
 
 from __future__ import annotations
 
@@ -58,23 +52,9 @@ def fit(
             ck = bank.coreset_key()
             if ck not in keeps:
                 keeps[ck] = memory_bank.keep_mask(bank, scores_NxP, (n, p)).reshape(-1)
-    kept = {
-        ck: int(v) for ck, v in zip(keeps, jax.device_get([jnp.sum(k) for k in keeps.values()]))
-    }
-    by_size: dict[int, list[tuple]] = {}
-    for ck in keeps:
-        by_size.setdefault(coreset.num_samples(config.coreset.ratio, n * p, kept[ck]), []).append(
-            ck
-        )
-    picked: dict[tuple, jax.Array] = {}
-    for m, cks in by_size.items():
-        greedy = functools.partial(
-            coreset.greedy, num_samples=m, strict=bool(config.coreset.strict_parity)
-        )
-        idx_BxM = jax.vmap(greedy, in_axes=(None, 0, None))(
-            pool, jnp.stack([keeps[ck] for ck in cks]), starts
-        )
-        picked.update(zip(cks, idx_BxM))
+    prepared = coreset.prepare(pool, starts)
+    strict = bool(config.coreset.strict_parity)
+    picked = memory_bank.select_coresets(prepared, keeps, config.coreset.ratio, strict)
     out: dict[str, Banks] = {}
     for spec in specs:
         built = {}

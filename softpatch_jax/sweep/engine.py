@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from softpatch_jax import data, discriminators, features, metrics, pipeline
+from softpatch_jax import data, discriminators, features, metrics, pipeline, progress
 from softpatch_jax.io_utils import write_json
 from softpatch_jax.sweep import cache, grid, jsonl, stages
 
@@ -45,6 +45,7 @@ class _Context:
     total: int
     vmap: bool = True
     done: int = 0
+    advance: Callable[[int], None] | None = None  # the sweep's progress bar, if one is drawn
     extractors: dict = dataclasses.field(default_factory=dict)
 
     def extractor(self, cfg: ml_collections.ConfigDict) -> tuple[features.Extractor, str]:
@@ -134,8 +135,9 @@ def run(
                     noisy[c.noisy] = pipeline.noisy_splits(c.config, splits, c.ratio)
             groups.append((category, scells, splits, noisy))
     try:
-        for group in groups:
-            _run_setting(ctx, *group)
+        with progress.bar("sweep cells", len(pending), "cell") as ctx.advance:
+            for group in groups:
+                _run_setting(ctx, *group)
     finally:
         out = {**stats.as_dict(), "seconds": round(time.perf_counter() - t0, 3)}
         jsonl.append(os.path.join(workdir, STATS), out)
@@ -280,6 +282,8 @@ def _finish_cell(
         ),
         metrics.describe(result),
     )
+    if ctx.advance is not None:
+        ctx.advance(1)
     if ctx.on_cell is not None:
         ctx.on_cell(row)
 

@@ -1,0 +1,28 @@
+"""The held-out folds' coresets, selected together in one pass, equal one greedy run per fold."""
+
+import jax.numpy as jnp
+import numpy as np
+
+from softpatch_jax import coreset, scoring
+from softpatch_jax.deploy import threshold
+from softpatch_jax.memory_bank import MemoryBank
+
+
+def test_heldout_scores_equal_one_coreset_per_fold():
+    rng = np.random.default_rng(0)
+    n, p, d = 12, 20, 8
+    feats = jnp.asarray(rng.normal(size=(n, p, d)).astype(np.float32))
+    pool = feats.reshape(n * p, d)
+    keep = jnp.asarray(rng.random((n, p)) > 0.1)
+    weights = jnp.asarray(rng.uniform(1.0, 2.0, (n, p)).astype(np.float32))
+    starts = jnp.arange(0, n * p, 17)
+    fold = threshold.fold_of(n, 4, seed=0)
+    got = threshold.heldout_patch_scores(pool, feats, keep, weights, starts, 0.2, fold, 64)
+    for k in np.unique(fold):
+        held = fold == k
+        train_keep = keep.reshape(-1) & ~jnp.asarray(np.repeat(held, p))
+        m = coreset.num_samples(0.2, int(n - held.sum()) * p, int(jnp.sum(train_keep)))
+        idx = coreset.greedy(pool, train_keep, starts, num_samples=m)
+        bank = MemoryBank(pool[idx], weights.reshape(-1)[idx], idx)
+        want = scoring.patch_scores(bank, feats[np.flatnonzero(held)], 64)
+        np.testing.assert_array_equal(got[held], np.asarray(want))
