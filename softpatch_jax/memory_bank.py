@@ -53,6 +53,19 @@ class FitOutput:
     projection_DxR: jax.Array | None
 
 
+@dataclasses.dataclass
+class Prepared:
+    """What every bank of one training set shares, computed once per training set (`prepare`)."""
+
+    shape: tuple[int, int]  # (N, P)
+    projection_DxR: jax.Array | None
+    scores_NxP: dict[str, jax.Array]  # raw discriminator scores, given and computed
+    computed: tuple[str, ...]  # the discriminators computed here (not given): what to cache
+    starts: jax.Array  # coreset start indices into the N*P pool
+    coreset: coreset.Prepared  # the greedy loop's inputs (any keep mask)
+    parallel: bool  # `coreset` was prepared sharded (`parallel.prepare`)
+
+
 def random_projection(key: jax.Array, dim: int, out_dim: int) -> jax.Array:
     """A bias-free linear map D -> R drawn as torch.nn.Linear's default init, U(+-1/sqrt(D))."""
     bound = 1.0 / np.sqrt(dim)
@@ -203,64 +216,66 @@ def soft_weights(
     return discriminators.soft_weight(bank.soft_weight, scores_NxP[bank.soft_weight])
 
 
-def select_coresets(
-    prepared: coreset.Prepared,
-    masks: dict,
-    ratio: float,
-    strict: bool = False,
-    *,
-    parallel: bool = False,
-    num_patches: int | None = None,
-) -> dict:
-    """Every mask's coreset in one pass of the greedy loop (`coreset.select_many`): {key: indices}.
+def coreset_sizes(ratio: float, num_patches: int, keep_KxQ: jax.Array) -> list[int]:
+    """Each mask's coreset size, `coreset.num_samples(ratio, num_patches, kept)`."""
+    kept = jax.device_get(jnp.sum(keep_KxQ, axis=1))
+    return [coreset.num_samples(ratio, num_patches, int(k)) for k in kept]
 
-    masks: key -> keep mask [N*P] (e.g. `BankSpec.coreset_key()` -> mask); each coreset's size is
-      `coreset.num_samples(ratio, num_patches, kept)`, num_patches defaulting to the pool's size.
-    parallel: the sharded loop (`parallel.select_many`; `prepared` from `parallel.prepare`).
+
+def select_coresets(
+    prepared: Prepared, keep_KxQ: jax.Array, sizes_K: Sequence[int], strict: bool = False
+) -> list[jax.Array]:
+    """Every mask's coreset in one pass of the greedy loop (`coreset.select_many`, or the sharded
+    `parallel.select_many` where the inputs were prepared sharded): indices [sizes_K[k]] per mask.
+
+    keep_KxQ: one keep mask per row over the N*P pool; masks with smaller coresets keep a prefix.
     """
-    if not masks:
-        return {}
-    keep_KxN = jnp.stack(list(masks.values()))
-    total = keep_KxN.shape[1] if num_patches is None else num_patches
-    kept = jax.device_get(jnp.sum(keep_KxN, axis=1))
-    sizes = [coreset.num_samples(ratio, total, int(k)) for k in kept]
-    select = parallel_lib.select_many if parallel else coreset.select_many
-    desc = f"coreset ({len(sizes)} mask{'s' if len(sizes) > 1 else ''})"
-    with progress.bar(desc, max(sizes), "picks") as update:
-        picked = coreset.select_sizes(prepared, keep_KxN, sizes, strict, update, select)
-    return dict(zip(masks, jax.block_until_ready(picked)))
+    select = parallel_lib.select_many if prepared.parallel else coreset.select_many
+    k = len(sizes_K)
+    with progress.bar(f"coreset ({k} mask{'s' if k > 1 else ''})", max(sizes_K), "picks") as update:
+        picked = coreset.select_sizes(prepared.coreset, keep_KxQ, sizes_K, strict, update, select)
+    return list(jax.block_until_ready(picked))
+
+
+def assemble(feats_NxPxD, idx_M: jax.Array, weights_Q: jax.Array) -> MemoryBank:
+    """The bank of the picked flat indices: their full-D features and soft weights."""
+    return MemoryBank(gather_rows(feats_NxPxD, idx_M), weights_Q[idx_M], idx_M)
 
 
 def _null_timer(_stage: str):
     return contextlib.nullcontext()
 
 
-def fit_many(
+def needed_discriminators(specs: Sequence[methods.MethodSpec]) -> tuple[str, ...]:
+    """The discriminators any of `specs` uses, in `discriminators.NAMES` order."""
+    return tuple(n for n in discriminators.NAMES if any(n in s.discriminators() for s in specs))
+
+
+def prepare(
     key: jax.Array,
     feats_NxPxD,
     config: ml_collections.ConfigDict,
-    specs: Sequence[methods.MethodSpec],
+    names: Sequence[str],
     *,
     projection: jax.Array | None = None,
     starts: jax.Array | None = None,
     scores_NxP: dict[str, jax.Array] | None = None,
     timer: Callable = _null_timer,
     parallel: bool | None = None,
-) -> FitOutput:
-    """Fits every method in `specs` on the same features, sharing projection, discriminator scores
-    and the coreset's preparation between them.
-
-    Only the projected pool [N*P, R] is resident for the discriminators and the coreset; the full-D
-    features are read twice: once to project them, once for the picked bank rows.
+) -> Prepared:
+    """Everything the banks of one training set share, each computed once: the projection, the
+    projected pool (streamed once from `feats_NxPxD`), the raw scores of the discriminators `names`
+    (only those not in `scores_NxP`), the coreset starts and the coreset's prepared inputs.
 
     Args:
       key: root key; the projection and coreset starts come from its named streams.
       feats_NxPxD: training patch features (N images, P positions, D dims): a device array or a host
         source (see `project_pool`), any float dtype (e.g. float16 storage).
       config: the run config (sections softpatch, coreset; parallel.enabled if present).
+      names: discriminators whose scores the banks (or an audit) need.
       projection: explicit [D, R] projection (overrides the random one; R = D for none).
       starts: explicit coreset start indices into the N*P pool.
-      scores_NxP: precomputed raw discriminator scores (e.g. from a sweep cache).
+      scores_NxP: precomputed raw discriminator scores (e.g. from a sweep cache); not recomputed.
       timer: stage name -> context manager, for the pipeline's timings.
       parallel: shard discriminators and coreset over all devices (same results); None reads
         `config.parallel.enabled` per stage ("auto": when there is more than one device).
@@ -276,9 +291,8 @@ def fit_many(
         projection = random_projection(stream(key, "projection"), d, r)
     with timer("projection"):
         pool = jax.block_until_ready(project_pool(feats_NxPxD, projection))
-    names = tuple(n_ for n_ in discriminators.NAMES if any(n_ in s.discriminators() for s in specs))
-    scores = dict(scores_NxP or {})
-    missing = tuple(n_ for n_ in names if n_ not in scores)
+    scores = {k: v for k, v in (scores_NxP or {}).items()}
+    missing = tuple(n_ for n_ in discriminators.NAMES if n_ in names and n_ not in scores)
     with timer("discriminators"):
         scores.update(
             discriminator_scores(
@@ -298,29 +312,83 @@ def fit_many(
         prep = parallel_lib.prepare if coreset_parallel else coreset.prepare
         prepared = jax.block_until_ready(prep(flat_pool, starts))
         del flat_pool  # the loop reads only its feature-major copy
+    return Prepared((n, p), projection, scores, missing, starts, prepared, coreset_parallel)
+
+
+def fit_banks(
+    prepared: Prepared,
+    feats_NxPxD,
+    config: ml_collections.ConfigDict,
+    specs: Sequence[methods.MethodSpec],
+    *,
+    timer: Callable = _null_timer,
+) -> FitOutput:
+    """The banks of every spec (by spec name) on one prepared training set: the keep masks, ONE
+    pass of the coreset loop for every distinct mask (`BankSpec.coreset_key`), soft weights, and
+    the picked rows gathered from `feats_NxPxD` (the features `prepared` was made from).
+
+    config: sections coreset (ratio, strict_parity). A method without its own segmentation bank
+    gets the classification bank object twice, so scoring runs once for both.
+    """
+    shape = prepared.shape
+    scores = prepared.scores_NxP
     masks: dict[tuple, jax.Array] = {}
     keeps: dict[str, jax.Array] = {}
     for spec in specs:
         for bank in (spec.cls, spec.seg or spec.cls):
-            keep = keep_mask(bank, scores, (n, p))
+            keep = keep_mask(bank, scores, shape)
             masks.setdefault(bank.coreset_key(), keep.reshape(-1))
             if bank is spec.cls:
                 keeps[spec.name] = keep
     with timer("coreset"):
         strict = bool(config.coreset.get("strict_parity", False))
-        coresets = select_coresets(
-            prepared, masks, config.coreset.ratio, strict, parallel=coreset_parallel
-        )
+        keep_KxQ = jnp.stack(list(masks.values()))
+        sizes = coreset_sizes(config.coreset.ratio, shape[0] * shape[1], keep_KxQ)
+        coresets = dict(zip(masks, select_coresets(prepared, keep_KxQ, sizes, strict)))
     banks: dict[str, Banks] = {}
     for spec in specs:
-        built = []
+        built: dict[methods.BankSpec, MemoryBank] = {}
         for bank in (spec.cls, spec.seg or spec.cls):
-            idx = coresets[bank.coreset_key()]
-            weights = soft_weights(bank, scores, (n, p)).reshape(-1)
+            if bank in built:
+                continue
+            weights = soft_weights(bank, scores, shape).reshape(-1)
             with timer("bank_gather"):
-                built.append(MemoryBank(gather_rows(feats_NxPxD, idx), weights[idx], idx))
-        banks[spec.name] = Banks(cls=built[0], seg=built[1])
-    return FitOutput(banks, scores, keeps, projection)
+                built[bank] = assemble(feats_NxPxD, coresets[bank.coreset_key()], weights)
+        banks[spec.name] = Banks(cls=built[spec.cls], seg=built[spec.seg or spec.cls])
+    return FitOutput(banks, scores, keeps, prepared.projection_DxR)
+
+
+def fit_many(
+    key: jax.Array,
+    feats_NxPxD,
+    config: ml_collections.ConfigDict,
+    specs: Sequence[methods.MethodSpec],
+    *,
+    projection: jax.Array | None = None,
+    starts: jax.Array | None = None,
+    scores_NxP: dict[str, jax.Array] | None = None,
+    timer: Callable = _null_timer,
+    parallel: bool | None = None,
+) -> FitOutput:
+    """Fits every method in `specs` on the same features: `prepare` (projection, discriminator
+    scores and the coreset's preparation, shared by all of them), then `fit_banks`.
+
+    Only the projected pool [N*P, R] is resident for the discriminators and the coreset; the full-D
+    features are read twice: once to project them, once for the picked bank rows. Arguments as
+    `prepare`'s; `specs`' discriminators are the ones scored.
+    """
+    prepared = prepare(
+        key,
+        feats_NxPxD,
+        config,
+        needed_discriminators(specs),
+        projection=projection,
+        starts=starts,
+        scores_NxP=scores_NxP,
+        timer=timer,
+        parallel=parallel,
+    )
+    return fit_banks(prepared, feats_NxPxD, config, specs, timer=timer)
 
 
 def fit(

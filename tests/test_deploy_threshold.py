@@ -1,9 +1,11 @@
 """The held-out folds' coresets, selected together in one pass, equal one greedy run per fold."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
-from softpatch_jax import coreset, scoring
+from configs import demo
+from softpatch_jax import coreset, memory_bank, scoring
 from softpatch_jax.deploy import threshold
 from softpatch_jax.memory_bank import MemoryBank
 
@@ -17,7 +19,10 @@ def test_heldout_scores_equal_one_coreset_per_fold():
     weights = jnp.asarray(rng.uniform(1.0, 2.0, (n, p)).astype(np.float32))
     starts = jnp.arange(0, n * p, 17)
     fold = threshold.fold_of(n, 4, seed=0)
-    got = threshold.heldout_patch_scores(pool, feats, keep, weights, starts, 0.2, fold, 64)
+    cfg = demo.get_config()
+    cfg.softpatch.projection_dim = 0
+    prepared = memory_bank.prepare(jax.random.key(0), feats, cfg, (), starts=starts)
+    got = threshold.heldout_patch_scores(prepared, feats, keep, weights, 0.2, fold, 64)
     for k in np.unique(fold):
         held = fold == k
         train_keep = keep.reshape(-1) & ~jnp.asarray(np.repeat(held, p))

@@ -147,3 +147,70 @@ def test_float16_storage_keeps_its_dtype_in_the_bank():
     np.testing.assert_array_equal(
         np.asarray(bank.feats_MxD), feats.astype(np.float16).reshape(-1, 16)[idx]
     )
+
+
+# ----------------------------------------------------------------------------- once per training set
+
+
+@pytest.fixture
+def expensive_steps(monkeypatch):
+    """Counts the steps the fitting path must run once per training set: streaming the features into
+    the projected pool, the discriminator kernel, and the coreset's preparation."""
+    from softpatch_jax import coreset, discriminators
+
+    counts = {"project_pool": 0, "score_pool": 0, "coreset_prepare": 0}
+
+    def counting(module, name, label):
+        inner = getattr(module, name)
+
+        def wrapped(*args, **kwargs):
+            counts[label] += 1
+            return inner(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, wrapped)
+
+    counting(memory_bank, "project_pool", "project_pool")
+    counting(discriminators, "score_pool", "score_pool")
+    counting(coreset, "prepare", "coreset_prepare")
+    return counts
+
+
+def test_pipeline_style_fit_prepares_once_for_every_method(expensive_steps):
+    cfg = small_config(tau=0.2, discriminators="nearest,lof,gaussian")
+    names = ("patchcore", "softpatch_nearest", "softpatch_lof", "softpatch_gaussian")
+    specs = [methods.spec(m, cfg.softpatch) for m in (*names, "softpatch_plus", "image_denoise")]
+    memory_bank.fit_many(jax.random.key(0), features(), cfg, specs)
+    assert expensive_steps == {"project_pool": 1, "score_pool": 1, "coreset_prepare": 1}
+
+
+def test_sweep_style_fit_prepares_once_and_caches_the_scores(expensive_steps, tmp_path):
+    import dataclasses
+
+    from softpatch_jax.sweep import cache, stages
+
+    cfg = small_config(discriminators="nearest,lof")
+    specs = []
+    for tau in (0.05, 0.1, 0.3):
+        cfg.softpatch.tau = tau
+        for m in ("patchcore", "softpatch_lof", "softpatch_plus", "image_denoise"):
+            specs.append(dataclasses.replace(methods.spec(m, cfg.softpatch), name=f"{m}@{tau}"))
+    store = cache.Cache(str(tmp_path), cache.Stats())
+    feats = features()
+    for _ in range(2):  # computed and cached, then loaded: the kernel runs the first time only
+        prepared = stages.prepare(store, jax.random.key(0), feats, "f", cfg, ("nearest", "lof"))
+        stages.fit(prepared, feats, cfg, specs)
+    assert expensive_steps == {"project_pool": 2, "score_pool": 1, "coreset_prepare": 2}
+    runs = store.stats.counts
+    assert runs["discriminator_runs_lof"] == runs["discriminator_runs_nearest"] == 1
+
+
+@pytest.mark.slow
+def test_deploy_style_fit_prepares_once_for_banks_and_heldout_folds(expensive_steps, tmp_path):
+    from softpatch_jax.deploy import fitting
+    from tests import deploy_helpers
+    from tests.test_sweep import fake_build
+
+    cfg = deploy_helpers.tiny_config()
+    deploy_helpers.write_folder(str(tmp_path))
+    fitting.fit(cfg, str(tmp_path), extractor=fake_build(cfg))
+    assert expensive_steps == {"project_pool": 1, "score_pool": 1, "coreset_prepare": 1}

@@ -6,8 +6,9 @@ A sweep config is a run config (configs/base.py and a dataset's differences) plu
                    `methods` are comma lists that expand into cells even without an axis.
   sweep.cache_dir  features and discriminator scores, keyed by content ("" = WORKDIR/cache); share
                    it between sweeps on the same data to reuse their features.
-  sweep.vmap       fit and score banks of equal size in one vmapped call (False: one at a time,
-                   through memory_bank.fit_many and scoring.predict, as pipeline.run does).
+  sweep.vmap       score banks of equal size in one vmapped call (False: one at a time through
+                   scoring.predict, as pipeline.run does). Fitting is the same either way: the
+                   library's path (memory_bank.prepare, fit_banks), every keep mask in one pass.
   sweep.report     hints for `python -m softpatch_jax.report`: `columns` (row fields that name a
                    table column, besides the method) and `curves` (x axes of the curve plots).
 The dataset comes from the config argument: `--config=configs/sweeps/NAME.py:demo|mvtec|visa`

@@ -3,8 +3,8 @@ its tau_seg held at 0.5), at 10% overlap noise; PatchCore as the flat reference;
 
   python -m launch.sweep --config=configs/sweeps/tau.py:demo --workdir=/tmp/sw_tau
   python -m softpatch_jax.report --workdir=/tmp/sw_tau
-Every tau shares one noisy set's features and discriminator scores; with sweep.vmap the taus' coresets
-(equal size while tau <= 1 - coreset.ratio) run as one vmapped loop.
+Every tau shares one noisy set's features, projection, discriminator scores and prepared coreset
+inputs; the taus' coresets run in one pass of the greedy loop (`memory_bank.fit_banks`).
 """
 
 from configs.sweeps import common

@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from softpatch_jax import coreset, discriminators, features, memory_bank, methods
+from softpatch_jax import discriminators, features, memory_bank, methods
 from softpatch_jax.data import folder, images
 from softpatch_jax.deploy import audit as audit_lib
 from softpatch_jax.deploy import model as model_lib
@@ -142,52 +142,37 @@ def fit(
         logging.warning(features.RANDOM_INIT_WARNING)
     region_lib.check_mode(opts.region)
     feats_np, kept, bad, region_info = extract_all(ex, listing, config, opts)
-    n, p, d = feats_np.shape
+    n, p, _ = feats_np.shape
     feats = jnp.asarray(feats_np)
     del feats_np
     key = jax.random.key(config.seed)
-    r = config.softpatch.projection_dim
-    projection = (
-        memory_bank.random_projection(memory_bank.stream(key, "projection"), d, r) if r else None
-    )
-    flat = feats.reshape(n * p, d)
-    pool = flat if projection is None else memory_bank.project(flat, projection)  # [N*P, R]
+    # Every discriminator, whatever the method uses: the audit reports each of them.
     logging.info("fit: discriminators on %d images x %d positions", n, p)
-    scores = memory_bank.discriminator_scores(
-        pool.reshape(n, p, -1),
-        discriminators.NAMES,
-        config.softpatch.lof_k,
-        config.softpatch.gaussian_eps,
-    )
+    prepared = memory_bank.prepare(key, feats, config, discriminators.NAMES)
     logging.info("fit: %s memory banks", opts.method)
-    starts = coreset.draw_starts(
-        memory_bank.stream(key, "coreset"), n * p, config.coreset.num_starts
-    )
     # Overlapping tiles hold near-duplicate patches: the coreset ratio counts the frame's distinct
     # area, so the bank has the density per pixel it has on centre crops (deploy/region.py).
     ratio = config.coreset.ratio * region_info["distinct_fraction"]
     bank_config = ml_collections.ConfigDict(config.to_dict())
     bank_config.coreset.ratio = ratio
     region_info["coreset_ratio"] = ratio
-    out = memory_bank.fit_many(
-        key, feats, bank_config, [spec], projection=projection, starts=starts, scores_NxP=scores
-    )
+    out = memory_bank.fit_banks(prepared, feats, bank_config, [spec])
     banks = out.banks[opts.method]
+    projection = out.projection_DxR
     logging.info("fit: held-out training scores (%d folds)", opts.threshold_folds)
     fold_N = threshold_lib.fold_of(n, opts.threshold_folds, config.seed)
     train_patch = threshold_lib.heldout_patch_scores(
-        pool,
+        prepared,
         feats,
         out.keep_NxP[opts.method],
         memory_bank.soft_weights(spec.cls, out.scores_NxP, (n, p)),
-        starts,
         ratio,
         fold_N,
         config.scoring.chunk_size,
         distance=config.scoring.distance,
         strict=config.coreset.strict_parity,
     )
-    del pool
+    del prepared
     owned = region_lib.owned_patches(
         np.asarray(region_info["origins"]),
         config.dataset.crop,

@@ -25,8 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from softpatch_jax import coreset, scoring
-from softpatch_jax.memory_bank import MemoryBank
+from softpatch_jax import memory_bank, scoring
 
 DEFAULT_RULE = "mad:3"
 DEFAULT_FOLDS = 5
@@ -80,11 +79,10 @@ def fold_of(num_images: int, folds: int, seed: int) -> np.ndarray:
 
 
 def heldout_patch_scores(
-    pool_QxR: jax.Array,
+    prepared: memory_bank.Prepared,
     feats_NxPxD: jax.Array,
     keep_NxP: jax.Array,
     weights_NxP: jax.Array,
-    starts: jax.Array,
     ratio: float,
     fold_N: np.ndarray,
     chunk_size: int = 0,
@@ -95,27 +93,26 @@ def heldout_patch_scores(
     """float [N, P]: each training patch's score against a bank fitted without its image's fold.
 
     Args:
-      pool_QxR: the fit's coreset pool (projected features), Q = N*P, image-major.
+      prepared: the fit's prepared training set (`memory_bank.prepare`: its coreset pool and
+        starts); every fold's coreset selects on it, in one pass of the greedy loop.
       feats_NxPxD: full training features; keep_NxP / weights_NxP: the fit's classification-bank
-        removal mask and soft weights; starts: the fit's coreset starts; ratio: coreset ratio.
+        removal mask and soft weights; ratio: coreset ratio.
       fold_N: fold of each image (`fold_of`).
     """
-    n, p, d = feats_NxPxD.shape
-    flat = feats_NxPxD.reshape(n * p, d)
+    n, p, _ = feats_NxPxD.shape
     keep = keep_NxP.reshape(-1)
     weights = weights_NxP.reshape(-1)
     out = np.zeros((n, p), np.float32)
     held_KxN = [fold_N == k for k in np.unique(fold_N)]
-    # Every fold's coreset in one pass of the greedy loop over one preparation of the pool.
     keep_KxQ = jnp.stack([keep & ~jnp.asarray(np.repeat(h, p)) for h in held_KxN])
-    kept = jax.device_get(jnp.sum(keep_KxQ, axis=1))
+    # A fold's coreset size counts the other folds' patches only.
     sizes = [
-        coreset.num_samples(ratio, int(n - h.sum()) * p, int(c)) for h, c in zip(held_KxN, kept)
+        memory_bank.coreset_sizes(ratio, int(n - h.sum()) * p, keep_KxQ[k : k + 1])[0]
+        for k, h in enumerate(held_KxN)
     ]
-    prepared = coreset.prepare(pool_QxR, starts)
-    picked = coreset.select_sizes(prepared, keep_KxQ, sizes, strict=strict)
+    picked = memory_bank.select_coresets(prepared, keep_KxQ, sizes, strict)
     for held_N, idx, m in zip(held_KxN, picked, sizes):
-        bank = MemoryBank(flat[idx], weights[idx], idx)
+        bank = memory_bank.assemble(feats_NxPxD, idx, weights)
         held = feats_NxPxD[np.flatnonzero(held_N)]
         chunk = chunk_size or scoring.chunk_size_for(m)
         out[held_N] = np.asarray(scoring.patch_scores(bank, held, chunk, distance=distance))

@@ -204,10 +204,9 @@ def _run_fit_group(
     names = tuple(n for n in discriminators.NAMES if any(n in s.discriminators() for s in named))
     timer = pipeline.Timer()
     with timer("discriminators"):
-        scores = stages.discriminator_scores(ctx.store, key, feats, feats_key, cfg, names)
-        jax.block_until_ready(scores)
+        prepared = stages.prepare(ctx.store, key, feats, feats_key, cfg, names)
     with timer("fit"):
-        banks = jax.block_until_ready(stages.fit(key, feats, cfg, named, scores, ctx.vmap))
+        banks = jax.block_until_ready(stages.fit(prepared, feats, cfg, named))
     ctx.stats.add("banks_fitted", len(named))
     by_scoring = grid.group(cells, lambda c: grid.digest(c.config.scoring.to_dict()))
     for scells in by_scoring.values():

@@ -1,6 +1,7 @@
-"""The sweep's work steps, each a function of its inputs: feature extraction (counted), discriminator
-scores through the cache, and bank fitting / scoring either vmapped (batched.py) or one bank at a
-time through the library path (memory_bank.fit_many, scoring.predict) that pipeline.run uses.
+"""The sweep's work steps, each a function of its inputs: feature extraction (counted), the training
+set prepared once through the library's fitting path (`memory_bank.prepare`, discriminator scores
+through the cache), every bank from one coreset pass (`memory_bank.fit_banks`), and scoring either
+vmapped over banks of equal size (batched.py) or one bank at a time (scoring.predict).
 """
 
 from __future__ import annotations
@@ -41,17 +42,18 @@ def injected_features(stats, ex, cfg, records, category: str) -> dict[str, np.nd
     return {"train": extract(stats, ex, records, cfg, "injected", category)[0]}
 
 
-def discriminator_scores(
+def prepare(
     store: cache.Cache,
     key: jax.Array,
-    feats_NxPxD: jax.Array,
+    feats_NxPxD,
     feats_key: str,
     cfg: ml_collections.ConfigDict,
     names: Sequence[str],
-) -> dict[str, jax.Array]:
-    """Raw scores {name: [N, P]}: cached ones loaded, the missing ones computed in one call (they
-    share the per-position distances) with the run's own projection, then cached."""
-    n, p, d = feats_NxPxD.shape
+) -> memory_bank.Prepared:
+    """The training set prepared once for all its banks (`memory_bank.prepare`): the raw scores of
+    `names` loaded from the cache where there, the missing ones computed in one call (they share the
+    per-position distances) with the run's own projection, then cached."""
+    n = feats_NxPxD.shape[0]
     sp = cfg.softpatch
     params = {
         "nearest": None,
@@ -62,40 +64,26 @@ def discriminator_scores(
         name: cache.scores_key(feats_key, name, params[name], sp.projection_dim, cfg.seed)
         for name in names
     }
-    out = {}
+    cached = {}
     for name in names:
         hit = store.load("scores", keys[name])
         if hit is not None:
-            out[name] = jax.numpy.asarray(hit["scores"])
-    missing = tuple(name for name in names if name not in out)
-    if missing:
-        pool = feats_NxPxD.reshape(n * p, d)
-        if sp.projection_dim:
-            stream = memory_bank.stream(key, "projection")
-            pool = memory_bank.project(
-                pool, memory_bank.random_projection(stream, d, sp.projection_dim)
-            )
-        new = memory_bank.discriminator_scores(
-            pool.reshape(n, p, -1), missing, sp.lof_k, sp.gaussian_eps
-        )
-        for name, s in new.items():
-            store.save("scores", keys[name], {"scores": np.asarray(s)})
-            store.stats.add(f"discriminator_runs_{name}")
-        out.update(new)
-    return out
+            cached[name] = jax.numpy.asarray(hit["scores"])
+    prepared = memory_bank.prepare(key, feats_NxPxD, cfg, names, scores_NxP=cached)
+    for name in prepared.computed:
+        store.save("scores", keys[name], {"scores": np.asarray(prepared.scores_NxP[name])})
+        store.stats.add(f"discriminator_runs_{name}")
+    return prepared
 
 
 def fit(
-    key: jax.Array,
-    feats_NxPxD: jax.Array,
+    prepared: memory_bank.Prepared,
+    feats_NxPxD,
     cfg: ml_collections.ConfigDict,
     specs: Sequence[methods.MethodSpec],
-    scores_NxP: dict[str, jax.Array],
-    vmap: bool,
 ) -> dict[str, Banks]:
-    if vmap:
-        return batched.fit(key, feats_NxPxD, cfg, specs, scores_NxP)
-    return memory_bank.fit_many(key, feats_NxPxD, cfg, specs, scores_NxP=scores_NxP).banks
+    """The banks of every spec (by spec name): every distinct keep mask in one coreset pass."""
+    return memory_bank.fit_banks(prepared, feats_NxPxD, cfg, specs).banks
 
 
 def predict(
