@@ -42,7 +42,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from softpatch_jax import data, features, memory_bank, methods, pipeline, scoring
+from softpatch_jax import data, features, memory_bank, methods, pipeline, pool, scoring
 from softpatch_jax.io_utils import atomic_open, write_json
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -245,8 +245,8 @@ def run_category(ref, config, ex, category: str) -> list[dict]:
         t_feats = test[keep_test]
         n, p, d = feats.shape
         root = pipeline.category_key(config.seed, category)
-        proj = memory_bank.random_projection(
-            memory_bank.stream(root, "projection"), d, config.softpatch.projection_dim
+        proj = pool.random_projection(
+            pool.stream(root, "projection"), d, config.softpatch.projection_dim
         )
         seed = int(config.seed)
         starts = np.random.RandomState(seed).choice(

@@ -6,7 +6,7 @@ import pytest
 from sklearn.neighbors import LocalOutlierFactor
 
 from configs import base
-from softpatch_jax import memory_bank, methods
+from softpatch_jax import memory_bank, methods, pool
 from tests.conftest import cpu_only
 from tests.test_coreset import numpy_greedy
 
@@ -121,10 +121,10 @@ def test_host_sources_stream_to_the_same_banks_as_a_device_array():
     spec = methods.spec("softpatch_plus", cfg.softpatch)
     want = memory_bank.fit_many(jax.random.key(4), jnp.asarray(feats), cfg, [spec])
     proj = want.projection_DxR
-    pooled = memory_bank.project_pool(_Reader(feats), proj, block_images=4)  # blocks 0,4,8,10
+    pooled = pool.project_pool(_Reader(feats), proj, block_images=4)  # blocks 0,4,8,10
     np.testing.assert_allclose(
         np.asarray(pooled),
-        np.asarray(memory_bank.project_pool(jnp.asarray(feats), proj)),
+        np.asarray(pool.project_pool(jnp.asarray(feats), proj)),
         atol=1e-6,
     )
     for source in (_Reader(feats), feats):  # a lazy reader, and a numpy array
@@ -169,7 +169,7 @@ def expensive_steps(monkeypatch):
 
         monkeypatch.setattr(module, name, wrapped)
 
-    counting(memory_bank, "project_pool", "project_pool")
+    counting(pool, "project_pool", "project_pool")
     counting(discriminators, "score_pool", "score_pool")
     counting(coreset, "prepare", "coreset_prepare")
     return counts
