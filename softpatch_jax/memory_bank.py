@@ -190,7 +190,7 @@ def prepare(
         projection = pool.random_projection(pool.stream(key, "projection"), d, r)
     with timer("projection"):
         pool_NxPxR = jax.block_until_ready(pool.project_pool(feats_NxPxD, projection))
-    scores = {k: v for k, v in (scores_NxP or {}).items()}
+    scores = dict(scores_NxP or {})
     missing = tuple(n_ for n_ in discriminators.NAMES if n_ in names and n_ not in scores)
     with timer("discriminators"):
         scores.update(
