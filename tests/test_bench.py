@@ -59,7 +59,10 @@ def test_bench_smoke_run(tmp_path):
     core = rows["coreset"]
     assert core["samples"] == int(0.2 * 12 * 16)
     assert core["loop_body"]["parsed"]
-    assert any(op.startswith("dot") for op in core["loop_body"]["ops_reading_pool"])
+    # The step's product reads the pool (a dot, or a fusion XLA builds around it) besides the
+    # gather of the picked column; nothing else in the loop body touches it.
+    reads = core["loop_body"]["ops_reading_pool"]
+    assert any(op.startswith(("dot", "fusion")) for op in reads) and len(reads) <= 2, reads
     assert rows["end_to_end"]["bank_sizes"] == [38, 38]
     par = rows["parallel"]
     assert par["devices"] == 2

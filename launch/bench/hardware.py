@@ -16,7 +16,11 @@ from softpatch_jax import coreset, ops
 
 def loop_body_reads(prepared, keep, m: int) -> dict:
     """The compiled coreset loop body's ops that take the [R, N] pool as an operand."""
-    text = coreset.select.lower(prepared, keep, num_samples=m).compile().as_text()
+    # The loop itself is `coreset._steps` (`select` runs it in segments from `_init`'s carry).
+    keep_K = keep[None]
+    carry = coreset._init(prepared, keep_K, m, False)
+    lowered = coreset._steps.lower(prepared, keep_K, carry, jnp.int32(0), jnp.int32(m), False)
+    text = lowered.compile().as_text()
     r, n = prepared.x_RxN.shape
     body_name = re.search(r"while\(.*?body=%?([\w.\-]+)", text)
     if body_name is None:
