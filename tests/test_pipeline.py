@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from configs import demo as demo_config
-from softpatch_jax import features, metrics, pipeline
+from softpatch_jax import experiment, features, metrics, pipeline
 from softpatch_jax.data import demo
 
 VIEWLESS = tuple(m for m in metrics.ALL if m not in metrics.SAMPLE)
@@ -89,7 +89,7 @@ def test_eval_metrics_are_checked_before_any_work(tiny_root, tmp_path):
         pipeline.run(cfg, str(tmp_path))
     assert not os.path.exists(tmp_path / "config.json")
     cfg.eval.metrics = "pixel_ap"  # the AUROC pair comes along: the summary is drawn from it
-    assert pipeline.eval_metrics(cfg) == ("image_auroc", "pixel_auroc", "pixel_ap")
+    assert experiment.eval_metrics(cfg) == ("image_auroc", "pixel_auroc", "pixel_ap")
 
 
 def test_too_much_noise_states_the_maximum(tiny_root, tmp_path):
@@ -140,19 +140,20 @@ def test_map_indices_adds_the_chosen_images_and_names_a_missing_one():
     labels = np.array([r.label for r in recs])
     # The default pick (one good, one anomaly) plus the chosen crack/003; another category's
     # choice is not this category's business.
-    chosen = pipeline.parse_map_images("pill/crack/003.png, wood/good/000.png")
+    chosen = experiment.parse_map_images("pill/crack/003.png, wood/good/000.png")
     assert chosen == [("pill", "crack/003.png"), ("wood", "good/000.png")]
-    assert pipeline.map_indices(labels, 2, recs, "pill", chosen).tolist() == [0, 2, 3]
-    assert pipeline.map_indices(labels, 0, recs, "pill", chosen).tolist() == [3]
-    assert pipeline.map_indices(labels, 0, recs, "pill", chosen[1:]).tolist() == []
+    assert experiment.map_indices(labels, 2, recs, "pill", chosen).tolist() == [0, 2, 3]
+    assert experiment.map_indices(labels, 0, recs, "pill", chosen).tolist() == [3]
+    assert experiment.map_indices(labels, 0, recs, "pill", chosen[1:]).tolist() == []
     # A suffix must match whole path components: "rack/003.png" is not crack/003.png.
     with pytest.raises(ValueError, match=r"'pill/rack/003\.png' matches none of the 5 test images"):
-        pipeline.map_indices(labels, 0, recs, "pill", [("pill", "rack/003.png")])
+        experiment.map_indices(labels, 0, recs, "pill", [("pill", "rack/003.png")])
     assert (
-        pipeline.map_indices(labels, 0, recs, "pill", [("pill", "x.png")], required=False).size == 0
+        experiment.map_indices(labels, 0, recs, "pill", [("pill", "x.png")], required=False).size
+        == 0
     )
     with pytest.raises(ValueError, match=r"'pill': expected CATEGORY/PATH"):
-        pipeline.parse_map_images("pill")
+        experiment.parse_map_images("pill")
 
 
 @pytest.mark.slow
@@ -161,8 +162,8 @@ def test_chosen_images_get_their_maps_saved(tiny_root, tmp_path):
     cfg.methods = "patchcore"
     cfg.eval.save_maps = 0  # the chosen image alone
     cfg.eval.map_images = "pill/hole/001.png"
-    pipeline.run(cfg, str(tmp_path / "ok"))
-    with np.load(tmp_path / "ok" / "maps" / "pill_patchcore_r0_s0.npz") as z:
+    (row,) = pipeline.run(cfg, str(tmp_path / "ok"))
+    with np.load(tmp_path / "ok" / "maps" / f"{row['cell_id']}.npz") as z:
         assert [p.replace(os.sep, "/").rsplit("/", 2)[-2:] for p in z["paths"]] == [
             ["hole", "001.png"]
         ]

@@ -7,7 +7,7 @@ A sweep config is a run config (configs/base.py and a dataset's differences) plu
   sweep.cache_dir  features and discriminator scores, keyed by content ("" = WORKDIR/cache); share
                    it between sweeps on the same data to reuse their features.
   sweep.vmap       fit and score banks of equal size in one vmapped call (False: one at a time,
-                   through memory_bank.fit_many and scoring.predict, as pipeline.run does).
+                   through memory_bank.fit_many and scoring.predict, as a plain run does).
   sweep.report     hints for `python -m softpatch_jax.report`: `columns` (row fields that name a
                    table column, besides the method) and `curves` (x axes of the curve plots).
 The dataset comes from the config argument: `--config=configs/sweeps/NAME.py:demo|mvtec|visa`
