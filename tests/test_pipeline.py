@@ -10,6 +10,7 @@ import pytest
 from configs import demo as demo_config
 from softpatch_jax import experiment, features, metrics, pipeline
 from softpatch_jax.data import demo
+from softpatch_jax.sweep import jsonl
 
 VIEWLESS = tuple(m for m in metrics.ALL if m not in metrics.SAMPLE)
 TINY = demo.DemoSpec(
@@ -81,6 +82,23 @@ def test_no_overlap_removes_injected_from_test_and_is_deterministic(tiny_root, t
     assert a[0]["num_test"] == TINY.num_test_good + 5 * TINY.num_per_defect - 2
     assert a[0]["injected"] == b[0]["injected"]
     assert [a[0][m] for m in VIEWLESS] == [b[0][m] for m in VIEWLESS]
+
+
+@pytest.mark.slow
+def test_a_rerun_runs_only_the_cells_it_has_not_finished(tiny_root, tmp_path):
+    cfg = tiny_config(tiny_root, noise__ratios="0.0", dataset__categories="pill")
+    cfg.methods = "patchcore"
+    first = pipeline.run(cfg, str(tmp_path))
+    # A plain run keeps its features in memory: no cache folder, no sweep files.
+    assert not os.path.exists(tmp_path / "cache") and not os.path.exists(tmp_path / "sweep.json")
+    cfg.methods = "softpatch_lof,patchcore"
+    second = pipeline.run(cfg, str(tmp_path))
+    assert [r["method"] for r in second] == ["softpatch_lof", "patchcore"]  # the config's order
+    assert second[1] == first[0]  # read back, not run again
+    stats = jsonl.read(str(tmp_path / "stats.jsonl"))
+    assert stats[-1]["cells_skipped"] == 1 and stats[-1]["cells_run"] == 1
+    with open(tmp_path / "results.json") as f:
+        assert [r["method"] for r in json.load(f)["rows"]] == ["softpatch_lof", "patchcore"]
 
 
 def test_eval_metrics_are_checked_before_any_work(tiny_root, tmp_path):

@@ -4,11 +4,13 @@ plain run (a config with no `sweep` section, `pipeline.run`) is the grid of its 
 
 Cells are grouped from the most to the least expensive shared work:
   category      -> read the records once;
-  noisy set     -> clean features once per category, injected ones once per noisy set (disk cache);
-  fit group     -> discriminator scores once per (noisy set, discriminator, k, projection) (disk
-                   cache), then every tau / method / fusion choice fits its bank from them;
+  noisy set     -> clean features once per category, injected ones once per noisy set (cached);
+  fit group     -> discriminator scores once per (noisy set, discriminator, k, projection)
+                   (cached), then every tau / method / fusion choice fits its bank from them;
   distinct bank -> fitted and scored once, however many cells (rows) it serves.
 Finished cells are skipped on re-runs (results.jsonl); compiled functions are reused throughout.
+The cache is on disk for a sweep (shared between sweeps) and in memory, one category at a time,
+for a plain run.
 """
 
 from __future__ import annotations
