@@ -240,6 +240,18 @@ def _run_setting(ctx: _Context, category: str, cells: list[grid.Cell], splits, n
         )
         times = {"features": time.perf_counter() - t_feat}
         feats = jnp.asarray(train, dtype)
+        anomalous = len(noisy.train_anomalous) + len(injected)
+        logging.info(
+            "%s noise %.0f%% (%s): %d train (%d injected, %d anomalous: %.1f%%), %d test",
+            category,
+            100 * spec.ratio,
+            "overlap" if spec.overlap else "no-overlap",
+            feats.shape[0],
+            len(injected),
+            anomalous,
+            100 * anomalous / feats.shape[0],
+            len(keep),
+        )
         for gcells in grid.group(ncells, lambda c: c.fit_key).values():
             _run_fit_group(
                 ctx, ex, category, feats, feats_key, evalset, gcells, injected, times, noisy
