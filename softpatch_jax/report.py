@@ -136,7 +136,7 @@ def main(argv: Sequence[str]) -> None:
         rows, _ = results.load(f.workdir)
     except FileNotFoundError as e:
         raise SystemExit(str(e)) from None
-    if not os.path.isfile(os.path.join(f.workdir, "results.jsonl")):
+    if not results.is_sweep(f.workdir):
         print(summary_table(rows))  # a run: its summary, as before
     written = write_report(
         f.workdir, f.out, listed(f.columns), listed(f.curves), listed(f.maps_methods)

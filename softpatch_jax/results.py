@@ -49,9 +49,11 @@ RANDOM_INIT_TAG = "RANDOM-INIT backbone: random features, not the method's real 
 
 
 def load(workdir: str) -> tuple[list[dict], dict]:
-    """(rows, report hints) of a sweep (results.jsonl + sweep.json) or a run (results.json)."""
+    """(rows, report hints) of a sweep (results.jsonl + sweep.json) or a run (results.json; its
+    results.jsonl may also hold rows of earlier configs run in the same workdir)."""
     sweep_path = os.path.join(workdir, "results.jsonl")
-    if os.path.isfile(sweep_path):
+    run_path = os.path.join(workdir, "results.json")
+    if is_sweep(workdir) or (os.path.isfile(sweep_path) and not os.path.isfile(run_path)):
         with open(sweep_path) as f:
             rows = []
             for line in f:
@@ -63,11 +65,15 @@ def load(workdir: str) -> tuple[list[dict], dict]:
             with open(meta) as f:
                 hints = json.load(f)["config"].get("sweep", {}).get("report", {})
         return rows, hints
-    run_path = os.path.join(workdir, "results.json")
     if os.path.isfile(run_path):
         with open(run_path) as f:
             return json.load(f)["rows"], {}
     raise FileNotFoundError(f"no results.jsonl or results.json in {workdir!r}")
+
+
+def is_sweep(workdir: str) -> bool:
+    """A sweep's workdir (sweep.json) rather than a plain run's (config.json, results.json)."""
+    return os.path.isfile(os.path.join(workdir, "sweep.json"))
 
 
 def is_random_init(rows: Sequence[dict]) -> bool:

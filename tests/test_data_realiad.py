@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from fake_trees import make_realiad, realiad_expected
 
-from softpatch_jax import data, pipeline
+from softpatch_jax import data, experiment, pipeline
 from softpatch_jax.data import preprocess, realiad
 
 CATEGORIES = ["audiojack", "mint"]
@@ -122,7 +122,7 @@ def test_fuiad_split_refuses_injected_noise(tree, tmp_path):
         pipeline.run(c, str(tmp_path / "run"))
     assert not os.path.exists(tmp_path / "run" / "config.json")
     c.dataset.split = "standard"  # the standard split has a clean training list: injection allowed
-    pipeline.check_noise(c, [0.1])
+    experiment.check_noise(c, [0.1])
 
 
 def _edit_json(root, category, split, edit):

@@ -89,3 +89,17 @@ def test_launch_has_no_import_cycle():
 def test_results_import_nothing_of_the_package():
     """Rows and their aggregation sit below everything: any module may import them."""
     assert import_graph("softpatch_jax")["softpatch_jax.results"] == set()
+
+
+def test_one_experiment_driver():
+    """A plain run goes through the sweep engine; only the entry point imports `pipeline`, and the
+    grid needs no backbone (it imported `pipeline` for `parse_ratios` once)."""
+    graph = import_graph("softpatch_jax")
+    assert "softpatch_jax.sweep.engine" in graph["softpatch_jax.pipeline"]
+    assert {m for m, deps in graph.items() if "softpatch_jax.pipeline" in deps} == {
+        "softpatch_jax.main"
+    }
+    assert (
+        not {"softpatch_jax.features", "softpatch_jax.experiment"}
+        & graph["softpatch_jax.sweep.grid"]
+    )

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from configs import demo as demo_config
-from softpatch_jax import features, metrics, pipeline
+from softpatch_jax import experiment, features, metrics, pipeline
 from softpatch_jax.data import demo
+from softpatch_jax.sweep import jsonl
 
 VIEWLESS = tuple(m for m in metrics.ALL if m not in metrics.SAMPLE)
 TINY = demo.DemoSpec(
@@ -83,13 +84,30 @@ def test_no_overlap_removes_injected_from_test_and_is_deterministic(tiny_root, t
     assert [a[0][m] for m in VIEWLESS] == [b[0][m] for m in VIEWLESS]
 
 
+@pytest.mark.slow
+def test_a_rerun_runs_only_the_cells_it_has_not_finished(tiny_root, tmp_path):
+    cfg = tiny_config(tiny_root, noise__ratios="0.0", dataset__categories="pill")
+    cfg.methods = "patchcore"
+    first = pipeline.run(cfg, str(tmp_path))
+    # A plain run keeps its features in memory: no cache folder, no sweep files.
+    assert not os.path.exists(tmp_path / "cache") and not os.path.exists(tmp_path / "sweep.json")
+    cfg.methods = "softpatch_lof,patchcore"
+    second = pipeline.run(cfg, str(tmp_path))
+    assert [r["method"] for r in second] == ["softpatch_lof", "patchcore"]  # the config's order
+    assert second[1] == first[0]  # read back, not run again
+    stats = jsonl.read(str(tmp_path / "stats.jsonl"))
+    assert stats[-1]["cells_skipped"] == 1 and stats[-1]["cells_run"] == 1
+    with open(tmp_path / "results.json") as f:
+        assert [r["method"] for r in json.load(f)["rows"]] == ["softpatch_lof", "patchcore"]
+
+
 def test_eval_metrics_are_checked_before_any_work(tiny_root, tmp_path):
     cfg = tiny_config(tiny_root, eval__metrics="pixel_auroc,pixel_pro")
     with pytest.raises(ValueError, match=r"unknown metric\(s\) \['pixel_pro'\]"):
         pipeline.run(cfg, str(tmp_path))
     assert not os.path.exists(tmp_path / "config.json")
     cfg.eval.metrics = "pixel_ap"  # the AUROC pair comes along: the summary is drawn from it
-    assert pipeline.eval_metrics(cfg) == ("image_auroc", "pixel_auroc", "pixel_ap")
+    assert experiment.eval_metrics(cfg) == ("image_auroc", "pixel_auroc", "pixel_ap")
 
 
 def test_too_much_noise_states_the_maximum(tiny_root, tmp_path):
@@ -140,19 +158,20 @@ def test_map_indices_adds_the_chosen_images_and_names_a_missing_one():
     labels = np.array([r.label for r in recs])
     # The default pick (one good, one anomaly) plus the chosen crack/003; another category's
     # choice is not this category's business.
-    chosen = pipeline.parse_map_images("pill/crack/003.png, wood/good/000.png")
+    chosen = experiment.parse_map_images("pill/crack/003.png, wood/good/000.png")
     assert chosen == [("pill", "crack/003.png"), ("wood", "good/000.png")]
-    assert pipeline.map_indices(labels, 2, recs, "pill", chosen).tolist() == [0, 2, 3]
-    assert pipeline.map_indices(labels, 0, recs, "pill", chosen).tolist() == [3]
-    assert pipeline.map_indices(labels, 0, recs, "pill", chosen[1:]).tolist() == []
+    assert experiment.map_indices(labels, 2, recs, "pill", chosen).tolist() == [0, 2, 3]
+    assert experiment.map_indices(labels, 0, recs, "pill", chosen).tolist() == [3]
+    assert experiment.map_indices(labels, 0, recs, "pill", chosen[1:]).tolist() == []
     # A suffix must match whole path components: "rack/003.png" is not crack/003.png.
     with pytest.raises(ValueError, match=r"'pill/rack/003\.png' matches none of the 5 test images"):
-        pipeline.map_indices(labels, 0, recs, "pill", [("pill", "rack/003.png")])
+        experiment.map_indices(labels, 0, recs, "pill", [("pill", "rack/003.png")])
     assert (
-        pipeline.map_indices(labels, 0, recs, "pill", [("pill", "x.png")], required=False).size == 0
+        experiment.map_indices(labels, 0, recs, "pill", [("pill", "x.png")], required=False).size
+        == 0
     )
     with pytest.raises(ValueError, match=r"'pill': expected CATEGORY/PATH"):
-        pipeline.parse_map_images("pill")
+        experiment.parse_map_images("pill")
 
 
 @pytest.mark.slow
@@ -161,8 +180,8 @@ def test_chosen_images_get_their_maps_saved(tiny_root, tmp_path):
     cfg.methods = "patchcore"
     cfg.eval.save_maps = 0  # the chosen image alone
     cfg.eval.map_images = "pill/hole/001.png"
-    pipeline.run(cfg, str(tmp_path / "ok"))
-    with np.load(tmp_path / "ok" / "maps" / "pill_patchcore_r0_s0.npz") as z:
+    (row,) = pipeline.run(cfg, str(tmp_path / "ok"))
+    with np.load(tmp_path / "ok" / "maps" / f"{row['cell_id']}.npz") as z:
         assert [p.replace(os.sep, "/").rsplit("/", 2)[-2:] for p in z["paths"]] == [
             ["hole", "001.png"]
         ]

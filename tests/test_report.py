@@ -11,7 +11,7 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from softpatch_jax import pipeline, report, results, weights
+from softpatch_jax import experiment, report, results, weights
 from softpatch_jax.data.records import Record
 
 # (category, method, seed) -> (image AUROC, pixel AUROC), at noise 10%.
@@ -129,7 +129,7 @@ def test_write_report_tables_curves_and_anomaly_maps(tmp_path):
     for method in ("patchcore", "softpatch_lof", "softpatch_plus"):
         meta = {"category": "pill", "method": method, "noise_ratio": 0.1, "overlap": True,
                 "seed": 0, "weights": "random-init"}  # fmt: skip
-        pipeline.save_maps(
+        experiment.save_maps(
             os.path.join(work, "maps", f"{method}.npz"),
             recs,
             rng.integers(0, 255, (2, 16, 16, 3)).astype(np.uint8),

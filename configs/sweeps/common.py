@@ -7,7 +7,7 @@ A sweep config is a run config (configs/base.py and a dataset's differences) plu
   sweep.cache_dir  features and discriminator scores, keyed by content ("" = WORKDIR/cache); share
                    it between sweeps on the same data to reuse their features.
   sweep.vmap       score banks of equal size in one vmapped call (False: one at a time through
-                   scoring.predict, as pipeline.run does). Fitting is the same either way: the
+                   scoring.predict, as a plain run does). Fitting is the same either way: the
                    library's path (memory_bank.prepare, fit_banks), every keep mask in one pass.
   sweep.report     hints for `python -m softpatch_jax.report`: `columns` (row fields that name a
                    table column, besides the method) and `curves` (x axes of the curve plots).

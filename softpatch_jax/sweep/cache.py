@@ -42,15 +42,23 @@ class Stats:
 
 
 class Cache:
-    def __init__(self, root: str, stats: Stats):
+    """Entries under `root`, or held in memory for one process when `root` is None (a plain run:
+    nothing to share with a later run, so nothing written)."""
+
+    def __init__(self, root: str | None, stats: Stats):
         self.root = root
         self.stats = stats
+        self.memory: dict[tuple[str, str], dict[str, np.ndarray]] = {}
 
     def path(self, kind: str, key: str) -> str:
         return os.path.join(self.root, kind, f"{key}.npz")
 
     def load(self, kind: str, key: str) -> dict[str, np.ndarray] | None:
         """The entry's arrays, or None (a miss) when absent or unreadable (then deleted)."""
+        if self.root is None:
+            arrays = self.memory.get((kind, key))
+            self.stats.add(f"{kind}_{'miss' if arrays is None else 'hit'}")
+            return arrays
         path = self.path(kind, key)
         if not os.path.exists(path):
             self.stats.add(f"{kind}_miss")
@@ -72,6 +80,9 @@ class Cache:
         return arrays
 
     def save(self, kind: str, key: str, arrays: dict[str, np.ndarray]) -> None:
+        if self.root is None:
+            self.memory[kind, key] = arrays
+            return
         with atomic_open(self.path(kind, key), "wb") as f:
             np.savez(f, __key__=np.asarray(key), **arrays)
 

@@ -7,7 +7,7 @@
   c.sweep.axes.seed = (0, 1, 2)
 
 so `--config.sweep.axes.seed=0,1` overrides an axis like any other field. Three comma lists of the
-run config are axes of their own, as `pipeline.run` loops over them: `dataset.categories`,
+run config are axes of their own, as a plain run loops over them: `dataset.categories`,
 `noise.ratios` and `methods`. A cell is one point of the product with exactly one category, one
 noise ratio and one method: one results row.
 
@@ -32,9 +32,8 @@ import ml_collections
 
 from softpatch_jax import methods
 from softpatch_jax.io_utils import split_list
-from softpatch_jax.pipeline import parse_ratios
 
-# Comma lists in the run config that `pipeline.run` loops over: always expanded into single values.
+# Comma lists in the run config that a plain run loops over: always expanded into single values.
 IMPLICIT = ("dataset.categories", "noise.ratios", "methods")
 # Fields that do not change any number (batching, memory chunking, caching, what is saved).
 NO_EFFECT = (
@@ -73,6 +72,19 @@ def digest(obj: Any) -> str:
     """16 hex digits of sha256 over canonical JSON: stable across runs and machines."""
     text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def parse_ratios(text) -> list[float]:
+    """`noise.ratios` ("0.0,0.2") -> [0.0, 0.2], or a ValueError naming the field."""
+    try:
+        ratios = [float(s) for s in str(text).split(",") if s.strip()]
+    except ValueError as e:
+        raise ValueError(
+            f"config.noise.ratios must be comma-separated numbers, got {text!r}"
+        ) from e
+    if not ratios:
+        raise ValueError("config.noise.ratios is empty")
+    return ratios
 
 
 def get_path(config: ml_collections.ConfigDict, path: str) -> Any:

@@ -1,7 +1,8 @@
-"""The sweep's work steps, each a function of its inputs: feature extraction (counted), the training
-set prepared once through the library's fitting path (`memory_bank.prepare`, discriminator scores
-through the cache), every bank from one coreset pass (`memory_bank.fit_banks`), and scoring either
-vmapped over banks of equal size (batched.py) or one bank at a time (scoring.predict).
+"""The driver's work steps, each a function of its inputs: the training set prepared once through
+the library's fitting path (`memory_bank.prepare`, discriminator scores through the cache), every
+bank from one coreset pass (`memory_bank.fit_banks`), and scoring either vmapped over banks of equal
+size (batched.py, a sweep's default) or one bank at a time (scoring.predict, as a plain run does).
+Feature extraction is `experiment.extract`.
 """
 
 from __future__ import annotations
@@ -11,35 +12,10 @@ from collections.abc import Sequence
 import jax
 import ml_collections
 import numpy as np
-from absl import logging
 
-from softpatch_jax import data, discriminators, features, memory_bank, methods, scoring
+from softpatch_jax import discriminators, features, memory_bank, methods, scoring
 from softpatch_jax.memory_bank import Banks
 from softpatch_jax.sweep import batched, cache
-
-
-def extract(stats: cache.Stats, ex: features.Extractor, records, cfg, what: str, category: str):
-    """Decoded and extracted features [N, P, D] (host) and masks of `records`; counted in `stats`.
-    Decoding goes through data.loader, so a prepared (TFDS) store is used when the config asks."""
-    images, masks = data.loader(cfg.dataset, category)(records)
-    feats = features.extract(ex, images)
-    n, h, w, d = feats.shape
-    stats.add(f"extractions_{what}")
-    stats.add("images_extracted", n)
-    logging.info("feature extraction (%s): %d images", what, n)
-    return np.asarray(feats).reshape(n, h * w, d), masks
-
-
-def clean_features(stats, ex, cfg, splits) -> dict[str, np.ndarray]:
-    """A category's cache entry shared by all its noisy sets: clean training and test features,
-    and the test masks (so a cache hit decodes nothing)."""
-    train, _ = extract(stats, ex, splits.train, cfg, "clean", splits.category)
-    test, masks = extract(stats, ex, splits.test, cfg, "test", splits.category)
-    return {"train": train, "test": test, "test_masks": masks}
-
-
-def injected_features(stats, ex, cfg, records, category: str) -> dict[str, np.ndarray]:
-    return {"train": extract(stats, ex, records, cfg, "injected", category)[0]}
 
 
 def prepare(
@@ -92,8 +68,10 @@ def predict(
     ex: features.Extractor,
     sc: ml_collections.ConfigDict,
     vmap: bool,
+    parallel: bool = False,
 ) -> dict[str, tuple[jax.Array, jax.Array]]:
-    """{name: (image scores, anomaly maps)} with the `config.scoring` section `sc`."""
+    """{name: (image scores, anomaly maps)} with the `config.scoring` section `sc`; `parallel`
+    shards each bank's search over all devices (one bank at a time only)."""
     if vmap:
         return batched.predict(
             banks, feats_TxPxD, ex.grid, ex.image_size, sc.blur_sigma, sc.chunk_size, sc.distance
@@ -107,6 +85,8 @@ def predict(
             sc.blur_sigma,
             sc.chunk_size,
             distance=sc.distance,
+            parallel=parallel,
+            search=sc.get("search", "exact"),
         )
         for name, b in banks.items()
     }
