@@ -12,14 +12,14 @@ Our default profile masks removed patches from the start; `coreset.strict_parity
 reference exactly.
 """
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from sklearn.neighbors import LocalOutlierFactor
 
 from configs import base
-from softpatch_jax import memory_bank, scoring
+from softpatch_jax import scoring
+from tests.test_memory_bank import fit_lof
 
 
 def reference_fit_predict(feats, proj, starts, test, tau=0.15, ratio=0.1, k=6):
@@ -73,14 +73,7 @@ def ours(feats, proj, starts, test, strict):
     cfg = base.get_config()
     cfg.softpatch.projection_dim = proj.shape[1]
     cfg.coreset.strict_parity = strict
-    banks = memory_bank.fit(
-        jax.random.key(0),
-        jnp.asarray(feats),
-        cfg,
-        "softpatch_lof",
-        projection=jnp.asarray(proj),
-        starts=jnp.asarray(starts),
-    )
+    banks = fit_lof(cfg, feats, proj, starts)
     scores = scoring.patch_scores(banks.cls, jnp.asarray(test), 16, distance=cfg.scoring.distance)
     return np.asarray(banks.cls.index_M), np.asarray(scores)
 

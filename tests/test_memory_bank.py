@@ -18,6 +18,18 @@ def small_config(**softpatch):
     return c
 
 
+def fit_lof(cfg, feats, proj, starts):
+    """SoftPatch-LOF's banks with an explicit projection and explicit coreset start points."""
+    return memory_bank.fit(
+        jax.random.key(0),
+        jnp.asarray(feats),
+        cfg,
+        "softpatch_lof",
+        projection=jnp.asarray(proj),
+        starts=jnp.asarray(starts),
+    )
+
+
 def features(seed=0, n=12, p=9, d=16):
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(1, p, d)) + 0.3 * rng.normal(size=(n, p, d))
@@ -33,14 +45,7 @@ def test_softpatch_lof_equals_independent_composition():
     rng = np.random.default_rng(5)
     proj = rng.uniform(-0.25, 0.25, (d, 8)).astype(np.float32)
     starts = rng.choice(n * p, 10, replace=False)
-    banks = memory_bank.fit(
-        jax.random.key(0),
-        jnp.asarray(feats),
-        cfg,
-        "softpatch_lof",
-        projection=jnp.asarray(proj),
-        starts=jnp.asarray(starts),
-    )
+    banks = fit_lof(cfg, feats, proj, starts)
     z = feats.reshape(n * p, d).astype(np.float64) @ proj
     lof = np.empty((n, p))
     for pos in range(p):
