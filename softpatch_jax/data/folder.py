@@ -95,12 +95,10 @@ def _walk(folder: str) -> tuple[list[str], list[str], list[tuple[str, str]]]:
     while stack:
         d = stack.pop()
         try:
-            st = os.stat(d)
-            key = (st.st_dev, st.st_ino)
-            if key in seen_dirs:
-                skipped.append((d, f"folder already visited as {seen_dirs[key]!r} (symlink loop)"))
+            first = _seen_before(d, seen_dirs)
+            if first is not None:
+                skipped.append((d, f"folder already visited as {first!r} (symlink loop)"))
                 continue
-            seen_dirs[key] = d
             with os.scandir(d) as it:
                 entries = sorted(it, key=lambda e: e.name)
         except OSError as err:
@@ -129,14 +127,23 @@ def _once(paths: list[str], skipped: list[tuple[str, str]]) -> list[str]:
     seen: dict[tuple[int, int], str] = {}
     out = []
     for p in sorted(set(paths)):
-        st = os.stat(p)
-        key = (st.st_dev, st.st_ino)
-        if key in seen:
-            skipped.append((p, f"same file as {seen[key]!r}"))
+        first = _seen_before(p, seen)
+        if first is not None:
+            skipped.append((p, f"same file as {first!r}"))
             continue
-        seen[key] = p
         out.append(p)
     return out
+
+
+def _seen_before(path: str, seen: dict[tuple[int, int], str]) -> str | None:
+    """The path under which `path`'s real file or folder (device, inode) was seen first, or None
+    (then `path` is recorded as that first one). Raises OSError when it cannot be stat'ed."""
+    st = os.stat(path)
+    key = (st.st_dev, st.st_ino)
+    if key in seen:
+        return seen[key]
+    seen[key] = path
+    return None
 
 
 def list_images(sources: str | Sequence[str]) -> Listing:

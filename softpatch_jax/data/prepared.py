@@ -87,10 +87,17 @@ def is_fresh(
     options: dict | None = None,
 ) -> bool:
     """True when the store exists and was made from the source as it is now."""
+    _, want = _source_fingerprint(layout, root, category, resize, options)
+    return _stored_fingerprint(store_path(layout, category, resize, data_dir, options)) == want
+
+
+def _source_fingerprint(
+    layout: str, root: str, category: str, resize: int, options: dict | None
+) -> tuple[type, str]:
+    """(builder class, fingerprint of the source as it is now): the reader validates the source."""
     cls = _builder_cls(layout)
     splits = cls.read_category(root, category, tfds_builders.option_items(options))
-    want = tfds_builders.fingerprint(cls.name, root, splits, resize)
-    return _stored_fingerprint(store_path(layout, category, resize, data_dir, options)) == want
+    return cls, tfds_builders.fingerprint(cls.name, root, splits, resize)
 
 
 def _prepare_locked(
@@ -145,9 +152,7 @@ def ensure(
     Validates the source with the layout's reader on every call (a directory walk and a stat per
     file, milliseconds), so a changed, added or removed file is never served from an old store.
     """
-    cls = _builder_cls(layout)
-    splits = cls.read_category(root, category, tfds_builders.option_items(options))
-    want = tfds_builders.fingerprint(cls.name, root, splits, resize)
+    cls, want = _source_fingerprint(layout, root, category, resize, options)
     path = store_path(layout, category, resize, data_dir, options)
     if _stored_fingerprint(path) != want:
         with _lock(os.path.dirname(path) + ".lock"):
