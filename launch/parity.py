@@ -42,9 +42,9 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from softpatch_jax import data, experiment, features, memory_bank, methods, pool, scoring
+from softpatch_jax import data, features, memory_bank, methods, pool, scoring
+from softpatch_jax.experiment import grid, plan, stages
 from softpatch_jax.io_utils import atomic_open, write_json
-from softpatch_jax.sweep import grid
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/parity.py", "A configs/*.py file (dataset, backbone, noise, methods)."
@@ -225,23 +225,23 @@ def compare(ours: dict, theirs: dict, labels, masks) -> dict:
 
 def run_category(ref, config, ex, category: str) -> list[dict]:
     splits = data.read(config.dataset, category)
-    train, _ = experiment.extract(ex, splits.train, config, category, "train")
-    test, test_masks = experiment.extract(ex, splits.test, config, category, "test")
+    train, _ = stages.extract(ex, splits.train, config, category, "train")
+    test, test_masks = stages.extract(ex, splits.test, config, category, "test")
     test_pos = {r.path: i for i, r in enumerate(splits.test)}
     specs = [methods.spec(n, config.softpatch) for n in methods.split_list(config.methods)]
     rows = []
     for ratio in grid.parse_ratios(config.noise.ratios):
-        noisy, injected, spec = experiment.noisy_splits(config, splits, ratio)
+        noisy, injected, spec = plan.noisy_splits(config, splits, ratio)
         feats = train
         if injected:
-            inj, _ = experiment.extract(ex, injected, config, category, "injected")
+            inj, _ = stages.extract(ex, injected, config, category, "injected")
             feats = jnp.concatenate([train, inj])
         keep_test = np.array([test_pos[r.path] for r in noisy.test])
         labels = np.array([r.label for r in noisy.test])
         masks = np.asarray(test_masks)[keep_test]
         t_feats = test[keep_test]
         n, p, d = feats.shape
-        root = experiment.category_key(config.seed, category)
+        root = plan.category_key(config.seed, category)
         proj = pool.random_projection(
             pool.stream(root, "projection"), d, config.softpatch.projection_dim
         )

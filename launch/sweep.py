@@ -9,7 +9,7 @@ Re-running the same command skips finished cells; then `python -m softpatch_jax.
 from absl import app, flags
 from ml_collections import config_flags
 
-from softpatch_jax import sweep
+from softpatch_jax.experiment import driver
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
@@ -26,7 +26,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    sweep.run(_CONFIG.value, _WORKDIR.value)
+    driver.sweep(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from softpatch_jax import config_errors, pipeline
+from softpatch_jax import config_errors
+from softpatch_jax.experiment import driver
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to a configs/*.py file.", lock_config=True
@@ -28,7 +29,7 @@ def main(argv):
     except config_errors.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    pipeline.run(_CONFIG.value, _WORKDIR.value)
+    driver.run(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":

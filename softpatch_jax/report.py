@@ -148,5 +148,5 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    _define_flags()  # here, not at import: `pipeline` imports this module beside main's flags
+    _define_flags()  # here, not at import: the driver imports this module beside main's flags
     app.run(main)

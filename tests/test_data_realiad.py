@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from fake_trees import make_realiad, realiad_expected
 
-from softpatch_jax import data, experiment, pipeline
+from softpatch_jax import data
 from softpatch_jax.data import preprocess, realiad
+from softpatch_jax.experiment import driver, plan
 
 CATEGORIES = ["audiojack", "mint"]
 
@@ -119,10 +120,10 @@ def test_fuiad_split_refuses_injected_noise(tree, tmp_path):
     c.dataset.root = tree
     c.noise.ratios = "0.0,0.1"
     with pytest.raises(ValueError, match=r"fixes the training set's noise.*noise.ratios=0.0"):
-        pipeline.run(c, str(tmp_path / "run"))
+        driver.run(c, str(tmp_path / "run"))
     assert not os.path.exists(tmp_path / "run" / "config.json")
     c.dataset.split = "standard"  # the standard split has a clean training list: injection allowed
-    experiment.check_noise(c, [0.1])
+    plan.check_noise(c, [0.1])
 
 
 def _edit_json(root, category, split, edit):

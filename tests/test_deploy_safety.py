@@ -14,7 +14,7 @@ import pytest
 from deploy_helpers import defective_image, normal_image, tiny_config, write_folder
 from PIL import Image
 
-from softpatch_jax import config_errors, features, io_utils
+from softpatch_jax import config_errors, features, io_utils, weights
 from softpatch_jax.data import folder
 from softpatch_jax.deploy import commands, model, outdir, predicting, region, threshold
 
@@ -83,6 +83,21 @@ def test_config_edit_breaks_the_checksum(fitted, tmp_path):
     io_utils.write_json(os.path.join(dst, model.META), meta)
     with pytest.raises(model.DamagedModelError, match=r"model\.json: "):
         model.load(dst)
+
+
+def test_a_model_of_an_older_format_is_refused_naming_its_file_and_the_format(fitted, tmp_path, ex):
+    # The parameter hash is the project's one (weights.variables_sha256) since format 3.
+    meta = io_utils.read_json(os.path.join(fitted[1], model.META))
+    assert meta["backbone"]["params_sha256"] == weights.variables_sha256(ex.variables)
+    assert meta["code"]["format"] == model.FORMAT_VERSION == 3
+    dst = _copy_model(fitted[1], tmp_path)
+    meta["code"]["format"] = 2  # refused before the manifest, which this edit breaks, is read
+    io_utils.write_json(os.path.join(dst, model.META), meta)
+    with pytest.raises(model.IncompatibleModelError) as err:
+        model.load(dst)
+    msg = str(err.value)
+    assert os.path.join(dst, model.META) in msg and "format 2" in msg and "format 3" in msg
+    assert "refit" in msg
 
 
 def test_non_finite_bank_is_refused_even_with_a_matching_manifest(fitted, tmp_path, ex):

@@ -76,7 +76,7 @@ def test_the_cycle_finder_finds_one():
 
 def test_softpatch_jax_has_no_import_cycle():
     graph = import_graph("softpatch_jax")
-    assert "softpatch_jax.report" in graph["softpatch_jax.pipeline"]  # the graph sees imports
+    assert "softpatch_jax.report" in graph["softpatch_jax.experiment.outputs"]  # sees imports
     cycle = first_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
@@ -92,14 +92,28 @@ def test_results_import_nothing_of_the_package():
 
 
 def test_one_experiment_driver():
-    """A plain run goes through the sweep engine; only the entry point imports `pipeline`, and the
-    grid needs no backbone (it imported `pipeline` for `parse_ratios` once)."""
+    """A plain run and a sweep go through one driver, which only entry points import; inside the
+    experiment package imports flow one way (grid, cache, jsonl <- plan <- stages, outputs <- driver)
+    and the grid needs no backbone (it imported the old `pipeline` for `parse_ratios` once)."""
     graph = import_graph("softpatch_jax")
-    assert "softpatch_jax.sweep.engine" in graph["softpatch_jax.pipeline"]
-    assert {m for m, deps in graph.items() if "softpatch_jax.pipeline" in deps} == {
-        "softpatch_jax.main"
-    }
-    assert (
-        not {"softpatch_jax.features", "softpatch_jax.experiment"}
-        & graph["softpatch_jax.sweep.grid"]
+    exp = "softpatch_jax.experiment"
+    assert {m for m, deps in graph.items() if f"{exp}.driver" in deps} == {"softpatch_jax.main"}
+    assert _imports_driver(os.path.join(ROOT, "launch", "sweep.py"))
+    order = ["grid", "jsonl", "cache", "plan", "stages", "outputs", "driver"]
+    for i, name in enumerate(order):
+        inside = {d for d in graph[f"{exp}.{name}"] if d.startswith(exp + ".")}
+        later = {f"{exp}.{m}" for m in order[i:]}
+        assert not inside & later, f"{exp}.{name} imports {sorted(inside & later)}"
+    assert graph[f"{exp}.grid"] == {"softpatch_jax.methods", "softpatch_jax.io_utils"}
+    assert graph[exp] == set()  # importing the package imports nothing
+
+
+def _imports_driver(path: str) -> bool:
+    with open(path) as f:
+        tree = ast.parse(f.read(), path)
+    return any(
+        isinstance(n, ast.ImportFrom)
+        and n.module == "softpatch_jax.experiment"
+        and any(a.name == "driver" for a in n.names)
+        for n in ast.walk(tree)
     )

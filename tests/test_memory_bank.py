@@ -191,7 +191,7 @@ def test_pipeline_style_fit_prepares_once_for_every_method(expensive_steps):
 def test_sweep_style_fit_prepares_once_and_caches_the_scores(expensive_steps, tmp_path):
     import dataclasses
 
-    from softpatch_jax.sweep import cache, stages
+    from softpatch_jax.experiment import cache, stages
 
     cfg = small_config(discriminators="nearest,lof")
     specs = []

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from configs import demo as demo_config
-from softpatch_jax import experiment, features, metrics, pipeline
+from softpatch_jax import features, metrics
 from softpatch_jax.data import demo
-from softpatch_jax.sweep import jsonl
+from softpatch_jax.experiment import driver, jsonl, outputs, plan
 
 VIEWLESS = tuple(m for m in metrics.ALL if m not in metrics.SAMPLE)
 TINY = demo.DemoSpec(
@@ -41,7 +41,7 @@ def tiny_config(root, **overrides):
 @pytest.mark.slow
 def test_run_writes_results_and_tracks_injected_images(tiny_root, tmp_path, capsys):
     cfg = tiny_config(tiny_root, noise__ratios="0.0,0.2", noise__overlap=True)
-    rows = pipeline.run(cfg, str(tmp_path))
+    rows = driver.run(cfg, str(tmp_path))
     for name in ("config.json", "results.json", "results.csv", "summary.md"):
         assert os.path.isfile(tmp_path / name), name
     assert len(rows) == 2 * 2 * 3  # categories x ratios x methods
@@ -77,8 +77,8 @@ def test_no_overlap_removes_injected_from_test_and_is_deterministic(tiny_root, t
         tiny_root, noise__ratios="0.2", noise__overlap=False, dataset__categories="pill"
     )
     cfg.methods = "softpatch_lof"
-    a = pipeline.run(cfg, str(tmp_path / "a"))
-    b = pipeline.run(cfg, str(tmp_path / "b"))
+    a = driver.run(cfg, str(tmp_path / "a"))
+    b = driver.run(cfg, str(tmp_path / "b"))
     assert a[0]["num_test"] == TINY.num_test_good + 5 * TINY.num_per_defect - 2
     assert a[0]["injected"] == b[0]["injected"]
     assert [a[0][m] for m in VIEWLESS] == [b[0][m] for m in VIEWLESS]
@@ -88,11 +88,11 @@ def test_no_overlap_removes_injected_from_test_and_is_deterministic(tiny_root, t
 def test_a_rerun_runs_only_the_cells_it_has_not_finished(tiny_root, tmp_path):
     cfg = tiny_config(tiny_root, noise__ratios="0.0", dataset__categories="pill")
     cfg.methods = "patchcore"
-    first = pipeline.run(cfg, str(tmp_path))
+    first = driver.run(cfg, str(tmp_path))
     # A plain run keeps its features in memory: no cache folder, no sweep files.
     assert not os.path.exists(tmp_path / "cache") and not os.path.exists(tmp_path / "sweep.json")
     cfg.methods = "softpatch_lof,patchcore"
-    second = pipeline.run(cfg, str(tmp_path))
+    second = driver.run(cfg, str(tmp_path))
     assert [r["method"] for r in second] == ["softpatch_lof", "patchcore"]  # the config's order
     assert second[1] == first[0]  # read back, not run again
     stats = jsonl.read(str(tmp_path / "stats.jsonl"))
@@ -104,10 +104,10 @@ def test_a_rerun_runs_only_the_cells_it_has_not_finished(tiny_root, tmp_path):
 def test_eval_metrics_are_checked_before_any_work(tiny_root, tmp_path):
     cfg = tiny_config(tiny_root, eval__metrics="pixel_auroc,pixel_pro")
     with pytest.raises(ValueError, match=r"unknown metric\(s\) \['pixel_pro'\]"):
-        pipeline.run(cfg, str(tmp_path))
+        driver.run(cfg, str(tmp_path))
     assert not os.path.exists(tmp_path / "config.json")
     cfg.eval.metrics = "pixel_ap"  # the AUROC pair comes along: the summary is drawn from it
-    assert experiment.eval_metrics(cfg) == ("image_auroc", "pixel_auroc", "pixel_ap")
+    assert plan.eval_metrics(cfg) == ("image_auroc", "pixel_auroc", "pixel_ap")
 
 
 def test_too_much_noise_states_the_maximum(tiny_root, tmp_path):
@@ -115,7 +115,7 @@ def test_too_much_noise_states_the_maximum(tiny_root, tmp_path):
         tiny_root, noise__ratios="1.0", noise__overlap=False, dataset__categories="pill"
     )
     with pytest.raises(ValueError, match=r"at most 9"):
-        pipeline.run(cfg, str(tmp_path))
+        driver.run(cfg, str(tmp_path))
 
 
 def test_feature_extraction_compiles_once_for_ragged_batches(tiny_root):
@@ -135,10 +135,10 @@ def test_bad_config_values_are_named(tiny_root, tmp_path):
     cfg = tiny_config(tiny_root)
     cfg.methods = "patchcore,softpach"
     with pytest.raises(ValueError, match="softpach"):
-        pipeline.run(cfg, str(tmp_path))
+        driver.run(cfg, str(tmp_path))
     cfg = tiny_config(tiny_root, dataset__categories="carpet")
     with pytest.raises(ValueError, match="carpet"):
-        pipeline.run(cfg, str(tmp_path))
+        driver.run(cfg, str(tmp_path))
 
 
 def _records(*paths):
@@ -158,20 +158,19 @@ def test_map_indices_adds_the_chosen_images_and_names_a_missing_one():
     labels = np.array([r.label for r in recs])
     # The default pick (one good, one anomaly) plus the chosen crack/003; another category's
     # choice is not this category's business.
-    chosen = experiment.parse_map_images("pill/crack/003.png, wood/good/000.png")
+    chosen = plan.parse_map_images("pill/crack/003.png, wood/good/000.png")
     assert chosen == [("pill", "crack/003.png"), ("wood", "good/000.png")]
-    assert experiment.map_indices(labels, 2, recs, "pill", chosen).tolist() == [0, 2, 3]
-    assert experiment.map_indices(labels, 0, recs, "pill", chosen).tolist() == [3]
-    assert experiment.map_indices(labels, 0, recs, "pill", chosen[1:]).tolist() == []
+    assert outputs.map_indices(labels, 2, recs, "pill", chosen).tolist() == [0, 2, 3]
+    assert outputs.map_indices(labels, 0, recs, "pill", chosen).tolist() == [3]
+    assert outputs.map_indices(labels, 0, recs, "pill", chosen[1:]).tolist() == []
     # A suffix must match whole path components: "rack/003.png" is not crack/003.png.
     with pytest.raises(ValueError, match=r"'pill/rack/003\.png' matches none of the 5 test images"):
-        experiment.map_indices(labels, 0, recs, "pill", [("pill", "rack/003.png")])
+        outputs.map_indices(labels, 0, recs, "pill", [("pill", "rack/003.png")])
     assert (
-        experiment.map_indices(labels, 0, recs, "pill", [("pill", "x.png")], required=False).size
-        == 0
+        outputs.map_indices(labels, 0, recs, "pill", [("pill", "x.png")], required=False).size == 0
     )
     with pytest.raises(ValueError, match=r"'pill': expected CATEGORY/PATH"):
-        experiment.parse_map_images("pill")
+        plan.parse_map_images("pill")
 
 
 @pytest.mark.slow
@@ -180,7 +179,7 @@ def test_chosen_images_get_their_maps_saved(tiny_root, tmp_path):
     cfg.methods = "patchcore"
     cfg.eval.save_maps = 0  # the chosen image alone
     cfg.eval.map_images = "pill/hole/001.png"
-    (row,) = pipeline.run(cfg, str(tmp_path / "ok"))
+    (row,) = driver.run(cfg, str(tmp_path / "ok"))
     with np.load(tmp_path / "ok" / "maps" / f"{row['cell_id']}.npz") as z:
         assert [p.replace(os.sep, "/").rsplit("/", 2)[-2:] for p in z["paths"]] == [
             ["hole", "001.png"]
@@ -188,7 +187,7 @@ def test_chosen_images_get_their_maps_saved(tiny_root, tmp_path):
         assert z["maps"].shape[0] == 1 and z["masks"][0].any()
     cfg.eval.map_images = "pill/hole/009.png"
     with pytest.raises(ValueError, match=r"hole/009\.png"):
-        pipeline.run(cfg, str(tmp_path / "bad"))
+        driver.run(cfg, str(tmp_path / "bad"))
     cfg.eval.map_images = "carpet/hole/000.png"
     with pytest.raises(ValueError, match="carpet"):
-        pipeline.run(cfg, str(tmp_path / "bad2"))
+        driver.run(cfg, str(tmp_path / "bad2"))

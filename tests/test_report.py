@@ -11,8 +11,9 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from softpatch_jax import experiment, report, results, weights
+from softpatch_jax import report, results, weights
 from softpatch_jax.data.records import Record
+from softpatch_jax.experiment import outputs
 
 # (category, method, seed) -> (image AUROC, pixel AUROC), at noise 10%.
 VALUES = {
@@ -129,7 +130,7 @@ def test_write_report_tables_curves_and_anomaly_maps(tmp_path):
     for method in ("patchcore", "softpatch_lof", "softpatch_plus"):
         meta = {"category": "pill", "method": method, "noise_ratio": 0.1, "overlap": True,
                 "seed": 0, "weights": "random-init"}  # fmt: skip
-        experiment.save_maps(
+        outputs.save_maps(
             os.path.join(work, "maps", f"{method}.npz"),
             recs,
             rng.integers(0, 255, (2, 16, 16, 3)).astype(np.uint8),

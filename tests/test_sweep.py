@@ -2,7 +2,7 @@
 
 End-to-end tests swap the backbone for a cheap jitted patch descriptor (building even the tiny
 random-init ResNet costs tens of seconds of eager compiles on 2 cores); everything downstream of
-`features.build` is the real code, and `pipeline.run` on the same stand-in is the oracle.
+`features.build` is the real code, and `driver.run` (a plain run) on the same stand-in is the oracle.
 """
 
 import dataclasses
@@ -17,10 +17,10 @@ from fake_trees import make_realiad, realiad_expected
 
 from configs import demo as demo_config
 from configs.sweeps import common, fuiad
-from softpatch_jax import features, memory_bank, methods, pipeline, scoring, sweep
+from softpatch_jax import features, memory_bank, methods, scoring
 from softpatch_jax.data import demo, noise
 from softpatch_jax.data.records import Augment, Record
-from softpatch_jax.sweep import batched, cache, grid, jsonl
+from softpatch_jax.experiment import cache, driver, grid, jsonl, stages
 
 TINY = demo.DemoSpec(size=32, num_train=8, num_test_good=3, num_per_defect=1, categories=("pill",))
 GRID_CELL = 4  # the stand-in backbone's patch size: a 32x32 crop gives an 8x8 feature grid
@@ -255,16 +255,16 @@ def test_kill_and_resume_recomputes_nothing_finished(tiny_root, tmp_path, fake_b
     def stop_after_three(row):
         calls.append(row["cell_id"])
         if len(calls) == 3:
-            raise sweep.Interrupted
+            raise driver.Interrupted
 
-    with pytest.raises(sweep.Interrupted):
-        sweep.run(c, work, on_cell=stop_after_three)
+    with pytest.raises(driver.Interrupted):
+        driver.sweep(c, work, on_cell=stop_after_three)
     first = fake_backbone["images"]
     n_train, n_test, n_inj = 8, 3 + 5, 2  # 8 train, 3 good + 5 defects, int(0.25 * 8)
     assert first == n_train + n_test  # the clean set only: the first 3 cells are at ratio 0
-    assert len(jsonl.read(os.path.join(work, sweep.RESULTS))) == 3
+    assert len(jsonl.read(os.path.join(work, driver.RESULTS))) == 3
 
-    stats = sweep.run(c, work)
+    stats = driver.sweep(c, work)
     # 8 cells: 2 ratios x 2 seeds x 2 methods; the 3 finished are skipped.
     assert stats["cells_total"] == 8 and stats["cells_skipped"] == 3 and stats["cells_run"] == 5
     # Clean features from the cache; injected ones once per (ratio 0.25, seed): never again.
@@ -275,22 +275,22 @@ def test_kill_and_resume_recomputes_nothing_finished(tiny_root, tmp_path, fake_b
     # started); the two ratio-0.25 groups compute theirs.
     assert stats["scores_hit"] == 1 and stats["discriminator_runs_lof"] == 2
 
-    again = sweep.run(c, work)
+    again = driver.sweep(c, work)
     assert again["cells_skipped"] == 8 and "cells_run" not in again
     assert not any(k.startswith(("features_", "scores_", "extractions")) for k in again)
-    rows = jsonl.read(os.path.join(work, sweep.RESULTS))
+    rows = jsonl.read(os.path.join(work, driver.RESULTS))
     assert len(rows) == len({r["cell_id"] for r in rows}) == 8
     assert len(os.listdir(os.path.join(work, "maps"))) == 8
     with np.load(os.path.join(work, "maps", rows[0]["cell_id"] + ".npz")) as z:
         assert z["maps"].shape == (2, 32, 32) and z["images"].shape == (2, 32, 32, 3)
         assert sorted(z["labels"]) == [0, 1]  # one normal image, one anomaly
 
-    # The oracle: pipeline.run, one seed at a time, on the same stand-in backbone.
+    # The oracle: driver.run, one seed at a time, on the same stand-in backbone.
     want = {}
     for seed in (0, 1):
         run_cfg = sweep_config(tiny_root)
         run_cfg.noise.ratios, run_cfg.seed = "0.0,0.25", seed
-        want |= _metrics(pipeline.run(run_cfg, str(tmp_path / f"run{seed}")))
+        want |= _metrics(driver.run(run_cfg, str(tmp_path / f"run{seed}")))
     got = _metrics(rows)
     assert got.keys() == want.keys()
     for k in want:
@@ -309,23 +309,23 @@ def test_a_half_written_cache_file_is_recomputed(tiny_root, tmp_path, fake_backb
     clean.write_bytes(data[: len(data) // 2])  # as if copied in half, or written in place
     (folder / f".{injected.name}.tmp123").write_bytes(b"partial")  # a crashed writer's temp
     images = fake_backbone["images"]
-    stats = sweep.run(c, str(tmp_path / "b"))
+    stats = driver.sweep(c, str(tmp_path / "b"))
     assert stats["features_corrupt"] == 1 and stats["features_hit"] == 1
     assert stats["extractions_clean"] == 1 and "extractions_injected" not in stats
     assert fake_backbone["images"] - images == 8 + 8  # train and test, not the injected two
-    assert _metrics(jsonl.read(str(tmp_path / "b" / sweep.RESULTS))) == first
+    assert _metrics(jsonl.read(str(tmp_path / "b" / driver.RESULTS))) == first
 
 
 def jsonl_rows(c, work):
-    sweep.run(c, work)
-    return jsonl.read(os.path.join(work, sweep.RESULTS))
+    driver.sweep(c, work)
+    return jsonl.read(os.path.join(work, driver.RESULTS))
 
 
 def test_infeasible_noise_fails_before_any_work(tiny_root, tmp_path, fake_backbone):
     c = sweep_config(tiny_root, noise__ratios=(0.0, 1.0))
     c.noise.overlap = False
     with pytest.raises(ValueError, match="at most"):
-        sweep.run(c, str(tmp_path))
+        driver.sweep(c, str(tmp_path))
     assert fake_backbone["images"] == 0
 
 
@@ -347,12 +347,12 @@ def test_fuiad_sweep_runs_the_four_splits_and_matches_a_run(tmp_path, fake_backb
         assert r["train_anomalous_fraction"] == round(r["train_anomalous"] / r["num_train"], 6)
         assert r["noise_ratio"] == 0.0 and r["num_injected"] == 0
         assert {"sample_auroc", "sample_ap"} <= set(r)
-    # The oracle: pipeline.run of one split on the same stand-in backbone.
+    # The oracle: driver.run of one split on the same stand-in backbone.
     run_cfg = fuiad.get_config("realiad")
     del run_cfg["sweep"]
     run_cfg.dataset.update(root=root, prepared=False, resize=32, crop=32, split="fuiad_0.4")
     run_cfg.softpatch.update(projection_dim=8, lof_k=3)
-    want = pipeline.run(run_cfg, str(tmp_path / "run"))
+    want = driver.run(run_cfg, str(tmp_path / "run"))
     got = {(r["category"], r["method"]): r for r in rows if r["dataset.split"] == "fuiad_0.4"}
     for w in want:
         g = got[(w["category"], w["method"])]
@@ -363,7 +363,7 @@ def test_fuiad_sweep_runs_the_four_splits_and_matches_a_run(tmp_path, fake_backb
     c.noise.ratios = "0.0,0.1"
     images = fake_backbone["images"]
     with pytest.raises(ValueError, match="fixes the training set's noise"):
-        sweep.run(c, str(tmp_path / "bad"))
+        driver.sweep(c, str(tmp_path / "bad"))
     assert fake_backbone["images"] == images
 
 
@@ -387,7 +387,7 @@ def test_vmapped_scoring_equals_predict_per_bank():
     key = jax.random.key(3)
     want = memory_bank.fit_many(key, feats, cfg, specs)
     test = jnp.asarray(rng.normal(size=(4, p, d)), jnp.float32)
-    predicted = batched.predict(want.banks, test, (4, 4), (8, 8), 1.0)
+    predicted = stages.predict_vmapped(want.banks, test, (4, 4), (8, 8), 1.0)
     for s in specs:
         # One bank object when the method builds no segmentation bank: scored once.
         assert (want.banks[s.name].seg is want.banks[s.name].cls) == (s.seg is None)

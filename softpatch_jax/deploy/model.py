@@ -1,6 +1,7 @@
 """A fitted model on disk and back: the memory banks with their soft weights (orbax), and beside them
 a JSON record of everything needed to use the banks correctly later: the backbone's identity and the
-sha256 of its parameters, the preprocessing, the embedding dimensions, the config, the code version,
+sha256 of its parameters (`weights.variables_sha256`, the project's one parameter hash), the
+preprocessing, the embedding dimensions, the config, the code version,
 the threshold rule and the training-set statistics the audit and threshold are computed from.
 
 Layout of MODEL/:
@@ -31,11 +32,13 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 import softpatch_jax
-from softpatch_jax import features, io_utils, models
+from softpatch_jax import features, io_utils, models, weights
 from softpatch_jax.deploy import outdir
 from softpatch_jax.memory_bank import Banks, MemoryBank
 
-FORMAT_VERSION = 2  # 2: manifest.json of checksums
+# 2: manifest.json of checksums; 3: backbone.params_sha256 is `weights.variables_sha256` (format 2
+# hashed the same bytes with its own header, so its hashes read as different weights).
+FORMAT_VERSION = 3
 META = "model.json"
 ARRAYS = "arrays"
 MANIFEST = "manifest.json"
@@ -94,20 +97,6 @@ def git_commit() -> str | None:
         return None
 
 
-def variables_sha256(variables) -> str:
-    """sha256 over every parameter leaf: its path, dtype, shape and little-endian bytes, in path
-    order. Computed here for every model so the check never depends on what weights.resolve put in
-    its info."""
-    h = hashlib.sha256()
-    leaves = jax.tree_util.tree_flatten_with_path(variables)[0]
-    for path, leaf in sorted(leaves, key=lambda kv: jax.tree_util.keystr(kv[0])):
-        arr = np.ascontiguousarray(np.asarray(leaf))
-        arr = arr.astype(arr.dtype.newbyteorder("<"), copy=False)
-        h.update(f"{jax.tree_util.keystr(path)}|{arr.dtype.str}|{arr.shape}\n".encode())
-        h.update(arr.tobytes())
-    return h.hexdigest()
-
-
 def identity(ex: features.Extractor, config: ml_collections.ConfigDict) -> dict:
     """What must match between fitting and predicting, as plain JSON values."""
     spec = models.get_spec(config.backbone.arch)
@@ -120,8 +109,9 @@ def identity(ex: features.Extractor, config: ml_collections.ConfigDict) -> dict:
             "layers": list(models.split_layers(config.backbone.layers) or spec.feature_layers),
             "dtype": config.backbone.dtype,
             "weights": ex.info.get("weights"),
-            "params_sha256": variables_sha256(ex.variables),
-            "info_sha256": ex.info.get("sha256"),
+            # Computed from the extractor's variables, never read from its info: the check cannot
+            # depend on what weights.resolve recorded.
+            "params_sha256": weights.variables_sha256(ex.variables),
         },
         "preprocessing": {
             "resize": config.dataset.resize,
@@ -172,11 +162,9 @@ def check_compatible(
     fatal = []
     for section in ("backbone", "preprocessing", "embedding"):
         fatal += differences(model.meta[section], now[section], section + ".")
-    # The parameters' hash decides: weights.resolve's own hash may come and go between versions,
-    # and its source string may hold a machine-specific path.
-    informative = ("backbone.info_sha256", "backbone.weights:")
-    soft = [d for d in fatal if d.startswith(informative)]
-    fatal = [d for d in fatal if not d.startswith(informative)]
+    # The parameters' hash decides: the weights' source string may hold a machine-specific path.
+    soft = [d for d in fatal if d.startswith("backbone.weights:")]
+    fatal = [d for d in fatal if not d.startswith("backbone.weights:")]
     saved_code, code = model.meta["code"], code_version()
     if saved_code["format"] != FORMAT_VERSION:
         fatal.append(
@@ -336,10 +324,12 @@ def load(path: str) -> Model:
         meta = io_utils.read_json(meta_path)
     except ValueError as e:
         raise DamagedModelError(f"model {path!r}: {META} is not valid JSON ({e})") from e
-    if meta.get("code", {}).get("format") != FORMAT_VERSION:
+    if (found := meta.get("code", {}).get("format")) != FORMAT_VERSION:
         raise IncompatibleModelError(
-            f"{path!r} has model format {meta.get('code', {}).get('format')!r}; "
-            f"this install reads format {FORMAT_VERSION}"
+            f"{meta_path!r} says model format {found!r}; this install reads format "
+            f"{FORMAT_VERSION} only (format 3 records the backbone's parameter hash as "
+            "weights.variables_sha256): refit the model with this install "
+            "(python -m softpatch_jax.deploy fit --images=DIR --model=MODEL)"
         )
     verify(path)
     try:

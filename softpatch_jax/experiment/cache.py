@@ -20,8 +20,8 @@ from absl import logging
 from softpatch_jax import weights
 from softpatch_jax.data.noise import NoiseSpec
 from softpatch_jax.data.records import Record
+from softpatch_jax.experiment.grid import digest
 from softpatch_jax.io_utils import atomic_open
-from softpatch_jax.sweep.grid import digest
 
 # Bump when the feature pipeline's code changes its numbers, so old caches stop matching.
 FEATURES_VERSION = 1

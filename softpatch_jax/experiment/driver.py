@@ -1,6 +1,7 @@
 """The experiment driver: every cell of a grid in one process, the expensive work done once. A
-plain run (a config with no `sweep` section, `pipeline.run`) is the grid of its own comma lists
-(categories x noise ratios x methods), fitted one bank at a time with its cache in memory.
+plain run (`run`: a config with no `sweep` section) is the grid of its own comma lists (categories
+x noise ratios x methods), fitted one bank at a time with its cache in memory; a sweep (`sweep`)
+adds the axes of `config.sweep`.
 
 Cells are grouped from the most to the least expensive shared work:
   category      -> read the records once;
@@ -27,17 +28,9 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from softpatch_jax import (
-    data,
-    discriminators,
-    experiment,
-    features,
-    metrics,
-    parallel,
-    progress,
-)
+from softpatch_jax import discriminators, features, metrics, parallel, progress
+from softpatch_jax.experiment import cache, grid, jsonl, outputs, plan, stages
 from softpatch_jax.io_utils import check_writable, write_json
-from softpatch_jax.sweep import cache, grid, jsonl, stages
 
 RESULTS = "results.jsonl"
 STATS = "stats.jsonl"
@@ -45,6 +38,38 @@ STATS = "stats.jsonl"
 
 class Interrupted(Exception):
     """Raised by test hooks to stop a sweep between cells."""
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
+    """Runs the configured experiment and returns its rows; writes config.json, results.json (rows
+    and the backbone's weights, devices, jax version), results.csv and summary.md (and maps/*.npz
+    of a few test images per method when config.eval.save_maps > 0). Cells finished by an earlier
+    run in the same workdir (results.jsonl) are not run again. What `main.py` and notebooks call."""
+    cells = plan.plan(config)  # every config error fails here, before any file is written
+    check_writable(workdir)
+    write_json(os.path.join(workdir, "config.json"), config.to_dict())
+    out = execute(config, cells, workdir)
+    built = out.weights or [features.build(config).info]  # none built: every cell was finished
+    outputs.write_run(workdir, out.rows, built[0])
+    return out.rows
+
+
+def sweep(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    on_cell: Callable[[dict], None] | None = None,
+) -> dict[str, int]:
+    """Runs every unfinished cell of the sweep; returns this invocation's counters (`execute`).
+    What `launch/sweep.py` calls; `python -m softpatch_jax.report --workdir=...` reads the rows."""
+    return execute(config, plan.plan(config), workdir, on_cell=on_cell).counters
+
+
+@dataclasses.dataclass
+class Outcome:
+    counters: dict[str, int]  # this invocation's work, cache hits and seconds
+    rows: list[dict]  # the grid's rows in its order, from this invocation or earlier ones
+    weights: list[dict]  # provenance (`Extractor.info`) of each backbone this invocation built
 
 
 @dataclasses.dataclass
@@ -71,59 +96,8 @@ class _Context:
             ]
         )
         if key not in self.extractors:
-            ex = features.build(cfg)
-            if ex.random_init:
-                logging.warning("=" * 78)
-                logging.warning(features.RANDOM_INIT_WARNING)
-                logging.warning("=" * 78)
-            self.extractors[key] = (ex, cache.weights_id(ex.info, ex.variables))
+            self.extractors[key] = stages.extractor(cfg)
         return self.extractors[key]
-
-
-def _spec_key(spec) -> str:
-    """Cells whose methods build the same banks (e.g. PatchCore at every tau) share one fit."""
-    return grid.digest(dataclasses.asdict(dataclasses.replace(spec, name="")))
-
-
-def _setting(cfg: ml_collections.ConfigDict) -> str:
-    """Cells with equal data and backbone settings share one record listing and extractor."""
-    return grid.digest([cfg.dataset.to_dict(), cfg.backbone.to_dict(), cfg.embedding.to_dict()])
-
-
-def plan(config: ml_collections.ConfigDict) -> list[grid.Cell]:
-    """The grid's cells (a plain run's: one per category, noise ratio and method), checked so that
-    a misspelt metric, a noise ratio the split forbids or a misnamed map image fails here, before
-    any work."""
-    cells = grid.expand(config, data.categories)
-    for c in cells:
-        experiment.eval_metrics(c.config)
-        experiment.check_noise(c.config, [c.ratio])
-    chosen = {
-        cat
-        for c in cells
-        for cat, _ in experiment.parse_map_images(c.config.eval.get("map_images", ""))
-    }
-    known = list(dict.fromkeys(c.category for c in cells))
-    if unknown := sorted(chosen - set(known)):
-        raise ValueError(f"eval.map_images names categories {unknown} not in this run: {known}")
-    return cells
-
-
-def run(
-    config: ml_collections.ConfigDict,
-    workdir: str,
-    *,
-    on_cell: Callable[[dict], None] | None = None,
-) -> dict[str, int]:
-    """Runs every unfinished cell of the sweep; returns this invocation's counters (`execute`)."""
-    return execute(config, plan(config), workdir, on_cell=on_cell).counters
-
-
-@dataclasses.dataclass
-class Outcome:
-    counters: dict[str, int]  # this invocation's work, cache hits and seconds
-    rows: list[dict]  # the grid's rows in its order, from this invocation or earlier ones
-    weights: list[dict]  # provenance (`Extractor.info`) of each backbone this invocation built
 
 
 def execute(
@@ -133,7 +107,7 @@ def execute(
     *,
     on_cell: Callable[[dict], None] | None = None,
 ) -> Outcome:
-    """Runs the unfinished ones of `cells` (from `plan(config)`).
+    """Runs the unfinished ones of `cells` (from `plan.plan(config)`).
 
     Appends one row per cell to WORKDIR/results.jsonl (finished cells are skipped on re-runs) and
     one line of counters per invocation to WORKDIR/stats.jsonl. A sweep (a config with a `sweep`
@@ -145,14 +119,14 @@ def execute(
     """
     check_writable(workdir)
     t0 = time.perf_counter()
-    sweep = config.get("sweep")
+    section = config.get("sweep")
     results_path = os.path.join(workdir, RESULTS)
     finished = {r.get("cell_id") for r in jsonl.read(results_path, repair=True)}
     # Categories run in the grid's order whatever is finished, so a resumed sweep goes on where it
     # stopped instead of starting the next category first.
     order = {cat: i for i, cat in enumerate(dict.fromkeys(c.category for c in cells))}
     pending = sorted((c for c in cells if c.id not in finished), key=lambda c: order[c.category])
-    if sweep is not None:
+    if section is not None:
         write_json(
             os.path.join(workdir, "sweep.json"),
             {"config": config.to_dict(), "axes": grid.axes(config), "num_cells": len(cells)},
@@ -166,40 +140,29 @@ def execute(
         len(cells) - len(pending),
         len(pending),
     )
-    if sweep is None:  # a plain run: the library path, one bank at a time; nothing cached on disk
+    if section is None:  # a plain run: the library path, one bank at a time; nothing cached on disk
         store, vmap = cache.Cache(None, stats), False
     else:
-        store = cache.Cache(sweep.get("cache_dir") or os.path.join(workdir, "cache"), stats)
-        vmap = sweep.get("vmap", True)
+        store = cache.Cache(section.get("cache_dir") or os.path.join(workdir, "cache"), stats)
+        vmap = section.get("vmap", True)
     ctx = _Context(config, workdir, store, stats, on_cell, total=len(pending), vmap=vmap)
-    # Read every category and draw every noisy set first: an infeasible noise ratio fails here,
-    # before hours of work, not when the sweep reaches it.
-    groups = []
-    for category, ccells in grid.group(pending, lambda c: c.category).items():
-        for scells in grid.group(ccells, lambda c: _setting(c.config)).values():
-            splits = data.read(scells[0].config.dataset, category)
-            chosen = experiment.parse_map_images(scells[0].config.eval.get("map_images", ""))
-            experiment.chosen_indices(splits.test, category, chosen)
-            noisy = {}
-            for c in scells:
-                if c.noisy not in noisy:
-                    noisy[c.noisy] = experiment.noisy_splits(c.config, splits, c.ratio)
-            groups.append((category, scells, splits, noisy))
+    settings = plan.read(pending)  # an infeasible noise ratio fails here, before hours of work
     try:
         with progress.bar("cells", len(pending), "cell") as ctx.advance:
-            for group in groups:
-                _run_setting(ctx, *group)
+            for setting in settings:
+                _run_setting(ctx, setting)
                 store.memory.clear()  # a plain run's features: one category at a time
     finally:
         out = {**stats.as_dict(), "seconds": round(time.perf_counter() - t0, 3)}
         jsonl.append(os.path.join(workdir, STATS), out)
         logging.info("counters: %s", out)
     by_id = {r.get("cell_id"): r for r in jsonl.read(results_path)}
-    rows = [by_id[c.id] for c in cells if c.id in by_id]
-    return Outcome(out, rows, [ex.info for ex, _ in ctx.extractors.values()])
+    done = [by_id[c.id] for c in cells if c.id in by_id]
+    return Outcome(out, done, [ex.info for ex, _ in ctx.extractors.values()])
 
 
-def _run_setting(ctx: _Context, category: str, cells: list[grid.Cell], splits, noisy_sets) -> None:
+def _run_setting(ctx: _Context, setting: plan.Setting) -> None:
+    category, cells, splits = setting.category, setting.cells, setting.splits
     cfg = cells[0].config
     ex, weights_id = ctx.extractor(cfg)
     base_key = cache.features_key(cfg, category, splits.train, splits.test, weights_id)
@@ -208,17 +171,17 @@ def _run_setting(ctx: _Context, category: str, cells: list[grid.Cell], splits, n
 
     def clean() -> dict[str, np.ndarray]:
         # Shared by all the category's noisy sets; the test masks too, so a cache hit decodes none.
-        train, _ = experiment.extract(ex, splits.train, cfg, category, "clean", add)
-        test, masks = experiment.extract(ex, splits.test, cfg, category, "test", add)
+        train, _ = stages.extract(ex, splits.train, cfg, category, "clean", add)
+        test, masks = stages.extract(ex, splits.test, cfg, category, "test", add)
         return {"train": train, "test": test, "test_masks": masks}
 
     def injected_features(records, ncfg) -> dict[str, np.ndarray]:
-        return {"train": experiment.extract(ex, records, ncfg, category, "injected", add)[0]}
+        return {"train": stages.extract(ex, records, ncfg, category, "injected", add)[0]}
 
     base: dict[str, np.ndarray] = {}  # loaded when the first unfinished noisy set needs it
 
     for noisy_id, ncells in grid.group(cells, lambda c: c.noisy).items():
-        noisy, injected, spec = noisy_sets[noisy_id]
+        noisy, injected, spec = setting.noisy[noisy_id]
         ncfg = ncells[0].config
         t_feat = time.perf_counter()
         base = base or ctx.store.get("features", base_key, clean)
@@ -231,8 +194,8 @@ def _run_setting(ctx: _Context, category: str, cells: list[grid.Cell], splits, n
             train = np.concatenate([train, inj["train"]])
         test_pos = {r.path: i for i, r in enumerate(splits.test)}
         keep = np.array([test_pos[r.path] for r in noisy.test])
-        dtype = experiment.store_dtype(ncfg)  # after the cache, which holds what was extracted
-        evalset = _EvalSet(
+        dtype = stages.store_dtype(ncfg)  # after the cache, which holds what was extracted
+        evalset = outputs.EvalSet(
             jnp.asarray(base["test"][keep], dtype),
             np.array([r.label for r in noisy.test]),
             base["test_masks"][keep],
@@ -258,26 +221,22 @@ def _run_setting(ctx: _Context, category: str, cells: list[grid.Cell], splits, n
             )
 
 
-@dataclasses.dataclass
-class _EvalSet:
-    feats_TxPxD: jax.Array
-    labels: np.ndarray
-    masks: np.ndarray
-    records: tuple
-    shown: dict = dataclasses.field(default_factory=dict)  # decoded on demand for saved maps
+def _spec_key(spec) -> str:
+    """Cells whose methods build the same banks (e.g. PatchCore at every tau) share one fit."""
+    return grid.digest(dataclasses.asdict(dataclasses.replace(spec, name="")))
 
 
 def _run_fit_group(
     ctx, ex, category, feats, feats_key, evalset, cells, injected, times, noisy
 ) -> None:
     cfg = cells[0].config
-    key = experiment.category_key(cfg.seed, category)
+    key = plan.category_key(cfg.seed, category)
     specs = {}
     for c in cells:
         specs.setdefault(_spec_key(c.spec()), c.spec())
     named = [dataclasses.replace(s, name=k) for k, s in specs.items()]
     names = tuple(n for n in discriminators.NAMES if any(n in s.discriminators() for s in named))
-    timer = experiment.Timer()
+    timer = stages.Timer()
     with timer("discriminators"):
         prepared = stages.prepare(ctx.store, key, feats, feats_key, cfg, names)
     with timer("fit"):
@@ -292,7 +251,7 @@ def _run_fit_group(
             predicted = stages.predict(wanted, evalset.feats_TxPxD, ex, sc, ctx.vmap, shard)
             jax.block_until_ready(predicted)
         results = {}
-        names = experiment.eval_metrics(scells[0].config)
+        names = plan.eval_metrics(scells[0].config)
         paths = [r.path for r in evalset.records]
         with timer("metrics"):
             for k, (image_scores, maps) in predicted.items():
@@ -301,44 +260,22 @@ def _run_fit_group(
                 )
         for c in scells:
             k = _spec_key(c.spec())
-            _finish_cell(
-                ctx,
-                ex,
+            row = outputs.cell_row(
                 c,
                 results[k],
                 banks[k],
-                predicted[k][1],
-                evalset,
-                feats,
-                injected,
-                {**times, **timer.seconds},
-                len(noisy.train_anomalous),
+                num_train=int(feats.shape[0]),
+                num_test=len(evalset.labels),
+                times={**times, **timer.seconds},
+                injected=injected,
+                weights=ex.info.get("weights"),
+                source_anomalous=len(noisy.train_anomalous),
             )
+            outputs.save_cell_maps(ctx.workdir, c, row, predicted[k][1], evalset)
+            _finish_cell(ctx, c, row, results[k])
 
 
-def _finish_cell(
-    ctx, ex, cell, result, banks, maps, evalset, feats, injected, times, source_anomalous
-) -> None:
-    spec = experiment.noise_spec(cell.config, cell.ratio)
-    row = experiment.result_row(
-        cell.config,
-        cell.category,
-        cell.method,
-        result,
-        banks,
-        spec,
-        num_train=int(feats.shape[0]),
-        num_test=len(evalset.labels),
-        times=times,
-        injected=injected,
-        weights=ex.info.get("weights"),
-        source_anomalous=source_anomalous,
-    )
-    row = {"cell_id": cell.id, **row, **cell.row_fields(), "axes": cell.axes}
-    num_maps = int(cell.config.eval.get("save_maps", 0))
-    chosen = experiment.parse_map_images(cell.config.eval.get("map_images", ""))
-    if num_maps or chosen:
-        _save_maps(ctx, cell, row, maps, evalset, num_maps, chosen)
+def _finish_cell(ctx: _Context, cell: grid.Cell, row: dict, result: dict) -> None:
     jsonl.append(os.path.join(ctx.workdir, RESULTS), row)
     ctx.stats.add("cells_run")
     ctx.done += 1
@@ -361,26 +298,3 @@ def _finish_cell(
         ctx.advance(1)
     if ctx.on_cell is not None:
         ctx.on_cell(row)
-
-
-def _save_maps(ctx, cell, row, maps, evalset, count, chosen) -> None:
-    # Chosen images were checked against the full test set up front; a no-overlap noisy set may
-    # have moved some of them into training.
-    idx = experiment.map_indices(
-        evalset.labels, count, evalset.records, row["category"], chosen, required=False
-    )
-    if not len(idx):
-        return
-    records = [evalset.records[i] for i in idx]
-    shown_key = tuple(idx.tolist())
-    if shown_key not in evalset.shown:
-        ds = cell.config.dataset
-        evalset.shown[shown_key] = data.loader(ds, row["category"])(records)[0]
-    experiment.save_maps(
-        os.path.join(ctx.workdir, "maps", f"{cell.id}.npz"),
-        records,
-        evalset.shown[shown_key],
-        evalset.masks[idx],
-        np.asarray(maps)[idx],
-        {k: v for k, v in row.items() if k != "injected"},
-    )

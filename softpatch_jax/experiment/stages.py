@@ -1,0 +1,181 @@
+"""The driver's work steps, each a function of its inputs: feature extraction (with its progress
+bar), the training set prepared once through the library's fitting path (`memory_bank.prepare`,
+discriminator scores through the cache), every bank from one coreset pass
+(`memory_bank.fit_banks`), and scoring either vmapped over banks of equal size (a sweep's default)
+or one bank at a time (`scoring.predict`, as a plain run does). `Timer` times them for the row.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import time
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from softpatch_jax import data, discriminators, features, memory_bank, methods, progress, scoring
+from softpatch_jax.experiment import cache
+from softpatch_jax.features import STORE_DTYPES
+from softpatch_jax.memory_bank import Banks, MemoryBank
+
+
+class Timer:
+    """Accumulates wall-clock seconds per stage; callers block on device results inside the block."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - t0
+
+
+def store_dtype(config: ml_collections.ConfigDict):
+    """The dtype features are held in on the device (`embedding.store_dtype`), checked."""
+    name = config.embedding.get("store_dtype", "float32")
+    if name not in STORE_DTYPES:
+        raise ValueError(f"embedding.store_dtype {name!r}; valid: {sorted(STORE_DTYPES)}")
+    return STORE_DTYPES[name]
+
+
+def extractor(cfg: ml_collections.ConfigDict) -> tuple[features.Extractor, str]:
+    """The backbone's extractor and the identity of its weights (`cache.weights_id`, part of every
+    features key); a random-init backbone is warned about loudly."""
+    ex = features.build(cfg)
+    if ex.random_init:
+        logging.warning("=" * 78)
+        logging.warning(features.RANDOM_INIT_WARNING)
+        logging.warning("=" * 78)
+    return ex, cache.weights_id(ex.info, ex.variables)
+
+
+def extract(ex: features.Extractor, records, config, category: str, what: str, count=None):
+    """Decoded and extracted features [N, P, D] (host, as extracted) and masks of `records`, with
+    a progress bar. Decoding goes through data.loader, so a prepared (TFDS) store is used when the
+    config asks; `count(name, n)` tallies the work (the driver's counters)."""
+    images, masks = data.loader(config.dataset, category)(records)
+    logging.info("  features: %d %s images", images.shape[0], what)
+    with progress.bar(f"features ({what})", images.shape[0], "img") as update:
+        feats = np.asarray(features.extract(ex, images, update))
+    n, h, w, d = feats.shape
+    if count is not None:
+        count(f"extractions_{what}", 1)
+        count("images_extracted", n)
+    return feats.reshape(n, h * w, d), masks
+
+
+def prepare(
+    store: cache.Cache,
+    key: jax.Array,
+    feats_NxPxD,
+    feats_key: str,
+    cfg: ml_collections.ConfigDict,
+    names: Sequence[str],
+) -> memory_bank.Prepared:
+    """The training set prepared once for all its banks (`memory_bank.prepare`): the raw scores of
+    `names` loaded from the cache where there, the missing ones computed in one call (they share the
+    per-position distances) with the run's own projection, then cached."""
+    n = feats_NxPxD.shape[0]
+    sp = cfg.softpatch
+    params = {
+        "nearest": None,
+        "gaussian": sp.gaussian_eps,
+        "lof": discriminators.effective_k(sp.lof_k, n),
+    }
+    keys = {
+        name: cache.scores_key(feats_key, name, params[name], sp.projection_dim, cfg.seed)
+        for name in names
+    }
+    cached = {}
+    for name in names:
+        hit = store.load("scores", keys[name])
+        if hit is not None:
+            cached[name] = jax.numpy.asarray(hit["scores"])
+    prepared = memory_bank.prepare(key, feats_NxPxD, cfg, names, scores_NxP=cached)
+    for name in prepared.computed:
+        store.save("scores", keys[name], {"scores": np.asarray(prepared.scores_NxP[name])})
+        store.stats.add(f"discriminator_runs_{name}")
+    return prepared
+
+
+def fit(
+    prepared: memory_bank.Prepared,
+    feats_NxPxD,
+    cfg: ml_collections.ConfigDict,
+    specs: Sequence[methods.MethodSpec],
+) -> dict[str, Banks]:
+    """The banks of every spec (by spec name): every distinct keep mask in one coreset pass."""
+    return memory_bank.fit_banks(prepared, feats_NxPxD, cfg, specs).banks
+
+
+def predict(
+    banks: dict[str, Banks],
+    feats_TxPxD: jax.Array,
+    ex: features.Extractor,
+    sc: ml_collections.ConfigDict,
+    vmap: bool,
+    parallel: bool = False,
+) -> dict[str, tuple[jax.Array, jax.Array]]:
+    """{name: (image scores, anomaly maps)} with the `config.scoring` section `sc`; `parallel`
+    shards each bank's search over all devices (one bank at a time only)."""
+    if vmap:
+        return predict_vmapped(
+            banks, feats_TxPxD, ex.grid, ex.image_size, sc.blur_sigma, sc.chunk_size, sc.distance
+        )
+    return {
+        name: scoring.predict(
+            b,
+            feats_TxPxD,
+            ex.grid,
+            ex.image_size,
+            sc.blur_sigma,
+            sc.chunk_size,
+            distance=sc.distance,
+            parallel=parallel,
+            search=sc.get("search", "exact"),
+        )
+        for name, b in banks.items()
+    }
+
+
+def predict_vmapped(
+    banks: dict[str, Banks],
+    feats_TxPxD: jax.Array,
+    grid: tuple[int, int],
+    image_size: tuple[int, int],
+    blur_sigma: float,
+    chunk_size: int = 0,
+    distance: str = "squared",
+) -> dict[str, tuple[jax.Array, jax.Array]]:
+    """{name: (image scores [T], anomaly maps [T, H, W])}, as `scoring.predict` for each name.
+
+    A sweep's banks from one noisy training set differ only in array values (tau thresholds,
+    discriminator subsets, patch- or image-level removal), so the distinct banks of equal size are
+    scored in one vmapped call; a bank shared by several names is scored once."""
+    unique: dict[int, MemoryBank] = {}
+    for b in banks.values():
+        unique.setdefault(id(b.cls), b.cls)
+        unique.setdefault(id(b.seg), b.seg)
+    by_size: dict[int, list[int]] = {}
+    for i, bank in unique.items():
+        by_size.setdefault(int(bank.feats_MxD.shape[0]), []).append(i)
+    patch: dict[int, jax.Array] = {}
+    for m, ids in by_size.items():
+        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[unique[i] for i in ids])
+        chunk = chunk_size or scoring.chunk_size_for(m * len(ids))
+        fn = functools.partial(scoring.patch_scores, chunk_size=chunk, distance=distance)
+        patch.update(zip(ids, jax.vmap(fn, in_axes=(0, None))(stacked, feats_TxPxD)))
+    maps = {
+        i: scoring.anomaly_maps(patch[i], tuple(grid), tuple(image_size), blur_sigma)
+        for i in dict.fromkeys(id(b.seg) for b in banks.values())
+    }
+    return {name: (jnp.max(patch[id(b.cls)], axis=1), maps[id(b.seg)]) for name, b in banks.items()}
