@@ -184,7 +184,9 @@ def discriminator_scores(
     # `discriminators._batch`).
     multiple = m.size * (2 if p > 1 else 1)
     x = _place(_pad(pool_NxPxR, multiple, axis=1, mode="edge"), m, P(None, AXIS, None))
-    out = _collect(_discriminators_fn(m, tuple(names), lof_k, float(gaussian_eps), chunk, gaussian_dtype)(x))
+    out = _collect(
+        _discriminators_fn(m, tuple(names), lof_k, float(gaussian_eps), chunk, gaussian_dtype)(x)
+    )
     return {k: v[:p] for k, v in out.items()}
 
 

@@ -189,5 +189,5 @@ def test_gaussian_dtype_auto_follows_n_and_r_and_rejects_unknown():
     assert discriminators.resolve_gaussian_dtype("auto", 128, 128) == "float64"
     assert discriminators.resolve_gaussian_dtype("auto", 129, 128) == "float32"
     assert discriminators.resolve_gaussian_dtype("float32", 10, 128) == "float32"
-    with pytest.raises(ValueError, match="gaussian_dtype must be .*'half'"):
+    with pytest.raises(ValueError, match=r"gaussian_dtype must be .*'half'"):
         discriminators.resolve_gaussian_dtype("half", 10, 128)
