@@ -121,14 +121,40 @@ def _mahalanobis_from_gram(gram_NxN: jax.Array, eps: float) -> jax.Array:
     return jnp.sqrt(jnp.maximum((n - 1) * (1.0 - lam * diag_inv), 0.0))
 
 
-def _position(x_NxR: jax.Array, names: tuple[str, ...], lof_k: int, eps: float) -> dict:
+def _gaussian_float64(x_NxR: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
+    """The Mahalanobis distance computed in float64, returned as two float32 parts hi + lo.
+
+    With fewer images than dimensions (N <= R) the regularised in-sample distances all lie within
+    a fraction of a percent of sqrt(N-1) (without eps they would all equal (N-1)/sqrt(N)): only the
+    eps term tells patches apart, and neighbours in the ranking differ by ~1e-8 relative, below
+    float32's resolution (6e-8). float32 then breaks those near-ties by its rounding, which changes
+    which patches the top-tau removal drops. In float64 (traced under `jax.enable_x64` for this
+    function only) the ranking is the exact-arithmetic one, and the pair keeps it: hi = float32(d)
+    carries the value (soft weights), lo = float32(d - hi) the rest of the order (`order_key`).
+    """
+    with jax.enable_x64(True):
+        x = x_NxR.astype(jnp.float64)
+        n, r = x.shape
+        xc = x - ops.fixed_order_mean(x, axis=0)[None, :]
+        if n <= r:
+            d = _mahalanobis_from_gram(ops.matmul(xc, xc.T), eps)
+        else:
+            d = _mahalanobis(xc, eps)
+        hi = d.astype(jnp.float32)
+        lo = (d - hi.astype(jnp.float64)).astype(jnp.float32)
+    return hi, lo
+
+
+def _position(
+    x_NxR: jax.Array, names: tuple[str, ...], lof_k: int, eps: float, gaussian_dtype: str
+) -> dict:
     n, r = x_NxR.shape
     # Centering changes no distance but keeps |a|^2+|b|^2-2ab accurate in float32.
     xc = x_NxR - ops.fixed_order_mean(x_NxR, axis=0)[None, :]
     knn = "nearest" in names or "lof" in names
     # Fewer images than dimensions: the Gaussian's inverse is cheaper on the [N, N] Gram matrix
     # that the neighbours need anyway (2x faster for N=60, R=128) than on the [R, R] covariance.
-    gaussian_by_gram = "gaussian" in names and n <= r
+    gaussian_by_gram = "gaussian" in names and n <= r and gaussian_dtype == "float32"
     if knn or gaussian_by_gram:
         sq = ops.sq_norms(xc)
         gram = ops.matmul(xc, xc.T)
@@ -147,11 +173,50 @@ def _position(x_NxR: jax.Array, names: tuple[str, ...], lof_k: int, eps: float) 
             nearest = jnp.sqrt(jnp.min(d2, axis=1))
         if "nearest" in names:
             out["nearest"] = nearest
-    if "gaussian" in names:
+    if "gaussian" in names and gaussian_dtype == "float64":
+        out["gaussian"], out[low_key("gaussian")] = _gaussian_float64(x_NxR, eps)
+    elif "gaussian" in names:
         out["gaussian"] = (
             _mahalanobis_from_gram(gram, eps) if gaussian_by_gram else _mahalanobis(xc, eps)
         )
     return out
+
+
+def low_key(name: str) -> str:
+    """The scores-dict key of the low part of a score computed in float64 (`_gaussian_float64`):
+    `scores[name]` holds hi = float32(d), `scores[low_key(name)]` lo = float32(d - hi)."""
+    return f"{name}_lo"
+
+
+def resolve_gaussian_dtype(setting: str, num_images: int, dim: int) -> str:
+    """The dtype the Gaussian runs in: `setting` ("float32", "float64"), or for "auto" float64
+    where N <= R (the distances saturate there, see `_gaussian_float64`) and float32 otherwise."""
+    if setting == "auto":
+        return "float64" if num_images <= dim else "float32"
+    if setting not in ("float32", "float64"):
+        raise ValueError(f"gaussian_dtype must be 'auto', 'float32' or 'float64', got {setting!r}")
+    return setting
+
+
+def order_key(scores: dict[str, jax.Array], name: str) -> jax.Array:
+    """What ranks `name`'s patches: its float32 score, or, for a score kept as hi + lo, dense integer
+    ranks (ties share one) in the order of hi + lo, so that top-tau removal and rank fusion see the
+    float64 order. Same shape as the score."""
+    lo = scores.get(low_key(name))
+    if lo is None:
+        return scores[name]
+    return _dense_ranks(scores[name], lo)
+
+
+@jax.jit
+def _dense_ranks(hi: jax.Array, lo: jax.Array) -> jax.Array:
+    """int32 ranks of (hi, lo) in lexicographic order (hi + lo's order, as |lo| <= ulp(hi) / 2)."""
+    flat_hi, flat_lo = hi.reshape(-1), lo.reshape(-1)
+    idx = jnp.arange(flat_hi.shape[0], dtype=jnp.int32)
+    s_hi, s_lo, order = jax.lax.sort((flat_hi, flat_lo, idx), num_keys=2)
+    step = (s_hi[1:] != s_hi[:-1]) | (s_lo[1:] != s_lo[:-1])
+    dense = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(step, dtype=jnp.int32)])
+    return jnp.zeros_like(idx).at[order].set(dense).reshape(hi.shape)
 
 
 # On CPU a chunk's [C, N, N] distance block is also kept near cache size (L2/L3): N=200 runs 1.5x
@@ -168,9 +233,14 @@ def chunk_size_for(n: int, r: int, platform: str | None = None) -> int:
     return max(2, rows)
 
 
-def positions_fn(names: tuple[str, ...], lof_k: int, gaussian_eps: float) -> Callable:
-    """The per-chunk discriminator function [C, N, R] -> {name: [C, N]} (float32 inside)."""
-    one = functools.partial(_position, names=names, lof_k=lof_k, eps=gaussian_eps)
+def positions_fn(
+    names: tuple[str, ...], lof_k: int, gaussian_eps: float, gaussian_dtype: str = "float32"
+) -> Callable:
+    """The per-chunk discriminator function [C, N, R] -> {name: [C, N]} (float32 inside, except a
+    float64 Gaussian, returned as two float32 parts; see `low_key`)."""
+    one = functools.partial(
+        _position, names=names, lof_k=lof_k, eps=gaussian_eps, gaussian_dtype=gaussian_dtype
+    )
     return lambda x_CxNxR: jax.vmap(one)(x_CxNxR.astype(jnp.float32))
 
 
@@ -188,45 +258,54 @@ def score_local(
     lof_k: int,
     gaussian_eps: float,
     chunk_size: int,
+    gaussian_dtype: str = "auto",
 ) -> dict[str, jax.Array]:
     """Unjitted body of `score_pool`, also run per device shard by `parallel`: {name: [P, N]}.
 
     Positions are sliced out of the image-major pool and transposed one chunk at a time, so no
     transposed copy of the whole pool is made.
     """
-    fn = positions_fn(names, lof_k, gaussian_eps)
+    n, _, r = pool_NxPxR.shape
+    fn = positions_fn(names, lof_k, gaussian_eps, resolve_gaussian_dtype(gaussian_dtype, n, r))
     by_position = lambda chunk_NxCxR: fn(jnp.transpose(chunk_NxCxR, (1, 0, 2)))
     return ops.chunked_map(by_position, pool_NxPxR, _batch(chunk_size), axis=1)
 
 
-@functools.partial(jax.jit, static_argnames=("names", "lof_k", "gaussian_eps", "chunk_size"))
+_STATIC = ("names", "lof_k", "gaussian_eps", "chunk_size", "gaussian_dtype")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
 def score_pool(
     pool_NxPxR: jax.Array,
     names: tuple[str, ...] = ("lof",),
     lof_k: int = 6,
     gaussian_eps: float = 0.01,
     chunk_size: int = 64,
+    gaussian_dtype: str = "auto",
 ) -> dict[str, jax.Array]:
     """As `score`, on the image-major pool [N, P, R] (the layout projection produces), returning
     {name: [P, N]}; positions are sliced and transposed one chunk at a time."""
-    return score_local(pool_NxPxR, names, lof_k, gaussian_eps, chunk_size)
+    return score_local(pool_NxPxR, names, lof_k, gaussian_eps, chunk_size, gaussian_dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("names", "lof_k", "gaussian_eps", "chunk_size"))
+@functools.partial(jax.jit, static_argnames=_STATIC)
 def score(
     feats_PxNxR: jax.Array,
     names: tuple[str, ...] = ("lof",),
     lof_k: int = 6,
     gaussian_eps: float = 0.01,
     chunk_size: int = 64,
+    gaussian_dtype: str = "auto",
 ) -> dict[str, jax.Array]:
     """Raw discriminator scores {name: [P, N]} (nearest distance, Mahalanobis distance, LOF).
 
-    Requires N > lof_k when "lof" is asked for (see `effective_k`).
+    Requires N > lof_k when "lof" is asked for (see `effective_k`). gaussian_dtype: "auto" runs
+    the Gaussian in float64 where N <= R (`resolve_gaussian_dtype`); a float64 Gaussian adds the
+    key `low_key("gaussian")`.
     """
-    return ops.chunked_map(
-        positions_fn(names, lof_k, gaussian_eps), feats_PxNxR, _batch(chunk_size)
-    )
+    _, n, r = feats_PxNxR.shape
+    fn = positions_fn(names, lof_k, gaussian_eps, resolve_gaussian_dtype(gaussian_dtype, n, r))
+    return ops.chunked_map(fn, feats_PxNxR, _batch(chunk_size))
 
 
 def effective_k(lof_k: int, num_images: int) -> int:

@@ -63,9 +63,11 @@ def discriminator_scores(
     lof_k: int,
     gaussian_eps: float,
     *,
+    gaussian_dtype: str = "auto",
     parallel: bool = False,
 ) -> dict[str, jax.Array]:
-    """Raw per-position scores {name: [N, P]} of every training patch.
+    """Raw per-position scores {name: [N, P]} of every training patch (a float64 Gaussian adds
+    its low part under `discriminators.low_key("gaussian")`; rank them with `order_key`).
 
     parallel: shard the positions over all devices (`parallel.discriminator_scores`); same values.
     """
@@ -75,7 +77,8 @@ def discriminator_scores(
     k = discriminators.effective_k(lof_k, n)
     if k != lof_k and "lof" in names:
         logging.warning("LOF k=%d needs more than %d training images: using k=%d", lof_k, n, k)
-    args = (proj_NxPxR, tuple(names), k, gaussian_eps, discriminators.chunk_size_for(n, r))
+    chunk = discriminators.chunk_size_for(n, r)
+    args = (proj_NxPxR, tuple(names), k, gaussian_eps, chunk, gaussian_dtype)
     if parallel:
         out = parallel_lib.discriminator_scores(*args)
     else:
@@ -86,8 +89,8 @@ def discriminator_scores(
 def removal_score(bank: methods.BankSpec, scores_NxP: dict[str, jax.Array]) -> jax.Array:
     """The score ranking patches for removal: the raw score, or SoftPatch+'s fused ranks."""
     if len(bank.removal) == 1:
-        return scores_NxP[bank.removal[0]]
-    as_PxN = {n: scores_NxP[n].T for n in bank.removal}
+        return discriminators.order_key(scores_NxP, bank.removal[0])
+    as_PxN = {n: discriminators.order_key(scores_NxP, n).T for n in bank.removal}
     return discriminators.fuse(as_PxN, bank.removal, bank.rank_scope).T
 
 
@@ -199,6 +202,7 @@ def prepare(
                 missing,
                 config.softpatch.lof_k,
                 config.softpatch.gaussian_eps,
+                gaussian_dtype=config.softpatch.get("gaussian_dtype", "auto"),
                 parallel=disc_parallel,
             )
         )

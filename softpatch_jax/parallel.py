@@ -151,9 +151,9 @@ def _sharing_memory(m: Mesh) -> int:
 
 
 @functools.lru_cache(maxsize=32)
-def _discriminators_fn(m: Mesh, names: tuple, lof_k: int, eps: float, chunk: int):
+def _discriminators_fn(m: Mesh, names: tuple, lof_k: int, eps: float, chunk: int, dtype: str):
     def local(pool_NxLxR):
-        return discriminators.score_local(pool_NxLxR, names, lof_k, eps, chunk)
+        return discriminators.score_local(pool_NxLxR, names, lof_k, eps, chunk, dtype)
 
     return jax.jit(
         jax.shard_map(
@@ -168,6 +168,7 @@ def discriminator_scores(
     lof_k: int,
     gaussian_eps: float,
     chunk_size: int,
+    gaussian_dtype: str = "auto",
     mesh: Mesh | None = None,
 ) -> dict[str, jax.Array]:
     """`discriminators.score_pool` with positions sharded: {name: [P, N]}.
@@ -183,7 +184,9 @@ def discriminator_scores(
     # `discriminators._batch`).
     multiple = m.size * (2 if p > 1 else 1)
     x = _place(_pad(pool_NxPxR, multiple, axis=1, mode="edge"), m, P(None, AXIS, None))
-    out = _collect(_discriminators_fn(m, tuple(names), lof_k, float(gaussian_eps), chunk)(x))
+    out = _collect(
+        _discriminators_fn(m, tuple(names), lof_k, float(gaussian_eps), chunk, gaussian_dtype)(x)
+    )
     return {k: v[:p] for k, v in out.items()}
 
 

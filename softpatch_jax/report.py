@@ -34,7 +34,10 @@ def summary_table(rows: Sequence[dict]) -> str:
         split = ", ".join(
             dict.fromkeys(str(r["dataset.split"]) for r in sel if "dataset.split" in r)
         )
-        head = (f"split {split}, " if split else "") + f"noise {ratio:.0%} ({mode}), "
+        # The mode means something only where images were injected (not for 0%, nor a FUIAD
+        # split's own anomalies, listed below the table).
+        noise = f"noise {ratio:.0%}" + (f" ({mode})" if ratio else "")
+        head = (f"split {split}, " if split else "") + noise + ", "
         lines.append("\n" + head + " / ".join(results.METRIC_NAMES[m] for m in shown))
         lines.append("| category | " + " | ".join(methods) + " |")
         lines.append("|---|" + "---|" * len(methods))

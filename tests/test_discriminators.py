@@ -4,7 +4,7 @@ import pytest
 from scipy import stats
 from sklearn.neighbors import LocalOutlierFactor
 
-from softpatch_jax import discriminators
+from softpatch_jax import discriminators, memory_bank, methods
 
 
 def clustered(rng, n_dense=30, n_sparse=15, n_out=3, r=8):
@@ -47,16 +47,17 @@ def test_mahalanobis_matches_numpy():
         np.testing.assert_allclose(got[p], want, rtol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("n", [5, 20])
-def test_mahalanobis_with_fewer_images_than_dimensions_matches_numpy(n):
-    """N <= R takes the [N, N] Gram route; N=5 (R=12) is far below, where the covariance is
-    rank 4 and eps alone keeps it invertible."""
+def test_mahalanobis_with_fewer_images_than_dimensions_matches_numpy(n, dtype):
+    """N <= R takes the [N, N] Gram route (float32) or the float64 route ("auto" there); N=5
+    (R=12) is far below, where the covariance is rank 4 and eps alone keeps it invertible."""
     rng = np.random.default_rng(n)
     x = rng.normal(size=(3, n, 12)) @ rng.normal(size=(12, 12)) + 3.0
     got = np.asarray(
-        discriminators.score(jnp.asarray(x, jnp.float32), ("gaussian",), gaussian_eps=0.01)[
-            "gaussian"
-        ]
+        discriminators.score(
+            jnp.asarray(x, jnp.float32), ("gaussian",), gaussian_eps=0.01, gaussian_dtype=dtype
+        )["gaussian"]
     )
     for p in range(x.shape[0]):
         diff = x[p] - x[p].mean(0)
@@ -132,3 +133,61 @@ def test_fuse_averages_ranks_and_rejects_bad_names():
         discriminators.fuse({"lof": jnp.asarray(a)}, ("lofx",))
     with pytest.raises(ValueError, match="rank_scope"):
         discriminators.fuse({"lof": jnp.asarray(a)}, ("lof",), scope="image")
+
+
+def _mahalanobis_float64(x_PxNxR, eps):
+    """The reference's Gaussian in float64: inv(cov(ddof=1) + eps I), self included."""
+    out = []
+    for x in np.asarray(x_PxNxR, np.float64):
+        diff = x - x.mean(0)
+        cov = np.cov(x, rowvar=False, ddof=1) + eps * np.eye(x.shape[1])
+        out.append(np.sqrt(np.einsum("nr,rs,ns->n", diff, np.linalg.inv(cov), diff)))
+    return np.stack(out)
+
+
+def test_gaussian_below_r_keeps_the_float64_order_that_float32_loses():
+    """N=33 < R=128: every distance lies within ~0.1% of sqrt(N-1), and neighbours in the ranking
+    differ below float32's resolution. "auto" computes in float64 and keeps hi + lo; their order
+    (`order_key`) is the float64 oracle's, and so is the top-tau removal, where float32 is not."""
+    rng = np.random.default_rng(0)
+    x = (0.5 * rng.normal(size=(8, 33, 128))).astype(np.float32)
+    want = _mahalanobis_float64(x, 0.01)
+    assert want.std() / want.mean() < 2e-3  # the saturated regime
+    got = discriminators.score(jnp.asarray(x), ("gaussian", "lof"), gaussian_eps=0.01)
+    hi, lo = np.asarray(got["gaussian"]), np.asarray(got[discriminators.low_key("gaussian")])
+    np.testing.assert_allclose(hi.astype(np.float64) + lo, want, rtol=1e-12)
+    np.testing.assert_array_equal(hi, want.astype(np.float32))  # the value: float32(d)
+    order = np.argsort(np.asarray(discriminators.order_key(got, "gaussian")).ravel(), kind="stable")
+    np.testing.assert_array_equal(order, np.argsort(want.ravel(), kind="stable"))
+    # The same removal as the reference's quantile threshold on float64 values.
+    spec = methods.BankSpec(removal=("gaussian",), tau=0.15)
+    keep = np.asarray(memory_bank.keep_mask(spec, {n: s.T for n, s in got.items()}, hi.T.shape))
+    np.testing.assert_array_equal(keep, (want <= np.quantile(want, 0.85)).T)
+    # float32 alone cannot: its ranking differs from float64's on this data.
+    f32 = discriminators.score(jnp.asarray(x), ("gaussian",), gaussian_dtype="float32")
+    assert discriminators.low_key("gaussian") not in f32
+    f32_order = np.argsort(np.asarray(f32["gaussian"]).ravel(), kind="stable")
+    assert (f32_order != order).any()
+
+
+def test_order_key_is_dense_ranks_of_hi_plus_lo():
+    rng = np.random.default_rng(1)
+    hi = rng.choice(np.float32([1.0, 2.0, 3.0]), size=(6, 7))
+    lo = rng.choice(np.float32([-1e-8, 0.0, 2e-8]), size=(6, 7))
+    lo[0, :2] = lo[1, :2] = 0.0  # exact ties share a rank
+    hi[0, :2] = hi[1, :2] = 2.0
+    key = discriminators.order_key(
+        {"gaussian": jnp.asarray(hi), "gaussian_lo": jnp.asarray(lo)}, "gaussian"
+    )
+    want = stats.rankdata(hi.astype(np.float64) + lo, method="dense").reshape(hi.shape) - 1
+    np.testing.assert_array_equal(np.asarray(key), want)
+    # Without a low part the key is the score itself.
+    np.testing.assert_array_equal(discriminators.order_key({"lof": jnp.asarray(hi)}, "lof"), hi)
+
+
+def test_gaussian_dtype_auto_follows_n_and_r_and_rejects_unknown():
+    assert discriminators.resolve_gaussian_dtype("auto", 128, 128) == "float64"
+    assert discriminators.resolve_gaussian_dtype("auto", 129, 128) == "float32"
+    assert discriminators.resolve_gaussian_dtype("float32", 10, 128) == "float32"
+    with pytest.raises(ValueError, match=r"gaussian_dtype must be .*'half'"):
+        discriminators.resolve_gaussian_dtype("half", 10, 128)

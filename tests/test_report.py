@@ -211,14 +211,14 @@ def test_view_rows_show_sample_auroc_and_the_training_sets_anomalous_fraction(tm
             )  # fmt: skip
     one = [r for r in rows if r["dataset.split"] == "fuiad_0.4" and r["seed"] == 0]
     summary = report.summary_table(one)
-    assert (
-        "split fuiad_0.4, noise 0% (overlap), image AUROC / sample AUROC / pixel AUROC" in summary
-    )
+    assert "split fuiad_0.4, noise 0%, image AUROC / sample AUROC / pixel AUROC" in summary
+    assert "no-overlap" not in summary and "(overlap)" not in summary
     assert "| a | 0.900 / 0.850 / 0.500 | 1.000 / 0.950 / 0.900 |" in summary
     assert "anomalous training images: a 16/40 (40.0%), b 16/40 (40.0%)" in summary
     # Rows without views or anomalies: the summary as before.
     plain = report.summary_table(make_rows())
     assert "sample" not in plain and "anomalous" not in plain
+    assert "noise 10% (overlap), image AUROC / pixel AUROC" in plain
     with open(tmp_path / "results.json", "w") as f:
         json.dump({"rows": rows}, f)
     report.write_report(str(tmp_path), curves=[])

@@ -394,3 +394,18 @@ def test_vmapped_scoring_equals_predict_per_bank():
         image, maps = scoring.predict(want.banks[s.name], test, (4, 4), (8, 8), 1.0)
         np.testing.assert_allclose(np.asarray(predicted[s.name][0]), np.asarray(image), rtol=1e-5)
         np.testing.assert_allclose(np.asarray(predicted[s.name][1]), np.asarray(maps), rtol=1e-5)
+
+
+def test_cached_float64_gaussian_keeps_its_low_part(tmp_path):
+    """A float64 Gaussian (N <= R) is cached with its low part, so a run from the cache removes the
+    same patches as the run that computed it."""
+    cfg = demo_config.get_config()
+    cfg.softpatch.projection_dim = 16
+    feats = jax.random.normal(jax.random.key(0), (9, 12, 32))  # N=9 <= R=16: float64
+    store = cache.Cache(str(tmp_path), cache.Stats())
+    first = stages.prepare(store, jax.random.key(1), feats, "f", cfg, ("gaussian",))
+    again = stages.prepare(store, jax.random.key(1), feats, "f", cfg, ("gaussian",))
+    assert first.computed == ("gaussian",) and again.computed == ()
+    assert set(again.scores_NxP) == {"gaussian", "gaussian_lo"}
+    for name, s in first.scores_NxP.items():
+        np.testing.assert_array_equal(np.asarray(again.scores_NxP[name]), np.asarray(s))

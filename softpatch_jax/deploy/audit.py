@@ -66,12 +66,13 @@ def compute(
     tau: float,
     keep_NxP: np.ndarray,
 ) -> Audit:
+    scores = {n: jnp.asarray(s) for n, s in scores_NxP.items()}
     ranks = {
-        n: np.asarray(discriminators.rank_normalise(jnp.asarray(s)))
-        for n, s in scores_NxP.items()
+        n: np.asarray(discriminators.rank_normalise(discriminators.order_key(scores, n)))
+        for n in scores
         if n in discriminators.NAMES
     }
-    as_PxN = {n: jnp.asarray(scores_NxP[n]).T for n in fusion_names}
+    as_PxN = {n: discriminators.order_key(scores, n).T for n in fusion_names}
     ranks[FUSION] = np.asarray(discriminators.fuse(as_PxN, tuple(fusion_names), rank_scope)).T
     return Audit(
         names=tuple(names),

@@ -84,11 +84,14 @@ def prepare(
     """The training set prepared once for all its banks (`memory_bank.prepare`): the raw scores of
     `names` loaded from the cache where there, the missing ones computed in one call (they share the
     per-position distances) with the run's own projection, then cached."""
-    n = feats_NxPxD.shape[0]
+    n, _, d = feats_NxPxD.shape
     sp = cfg.softpatch
+    gaussian_dtype = discriminators.resolve_gaussian_dtype(
+        sp.get("gaussian_dtype", "auto"), n, sp.projection_dim or d
+    )
     params = {
         "nearest": None,
-        "gaussian": sp.gaussian_eps,
+        "gaussian": sp.gaussian_eps if gaussian_dtype == "float32" else [sp.gaussian_eps, "f64"],
         "lof": discriminators.effective_k(sp.lof_k, n),
     }
     keys = {
@@ -100,9 +103,15 @@ def prepare(
         hit = store.load("scores", keys[name])
         if hit is not None:
             cached[name] = jax.numpy.asarray(hit["scores"])
+            if "low" in hit:  # a float64 score's low part (`discriminators.low_key`)
+                cached[discriminators.low_key(name)] = jax.numpy.asarray(hit["low"])
     prepared = memory_bank.prepare(key, feats_NxPxD, cfg, names, scores_NxP=cached)
     for name in prepared.computed:
-        store.save("scores", keys[name], {"scores": np.asarray(prepared.scores_NxP[name])})
+        arrays = {"scores": np.asarray(prepared.scores_NxP[name])}
+        low = prepared.scores_NxP.get(discriminators.low_key(name))
+        if low is not None:
+            arrays["low"] = np.asarray(low)
+        store.save("scores", keys[name], arrays)
         store.stats.add(f"discriminator_runs_{name}")
     return prepared
 
