@@ -66,10 +66,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.softpatch.rank_scope = "all"  # SoftPatch+ rank normalisation: "all" patches or "position"
     c.softpatch.projection_dim = 128  # R; 0 = discriminators and coreset on the full D
     c.softpatch.gaussian_eps = 0.01  # covariance regulariser
-    # auto: float64 where N <= projection_dim. There the in-sample Mahalanobis distances saturate
-    # near sqrt(N-1) and only ~1e-8 relative separates neighbours: float32 ranks them by rounding
-    # (README "Fidelity"). float32 | float64 force one.
-    c.softpatch.gaussian_dtype = "auto"
+    # Discriminator precision. auto: the nearest distance, and the Gaussian where N <=
+    # projection_dim, in float64 (scores kept as float32 hi + lo, ranked in float64 order). The
+    # saturated Gaussian distances and the float32 expanded-form nearest distances differ from the
+    # exact ones by more than neighbours at the tau quantile do (README "Fidelity"). TPUs: float32.
+    c.softpatch.score_dtype = "auto"  # auto | float32 | float64
 
     # Approximate greedy k-center coreset (PatchCore).
     c.coreset = ml_collections.ConfigDict()

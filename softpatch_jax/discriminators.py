@@ -145,8 +145,31 @@ def _gaussian_float64(x_NxR: jax.Array, eps: float) -> tuple[jax.Array, jax.Arra
     return hi, lo
 
 
+def _nearest_float64(x_NxR: jax.Array, cand_NxM: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The nearest-neighbour distance in float64 over each row's M candidates (the M nearest by the
+    float32 expanded form), as float32 hi + lo.
+
+    The expanded form |a|^2 + |b|^2 - 2ab cancels: its float32 distances carry up to ~1e-3 relative
+    error, while neighbours at the tau quantile can differ by ~1e-7 (3e-7 on a piped category),
+    which flipped a removal there against the reference's float64. The direct form in float64 over
+    a few candidates is exact to rounding and costs O(N M R).
+    """
+    with jax.enable_x64(True):
+        x = x_NxR.astype(jnp.float64)
+        d2 = ops.fixed_order_sum(jnp.square(x[:, None, :] - x[cand_NxM]))
+        d = jnp.sqrt(jnp.min(d2, axis=1))
+        hi = d.astype(jnp.float32)
+        lo = (d - hi.astype(jnp.float64)).astype(jnp.float32)
+    return hi, lo
+
+
+# Candidates re-ranked in float64 for the nearest distance: the true nearest is among the float32
+# expanded form's few nearest unless that many neighbours lie within its ~1e-3 relative error.
+NEAREST_CANDIDATES = 4
+
+
 def _position(
-    x_NxR: jax.Array, names: tuple[str, ...], lof_k: int, eps: float, gaussian_dtype: str
+    x_NxR: jax.Array, names: tuple[str, ...], lof_k: int, eps: float, precision: tuple[str, str]
 ) -> dict:
     n, r = x_NxR.shape
     # Centering changes no distance but keeps |a|^2+|b|^2-2ab accurate in float32.
@@ -154,6 +177,7 @@ def _position(
     knn = "nearest" in names or "lof" in names
     # Fewer images than dimensions: the Gaussian's inverse is cheaper on the [N, N] Gram matrix
     # that the neighbours need anyway (2x faster for N=60, R=128) than on the [R, R] covariance.
+    gaussian_dtype, nearest_dtype = precision
     gaussian_by_gram = "gaussian" in names and n <= r and gaussian_dtype == "float32"
     if knn or gaussian_by_gram:
         sq = ops.sq_norms(xc)
@@ -171,7 +195,10 @@ def _position(
             nearest = knn_d[:, 0]
         else:
             nearest = jnp.sqrt(jnp.min(d2, axis=1))
-        if "nearest" in names:
+        if "nearest" in names and nearest_dtype == "float64":
+            _, cand = ops.smallest_k(d2, min(NEAREST_CANDIDATES, n - 1))
+            out["nearest"], out[low_key("nearest")] = _nearest_float64(x_NxR, cand)
+        elif "nearest" in names:
             out["nearest"] = nearest
     if "gaussian" in names and gaussian_dtype == "float64":
         out["gaussian"], out[low_key("gaussian")] = _gaussian_float64(x_NxR, eps)
@@ -188,14 +215,21 @@ def low_key(name: str) -> str:
     return f"{name}_lo"
 
 
-def resolve_gaussian_dtype(setting: str, num_images: int, dim: int) -> str:
-    """The dtype the Gaussian runs in: `setting` ("float32", "float64"), or for "auto" float64
-    where N <= R (the distances saturate there, see `_gaussian_float64`) and float32 otherwise."""
+def resolve_precision(
+    setting: str, num_images: int, dim: int, platform: str | None = None
+) -> tuple[str, str]:
+    """The dtypes (Gaussian, nearest distance) for `setting` ("float32", "float64" for both, or
+    "auto"). "auto": the nearest distance's candidates in float64 (`_nearest_float64`) and the
+    Gaussian in float64 where N <= R (the distances saturate there, `_gaussian_float64`); all
+    float32 on TPUs, which have no native float64. LOF stays float32: its scores are ratios of
+    k-distances, already at parity with the reference."""
     if setting == "auto":
-        return "float64" if num_images <= dim else "float32"
+        if (platform or jax.default_backend()) == "tpu":
+            return ("float32", "float32")
+        return ("float64" if num_images <= dim else "float32", "float64")
     if setting not in ("float32", "float64"):
-        raise ValueError(f"gaussian_dtype must be 'auto', 'float32' or 'float64', got {setting!r}")
-    return setting
+        raise ValueError(f"score_dtype must be 'auto', 'float32' or 'float64', got {setting!r}")
+    return (setting, setting)
 
 
 def order_key(scores: dict[str, jax.Array], name: str) -> jax.Array:
@@ -234,12 +268,15 @@ def chunk_size_for(n: int, r: int, platform: str | None = None) -> int:
 
 
 def positions_fn(
-    names: tuple[str, ...], lof_k: int, gaussian_eps: float, gaussian_dtype: str = "float32"
+    names: tuple[str, ...],
+    lof_k: int,
+    gaussian_eps: float,
+    precision: tuple[str, str] = ("float32", "float32"),
 ) -> Callable:
-    """The per-chunk discriminator function [C, N, R] -> {name: [C, N]} (float32 inside, except a
-    float64 Gaussian, returned as two float32 parts; see `low_key`)."""
+    """The per-chunk discriminator function [C, N, R] -> {name: [C, N]} (float32 inside, except
+    scores computed in float64, returned as two float32 parts; see `low_key`, `resolve_precision`)."""
     one = functools.partial(
-        _position, names=names, lof_k=lof_k, eps=gaussian_eps, gaussian_dtype=gaussian_dtype
+        _position, names=names, lof_k=lof_k, eps=gaussian_eps, precision=precision
     )
     return lambda x_CxNxR: jax.vmap(one)(x_CxNxR.astype(jnp.float32))
 
@@ -258,7 +295,7 @@ def score_local(
     lof_k: int,
     gaussian_eps: float,
     chunk_size: int,
-    gaussian_dtype: str = "auto",
+    score_dtype: str = "auto",
 ) -> dict[str, jax.Array]:
     """Unjitted body of `score_pool`, also run per device shard by `parallel`: {name: [P, N]}.
 
@@ -266,12 +303,12 @@ def score_local(
     transposed copy of the whole pool is made.
     """
     n, _, r = pool_NxPxR.shape
-    fn = positions_fn(names, lof_k, gaussian_eps, resolve_gaussian_dtype(gaussian_dtype, n, r))
+    fn = positions_fn(names, lof_k, gaussian_eps, resolve_precision(score_dtype, n, r))
     by_position = lambda chunk_NxCxR: fn(jnp.transpose(chunk_NxCxR, (1, 0, 2)))
     return ops.chunked_map(by_position, pool_NxPxR, _batch(chunk_size), axis=1)
 
 
-_STATIC = ("names", "lof_k", "gaussian_eps", "chunk_size", "gaussian_dtype")
+_STATIC = ("names", "lof_k", "gaussian_eps", "chunk_size", "score_dtype")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
@@ -281,11 +318,11 @@ def score_pool(
     lof_k: int = 6,
     gaussian_eps: float = 0.01,
     chunk_size: int = 64,
-    gaussian_dtype: str = "auto",
+    score_dtype: str = "auto",
 ) -> dict[str, jax.Array]:
     """As `score`, on the image-major pool [N, P, R] (the layout projection produces), returning
     {name: [P, N]}; positions are sliced and transposed one chunk at a time."""
-    return score_local(pool_NxPxR, names, lof_k, gaussian_eps, chunk_size, gaussian_dtype)
+    return score_local(pool_NxPxR, names, lof_k, gaussian_eps, chunk_size, score_dtype)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
@@ -295,16 +332,16 @@ def score(
     lof_k: int = 6,
     gaussian_eps: float = 0.01,
     chunk_size: int = 64,
-    gaussian_dtype: str = "auto",
+    score_dtype: str = "auto",
 ) -> dict[str, jax.Array]:
     """Raw discriminator scores {name: [P, N]} (nearest distance, Mahalanobis distance, LOF).
 
-    Requires N > lof_k when "lof" is asked for (see `effective_k`). gaussian_dtype: "auto" runs
-    the Gaussian in float64 where N <= R (`resolve_gaussian_dtype`); a float64 Gaussian adds the
-    key `low_key("gaussian")`.
+    Requires N > lof_k when "lof" is asked for (see `effective_k`). score_dtype: "auto" computes
+    the nearest distance, and the Gaussian where N <= R, in float64 (`resolve_precision`); a score
+    computed in float64 adds the key `low_key(name)`.
     """
     _, n, r = feats_PxNxR.shape
-    fn = positions_fn(names, lof_k, gaussian_eps, resolve_gaussian_dtype(gaussian_dtype, n, r))
+    fn = positions_fn(names, lof_k, gaussian_eps, resolve_precision(score_dtype, n, r))
     return ops.chunked_map(fn, feats_PxNxR, _batch(chunk_size))
 
 

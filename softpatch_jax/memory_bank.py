@@ -63,11 +63,11 @@ def discriminator_scores(
     lof_k: int,
     gaussian_eps: float,
     *,
-    gaussian_dtype: str = "auto",
+    score_dtype: str = "auto",
     parallel: bool = False,
 ) -> dict[str, jax.Array]:
-    """Raw per-position scores {name: [N, P]} of every training patch (a float64 Gaussian adds
-    its low part under `discriminators.low_key("gaussian")`; rank them with `order_key`).
+    """Raw per-position scores {name: [N, P]} of every training patch (a score computed in float64
+    adds its low part under `discriminators.low_key(name)`; rank them with `order_key`).
 
     parallel: shard the positions over all devices (`parallel.discriminator_scores`); same values.
     """
@@ -78,7 +78,7 @@ def discriminator_scores(
     if k != lof_k and "lof" in names:
         logging.warning("LOF k=%d needs more than %d training images: using k=%d", lof_k, n, k)
     chunk = discriminators.chunk_size_for(n, r)
-    args = (proj_NxPxR, tuple(names), k, gaussian_eps, chunk, gaussian_dtype)
+    args = (proj_NxPxR, tuple(names), k, gaussian_eps, chunk, score_dtype)
     if parallel:
         out = parallel_lib.discriminator_scores(*args)
     else:
@@ -202,7 +202,7 @@ def prepare(
                 missing,
                 config.softpatch.lof_k,
                 config.softpatch.gaussian_eps,
-                gaussian_dtype=config.softpatch.get("gaussian_dtype", "auto"),
+                score_dtype=config.softpatch.get("score_dtype", "auto"),
                 parallel=disc_parallel,
             )
         )

@@ -168,7 +168,7 @@ def discriminator_scores(
     lof_k: int,
     gaussian_eps: float,
     chunk_size: int,
-    gaussian_dtype: str = "auto",
+    score_dtype: str = "auto",
     mesh: Mesh | None = None,
 ) -> dict[str, jax.Array]:
     """`discriminators.score_pool` with positions sharded: {name: [P, N]}.
@@ -185,7 +185,7 @@ def discriminator_scores(
     multiple = m.size * (2 if p > 1 else 1)
     x = _place(_pad(pool_NxPxR, multiple, axis=1, mode="edge"), m, P(None, AXIS, None))
     out = _collect(
-        _discriminators_fn(m, tuple(names), lof_k, float(gaussian_eps), chunk, gaussian_dtype)(x)
+        _discriminators_fn(m, tuple(names), lof_k, float(gaussian_eps), chunk, score_dtype)(x)
     )
     return {k: v[:p] for k, v in out.items()}
 

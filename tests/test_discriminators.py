@@ -56,7 +56,7 @@ def test_mahalanobis_with_fewer_images_than_dimensions_matches_numpy(n, dtype):
     x = rng.normal(size=(3, n, 12)) @ rng.normal(size=(12, 12)) + 3.0
     got = np.asarray(
         discriminators.score(
-            jnp.asarray(x, jnp.float32), ("gaussian",), gaussian_eps=0.01, gaussian_dtype=dtype
+            jnp.asarray(x, jnp.float32), ("gaussian",), gaussian_eps=0.01, score_dtype=dtype
         )["gaussian"]
     )
     for p in range(x.shape[0]):
@@ -94,7 +94,8 @@ def test_nearest_matches_brute_force_and_shares_one_call():
     out = discriminators.score(
         jnp.asarray(x), ("nearest", "gaussian", "lof"), lof_k=4, chunk_size=3
     )
-    assert set(out) == {"nearest", "gaussian", "lof"}
+    # N=12 > R=5: the Gaussian stays float32; the nearest distance carries its float64 low part.
+    assert set(out) == {"nearest", "gaussian", "lof", discriminators.low_key("nearest")}
     for p in range(7):
         d = np.linalg.norm(x[p][:, None] - x[p][None], axis=-1)
         np.fill_diagonal(d, np.inf)
@@ -164,7 +165,7 @@ def test_gaussian_below_r_keeps_the_float64_order_that_float32_loses():
     keep = np.asarray(memory_bank.keep_mask(spec, {n: s.T for n, s in got.items()}, hi.T.shape))
     np.testing.assert_array_equal(keep, (want <= np.quantile(want, 0.85)).T)
     # float32 alone cannot: its ranking differs from float64's on this data.
-    f32 = discriminators.score(jnp.asarray(x), ("gaussian",), gaussian_dtype="float32")
+    f32 = discriminators.score(jnp.asarray(x), ("gaussian",), score_dtype="float32")
     assert discriminators.low_key("gaussian") not in f32
     f32_order = np.argsort(np.asarray(f32["gaussian"]).ravel(), kind="stable")
     assert (f32_order != order).any()
@@ -185,9 +186,42 @@ def test_order_key_is_dense_ranks_of_hi_plus_lo():
     np.testing.assert_array_equal(discriminators.order_key({"lof": jnp.asarray(hi)}, "lof"), hi)
 
 
-def test_gaussian_dtype_auto_follows_n_and_r_and_rejects_unknown():
-    assert discriminators.resolve_gaussian_dtype("auto", 128, 128) == "float64"
-    assert discriminators.resolve_gaussian_dtype("auto", 129, 128) == "float32"
-    assert discriminators.resolve_gaussian_dtype("float32", 10, 128) == "float32"
-    with pytest.raises(ValueError, match=r"gaussian_dtype must be .*'half'"):
-        discriminators.resolve_gaussian_dtype("half", 10, 128)
+def test_precision_auto_follows_n_r_and_platform_and_rejects_unknown():
+    assert discriminators.resolve_precision("auto", 128, 128, "cpu") == ("float64", "float64")
+    assert discriminators.resolve_precision("auto", 129, 128, "gpu") == ("float32", "float64")
+    assert discriminators.resolve_precision("auto", 10, 128, "tpu") == ("float32", "float32")
+    assert discriminators.resolve_precision("float32", 10, 128) == ("float32", "float32")
+    with pytest.raises(ValueError, match=r"score_dtype must be .*'half'"):
+        discriminators.resolve_precision("half", 10, 128)
+
+
+def test_nearest_distance_is_exact_where_the_expanded_form_cancels():
+    """A tight cluster and one far image: after centring the cluster's norms are ~25x its
+    distances, so the float32 expanded form |a|^2 + |b|^2 - 2ab loses digits; the float64
+    re-rank of the candidates gives the exact distance (hi + lo against a float64 brute force),
+    its order, and the reference's removal."""
+    rng = np.random.default_rng(3)
+    x = 1e-2 * rng.normal(size=(16, 40, 32))  # a tight cluster...
+    x[:, 0] += 10.0  # ...and one far image, which moves the centre away from the cluster
+    x = x.astype(np.float32)
+    x64 = x.astype(np.float64)
+    d2 = ((x64[:, :, None] - x64[:, None]) ** 2).sum(-1)
+    d2[:, np.arange(40), np.arange(40)] = np.inf
+    want = np.sqrt(d2.min(-1))
+    got = discriminators.score(jnp.asarray(x), ("nearest",))
+    hi, lo = np.asarray(got["nearest"]), np.asarray(got[discriminators.low_key("nearest")])
+    np.testing.assert_allclose(hi.astype(np.float64) + lo, want, rtol=1e-13)
+    order = np.asarray(discriminators.order_key(got, "nearest")).ravel()
+    np.testing.assert_array_equal(
+        np.argsort(order, kind="stable"), np.argsort(want.ravel(), kind="stable")
+    )
+    # The float32 expanded form alone is measurably off here (what the re-rank repairs).
+    f32 = np.asarray(
+        discriminators.score(jnp.asarray(x), ("nearest",), score_dtype="float32")["nearest"]
+    )
+    assert np.abs(f32 / want - 1).max() > 1e-5
+    # With LOF in the same call: the same nearest distances, and LOF unchanged.
+    both = discriminators.score(jnp.asarray(x), ("nearest", "lof"), lof_k=5)
+    np.testing.assert_array_equal(np.asarray(both["nearest"]), hi)
+    lof32 = discriminators.score(jnp.asarray(x), ("lof",), lof_k=5, score_dtype="float32")["lof"]
+    np.testing.assert_array_equal(np.asarray(both["lof"]), np.asarray(lof32))

@@ -86,11 +86,11 @@ def prepare(
     per-position distances) with the run's own projection, then cached."""
     n, _, d = feats_NxPxD.shape
     sp = cfg.softpatch
-    gaussian_dtype = discriminators.resolve_gaussian_dtype(
-        sp.get("gaussian_dtype", "auto"), n, sp.projection_dim or d
+    gaussian_dtype, nearest_dtype = discriminators.resolve_precision(
+        sp.get("score_dtype", "auto"), n, sp.projection_dim or d
     )
     params = {
-        "nearest": None,
+        "nearest": None if nearest_dtype == "float32" else "f64",
         "gaussian": sp.gaussian_eps if gaussian_dtype == "float32" else [sp.gaussian_eps, "f64"],
         "lof": discriminators.effective_k(sp.lof_k, n),
     }
