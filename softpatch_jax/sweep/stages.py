@@ -7,7 +7,7 @@ Feature extraction is `experiment.extract`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import ml_collections
@@ -69,12 +69,21 @@ def predict(
     sc: ml_collections.ConfigDict,
     vmap: bool,
     parallel: bool = False,
+    progress: Callable[[int], None] | None = None,
 ) -> dict[str, tuple[jax.Array, jax.Array]]:
     """{name: (image scores, anomaly maps)} with the `config.scoring` section `sc`; `parallel`
-    shards each bank's search over all devices (one bank at a time only)."""
+    shards each bank's search over all devices (one bank at a time only). `progress` is called with
+    images scored, `scoring_work(banks, T, vmap)` in all."""
     if vmap:
         return batched.predict(
-            banks, feats_TxPxD, ex.grid, ex.image_size, sc.blur_sigma, sc.chunk_size, sc.distance
+            banks,
+            feats_TxPxD,
+            ex.grid,
+            ex.image_size,
+            sc.blur_sigma,
+            sc.chunk_size,
+            sc.distance,
+            progress,
         )
     return {
         name: scoring.predict(
@@ -87,6 +96,13 @@ def predict(
             distance=sc.distance,
             parallel=parallel,
             search=sc.get("search", "exact"),
+            progress=progress,
         )
         for name, b in banks.items()
     }
+
+
+def scoring_work(banks: dict[str, Banks], num_images: int, vmap: bool) -> int:
+    """What `predict` reports to its progress callback in all: T images, once per method unless
+    every bank is scored in one vmapped call."""
+    return num_images * (1 if vmap else len(banks))
