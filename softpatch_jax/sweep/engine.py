@@ -292,8 +292,8 @@ def _run_fit_group(
             work = stages.scoring_work(wanted, evalset.feats_TxPxD.shape[0], ctx.vmap)
             what = f"scoring ({len(wanted)} method{'s' if len(wanted) > 1 else ''})"
             with progress.bar(what, work, "img") as update:
-                feats = evalset.feats_TxPxD
-                predicted = stages.predict(wanted, feats, ex, sc, ctx.vmap, shard, update)
+                test = evalset.feats_TxPxD
+                predicted = stages.predict(wanted, test, ex, sc, ctx.vmap, shard, update)
                 jax.block_until_ready(predicted)
         results = {}
         names = experiment.eval_metrics(scells[0].config)
