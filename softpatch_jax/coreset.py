@@ -11,9 +11,9 @@ it multiplies the distances it ADDS after each pick by the keep mask (0 for remo
 leaves the starting distances unmasked, so its first pick can be a removed (noisy) patch.
 The whole loop is one compiled `fori_loop` on the device, and it runs every keep mask of a fit at
 once (`select_many`: SoftPatch+'s two banks, a sweep's taus, the threshold's held-out folds): each
-step picks one patch per mask and reads the features once per block of masks (a [B, R] x [R, N]
-product); everything else in a step touches only [K, N] vectors. The inputs it needs (`prepare`)
-do not depend on the removal mask, so all masks share them.
+step picks one patch per mask and reads the features once for up to 16 masks on CPU (a [B, R] x
+[R, N] block product, `block_rows`); everything else in a step touches only [K, N] vectors. The
+inputs it needs (`prepare`) do not depend on the removal mask, so all masks share them.
 """
 
 from __future__ import annotations
@@ -91,29 +91,55 @@ def prepare(feats_NxR: jax.Array, starts_S: jax.Array) -> Prepared:
     return _prepare_rows(feats_NxR, ops.mean_row(feats_NxR), feats_NxR[starts_S])
 
 
-def block_rows() -> int:
-    """Masks per matrix product in a step (`select_many`), fixed per backend.
+# Most masks in one CPU block product: a [B, 128] x [128, N] block costs less per row as B grows
+# (measured at N = 156,800: see `block_rows`); 16 bounds the [B, N] temporaries.
+CPU_BLOCK_CAP = 16
+# Width of the slices of R that each product reduces over (`block_product`).
+SLICE = 128
 
-    A [B, R] x [R, N] product does not give the bits of B vector-matrix products, and a product's
-    bits can depend on its row count (measured on XLA's CPU backend at R = 1024), but not, for a
-    fixed shape, on a row's position or on the other rows (checked by tests/test_coreset.py). So
-    every loop, one mask or many, multiplies in blocks of exactly B rows: a mask's picks are the
-    same whichever masks it runs with. B = 4 on CPU, where the product is compute-bound (a
-    [4, 128] x [128, N] block costs ~1.5x a vector product); 8 on accelerators, where each step
-    is bound by reading the pool and the extra rows are almost free (unmeasured here).
+
+def block_rows(k: int) -> int:
+    """Masks per matrix product in a step of `select_many` for K masks.
+
+    A [B, R] x [R, N] product does not give the bits of B vector-matrix products (at R = 128 on
+    XLA's CPU backend), and at R = 512 or 1024 a row's bits change with B itself. Over slices of
+    R <= 128 (`block_product`) they do not, for any B >= 2, nor with the row's position or its
+    companions (checked by tests/test_coreset.py at R = 128 and 1024). So on CPU a step multiplies
+    all K masks in one block of max(K, 2) rows (a lone mask is padded to 2, never a vector product),
+    in near-equal blocks beyond `CPU_BLOCK_CAP`, and a mask's picks are the same whichever masks it
+    runs with. On accelerators (unmeasured here) every loop keeps blocks of exactly 8 rows.
     """
-    return 4 if jax.default_backend() == "cpu" else 8
+    if jax.default_backend() != "cpu":
+        return 8
+    blocks = -(-k // CPU_BLOCK_CAP)
+    return max(2, -(-k // blocks))
+
+
+def block_product(c_BxR: jax.Array, x_RxN: jax.Array) -> jax.Array:
+    """c_BxR @ x_RxN as products over slices of `SLICE` features, added in slice order: a row's
+    bits then do not depend on B (see `block_rows`)."""
+    r = x_RxN.shape[0]
+    out = ops.matmul(c_BxR[:, :SLICE], x_RxN[:SLICE])
+    for lo in range(SLICE, r, SLICE):
+        out = out + ops.matmul(c_BxR[:, lo : lo + SLICE], x_RxN[lo : lo + SLICE])
+    return out
+
+
+def step_products(x_RxN: jax.Array, c_KxR: jax.Array) -> jax.Array:
+    """c_KxR @ x_RxN [K, N] in blocks of `block_rows(K)` rows, the last padded with zero rows: one
+    pass over x_RxN per block (one block for up to `CPU_BLOCK_CAP` masks on CPU)."""
+    k = c_KxR.shape[0]
+    b = block_rows(k)
+    c = jnp.pad(c_KxR, ((0, (-k) % b), (0, 0)))
+    return jnp.concatenate([block_product(c[i : i + b], x_RxN) for i in range(0, c.shape[0], b)])[
+        :k
+    ]
 
 
 def step_distances(x_RxN: jax.Array, x_sq_N: jax.Array, c_KxR: jax.Array, c_sq_K: jax.Array):
-    """Distances [K, N] of every (centred, feature-major) patch to each mask's picked patch: one
-    pass over x_RxN per block of `block_rows()` masks (the step's only one). The last block is
-    padded with zero rows for the product only."""
-    b, k = block_rows(), c_KxR.shape[0]
-    c = jnp.pad(c_KxR, ((0, (-k) % b), (0, 0)))
-    blocks = [ops.matmul(c[i : i + b], x_RxN) for i in range(0, c.shape[0], b)]
-    prod_KxN = jnp.concatenate(blocks)[:k]
-    d2 = x_sq_N[None, :] + c_sq_K[:, None] - 2.0 * prod_KxN
+    """Distances [K, N] of every (centred, feature-major) patch to each mask's picked patch, from
+    `step_products` (the step's only pass over x_RxN)."""
+    d2 = x_sq_N[None, :] + c_sq_K[:, None] - 2.0 * step_products(x_RxN, c_KxR)
     return jnp.sqrt(jnp.maximum(d2, 0.0))
 
 

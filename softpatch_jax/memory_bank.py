@@ -136,7 +136,9 @@ def select_coresets(
     k = len(sizes_K)
     with progress.bar(f"coreset ({k} mask{'s' if k > 1 else ''})", max(sizes_K), "picks") as update:
         picked = coreset.select_sizes(prepared.coreset, keep_KxQ, sizes_K, strict, update, select)
-    return list(jax.block_until_ready(picked))
+        # Inside the bar: without one the loop is one asynchronous call, and the log line times it.
+        picked = jax.block_until_ready(picked)
+    return list(picked)
 
 
 def assemble(feats_NxPxD, idx_M: jax.Array, weights_Q: jax.Array) -> MemoryBank:

@@ -32,7 +32,8 @@ def mode() -> str:
 def bar(desc: str, total: int, unit: str = "it") -> Iterator[Callable[[int], None] | None]:
     """A stage's progress: yields update(n), to call with each chunk of work done on the host, or
     None where nothing would be drawn (log mode or off), so that a stage can skip the host round
-    trips it makes only to report (the coreset loop runs in one call then)."""
+    trips it makes only to report (the coreset loop runs in one call then). The stage blocks on its
+    results before leaving the block: the log line's time and rate are measured at its exit."""
     how = mode()
     if how == "bar":
         from tqdm import tqdm

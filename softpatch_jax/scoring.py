@@ -9,6 +9,7 @@ patches so memory stays bounded for any bank size.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -222,6 +223,32 @@ def chunk_size_for(bank_size: int) -> int:
     return max(256, min(ops.chunk_rows(bytes_per_row=12 * bank_size), 65536))
 
 
+def image_segments(t: int, p: int, chunk_size: int, count: int = 20) -> list[tuple[int, int]]:
+    """[lo, hi) ranges of test images, all of one length, for scoring with progress: ~`count` of
+    them, the last shifted back to end at T (overlapping the one before). Each holds at least two
+    search chunks, so every chunk has the whole search's shape and runs in its loop (`ops.chunked_map`),
+    and each patch's score keeps its bits; [(0, T)] when T is too small to split."""
+    s = max(-(-t // count), -(-2 * chunk_size // p))
+    if s >= t:
+        return [(0, t)]
+    return [(min(lo, t - s), min(lo, t - s) + s) for lo in range(0, t, s)]
+
+
+def in_segments(fn: Callable, feats_TxPxD, chunk_size: int, progress: Callable | None):
+    """fn(feats) -> a pytree of [T, ...] arrays, run on the segments of `image_segments` with
+    progress(images newly scored) after each (a host round trip each); one call without progress."""
+    if progress is None:
+        return fn(feats_TxPxD)
+    t, p = feats_TxPxD.shape[:2]
+    parts, done = [], 0
+    for lo, hi in image_segments(t, p, chunk_size):
+        out = jax.block_until_ready(fn(feats_TxPxD[lo:hi]))
+        parts.append(jax.tree.map(lambda a, cut=done - lo: a[cut:], out))
+        progress(hi - done)
+        done = hi
+    return jax.tree.map(lambda *a: jnp.concatenate(a), *parts)
+
+
 def predict(
     banks: Banks,
     feats_TxPxD: jax.Array,
@@ -233,6 +260,7 @@ def predict(
     distance: str = "squared",
     parallel: bool = False,
     search: str = "exact",
+    progress: Callable[[int], None] | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Library API: image scores [T] and anomaly maps [T, H, W] for test features [T, P, D].
 
@@ -240,14 +268,22 @@ def predict(
       from the same patch scores.
     parallel: shard each memory bank over all devices for the search (`parallel.nearest`).
     search: how the nearest memory patch is found (`SEARCHES`); the same values whichever.
+    progress: called on the host with the number of images scored after each of ~20 segments
+      (`in_segments`; the same values as one call); the sharded search reports once, at the end.
     """
     kw = dict(distance=distance, parallel=parallel, search=search)
     cls_chunk = chunk_size or chunk_size_for(banks.cls.feats_MxD.shape[0])
-    cls_scores = patch_scores(banks.cls, feats_TxPxD, cls_chunk, **kw)
-    if banks.seg is banks.cls:
-        seg_scores = cls_scores
-    else:
-        seg_chunk = chunk_size or chunk_size_for(banks.seg.feats_MxD.shape[0])
-        seg_scores = patch_scores(banks.seg, feats_TxPxD, seg_chunk, **kw)
+    seg_chunk = chunk_size or chunk_size_for(banks.seg.feats_MxD.shape[0])
+
+    def scores(feats):
+        cls = patch_scores(banks.cls, feats, cls_chunk, **kw)
+        return cls, cls if banks.seg is banks.cls else patch_scores(
+            banks.seg, feats, seg_chunk, **kw
+        )
+
+    by_segment = None if parallel else progress
+    cls_scores, seg_scores = in_segments(scores, feats_TxPxD, max(cls_chunk, seg_chunk), by_segment)
+    if parallel and progress is not None:
+        progress(feats_TxPxD.shape[0])
     maps = anomaly_maps(seg_scores, tuple(grid), tuple(image_size), float(blur_sigma))
     return jnp.max(cls_scores, axis=1), maps

@@ -59,11 +59,13 @@ def pool_with_ties(rng, n=1500, r=128):
     return x
 
 
-@pytest.mark.parametrize("strict", [False, True])
-def test_select_many_rows_equal_separate_selects(strict):
+@pytest.mark.parametrize("strict,masks", [(False, 5), (True, 5), (False, 9), (False, 19)])
+def test_select_many_rows_equal_separate_selects(strict, masks):
+    """Each row of a K-mask run equals that mask run alone: K = 5, 9 (one block of K rows on CPU
+    where a lone mask runs a block of 2) and 19 (two blocks)."""
     rng = np.random.default_rng(4)
     x = pool_with_ties(rng)
-    keeps = rng.random((5, x.shape[0])) > rng.uniform(0.05, 0.4, (5, 1))  # 5: not a block multiple
+    keeps = rng.random((masks, x.shape[0])) > rng.uniform(0.05, 0.4, (masks, 1))
     keeps[3] = True
     prep = coreset.prepare(jnp.asarray(x), jnp.asarray(rng.choice(x.shape[0], 10, replace=False)))
     many = np.asarray(coreset.select_many(prep, jnp.asarray(keeps), 120, strict=strict))
@@ -72,6 +74,8 @@ def test_select_many_rows_equal_separate_selects(strict):
         np.testing.assert_array_equal(many[k], one)
         if not strict:
             assert keep[one].all()
+    if masks != 5:
+        return
     # Different sizes: a prefix of the longest run is the shorter run.
     sizes = [120, 37, 1, 80, 120]
     cut = coreset.select_sizes(prep, jnp.asarray(keeps), sizes, strict=strict)
@@ -88,18 +92,36 @@ def test_select_many_all_ties_follow_index_order():
     np.testing.assert_array_equal(got[1], np.arange(0, 45, 3))
 
 
-def test_block_product_bits_do_not_depend_on_position_or_companions():
+@pytest.mark.parametrize("r", [128, 1024])
+def test_step_bits_do_not_depend_on_the_masks_alongside(r):
+    """One mask's products and distances in a step are the same bits alone as among 1 to 39
+    others, in any row (one block or several): what makes select_many's rows equal to separate
+    runs. At R = 1024 an unsliced product's bits change with its row count (in the products; the
+    distances' larger norms absorb most of it)."""
     rng = np.random.default_rng(5)
-    x = jnp.asarray(rng.normal(size=(128, 3001)).astype(np.float32))
+    x = jnp.asarray(rng.normal(size=(r, 5000)).astype(np.float32))
     x_sq = jnp.sum(x * x, axis=0)
-    b = coreset.block_rows()
-    c = jnp.asarray(rng.normal(size=(2 * b, 128)).astype(np.float32))
+    c = jnp.asarray(rng.normal(size=(40, r)).astype(np.float32))
     c_sq = jnp.sum(c * c, axis=1)
-    fn = jax.jit(coreset.step_distances)
-    base = np.asarray(fn(x, x_sq, c[:b], c_sq[:b]))[0]
-    perm = jnp.asarray(np.r_[b + 1 : 2 * b, 0, 1])  # row 0 last, among other rows
-    moved = np.asarray(fn(x, x_sq, jnp.concatenate([c[b + 1 :], c[:1]]), c_sq[perm[:b]]))
-    np.testing.assert_array_equal(moved[b - 1], base)
+    prod, dist = jax.jit(coreset.step_products), jax.jit(coreset.step_distances)
+    alone = np.asarray(prod(x, c[:1]))[0], np.asarray(dist(x, x_sq, c[:1], c_sq[:1]))[0]
+    for k in (2, 5, 9, 16, 17, 40):
+        order = rng.permutation(k)  # row 0 somewhere among k - 1 others
+        at = np.argmax(order == 0)
+        got = (
+            np.asarray(prod(x, c[order]))[at],
+            np.asarray(dist(x, x_sq, c[order], c_sq[order]))[at],
+        )
+        np.testing.assert_array_equal(got[0], alone[0], err_msg=f"products, K={k}")
+        np.testing.assert_array_equal(got[1], alone[1], err_msg=f"distances, K={k}")
+
+
+def test_block_rows_put_up_to_the_cap_in_one_block_on_cpu():
+    if jax.default_backend() != "cpu":
+        assert {coreset.block_rows(k) for k in (1, 9, 40)} == {8}
+        return
+    rows = {k: coreset.block_rows(k) for k in (1, 2, 9, 16, 17, 40)}
+    assert rows == {1: 2, 2: 2, 9: 9, 16: 16, 17: 9, 40: 14}
 
 
 def test_progress_segments_give_the_same_picks_without_retracing():

@@ -1,6 +1,7 @@
 """End to end on a tiny generated dataset: results files, their contents, and the noise bookkeeping."""
 
 import csv
+import io
 import json
 import os
 
@@ -99,6 +100,25 @@ def test_a_rerun_runs_only_the_cells_it_has_not_finished(tiny_root, tmp_path):
     assert stats[-1]["cells_skipped"] == 1 and stats[-1]["cells_run"] == 1
     with open(tmp_path / "results.json") as f:
         assert [r["method"] for r in json.load(f)["rows"]] == ["softpatch_lof", "patchcore"]
+
+
+@pytest.mark.slow
+def test_a_run_draws_a_bar_per_stage_only_when_asked(tiny_root, tmp_path, monkeypatch):
+    """Features, coreset picks and scoring chunks each get a bar (rate and ETA) when asked; the
+    log lines that replace them without a terminal go to absl, which tests do not print."""
+    cfg = tiny_config(tiny_root, noise__ratios="0.0", dataset__categories="pill")
+    cfg.methods = "softpatch_plus"
+    err = io.StringIO()
+    monkeypatch.setattr("sys.stderr", err)
+    monkeypatch.setenv("SOFTPATCH_PROGRESS", "1")
+    driver.run(cfg, str(tmp_path / "bars"))
+    for stage in ("features (clean)", "coreset (2 masks)", "scoring (1 method)", "cells"):
+        assert f"{stage}:" in err.getvalue(), stage
+    assert "img/s" in err.getvalue()  # a rate
+    err.truncate(0)
+    monkeypatch.setenv("SOFTPATCH_PROGRESS", "")
+    driver.run(cfg, str(tmp_path / "quiet"))
+    assert "scoring" not in err.getvalue() and "picks" not in err.getvalue()
 
 
 def test_eval_metrics_are_checked_before_any_work(tiny_root, tmp_path):

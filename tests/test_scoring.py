@@ -4,6 +4,7 @@ import pytest
 from scipy import ndimage
 
 from softpatch_jax import ops, scoring
+from softpatch_jax.experiment import stages
 from softpatch_jax.memory_bank import Banks, MemoryBank
 
 
@@ -109,3 +110,59 @@ def test_search_bounds_hold_against_float64():
     assert (np.abs(np.asarray(exact, np.float64) - true) <= c_exact * scale).all()
     # ... and are not vacuous: the bfloat16 error is a sizeable part of its bound.
     assert np.abs(np.asarray(low, np.float64) - true).max() > 0.01 * c_low * scale.max()
+
+
+@pytest.mark.parametrize("t,p,chunk", [(13, 20, 7), (40, 49, 64), (3, 20, 64), (9, 16, 8)])
+def test_image_segments_cover_the_test_set_in_equal_multi_chunk_segments(t, p, chunk):
+    segs = scoring.image_segments(t, p, chunk)
+    covered = np.zeros(t, int)
+    for lo, hi in segs:
+        covered[lo:hi] += 1
+    assert covered.min() >= 1 and segs[-1][1] == t and len({hi - lo for lo, hi in segs}) == 1
+    if len(segs) > 1:  # every segment two search chunks or more, so chunks keep their shape
+        assert (segs[0][1] - segs[0][0]) * p >= 2 * chunk and len(segs) <= 20
+
+
+@pytest.mark.parametrize("search", ["exact", "emulated"])
+def test_scoring_with_progress_equals_one_call_and_brute_force(search):
+    """Scored in segments with progress: bitwise the one-call scores, each image counted once,
+    one compile for all segments, and within float32 rounding of a float64 brute force."""
+    rng = np.random.default_rng(3)
+    t, p, d = 23, 12, 16
+    test = jnp.asarray(rng.normal(size=(t, p, d)).astype(np.float32) + 3.0)
+    rows = [rng.normal(size=(m, d)).astype(np.float32) + 3.0 for m in (90, 60)]
+    w = [rng.uniform(1.0, 2.0, len(r)).astype(np.float32) for r in rows]
+    mb = [MemoryBank(jnp.asarray(r), jnp.asarray(x), jnp.arange(len(r))) for r, x in zip(rows, w)]
+    banks = Banks(cls=mb[0], seg=mb[1])
+    kw = dict(grid=(3, 4), image_size=(6, 8), blur_sigma=1.0, chunk_size=10, search=search)
+    whole = scoring.predict(banks, test, **kw)
+    compiled = scoring._patch_scores._cache_size()
+    done = []
+    parts = scoring.predict(banks, test, progress=done.append, **kw)
+    for a, b in zip(whole, parts):
+        np.testing.assert_array_equal(np.asarray(b), np.asarray(a))
+    assert sum(done) == t and len(done) > 1
+    if search == "exact":
+        assert scoring._patch_scores._cache_size() <= compiled + 2  # per bank, one for all segments
+    q = np.asarray(test, np.float64).reshape(-1, 1, d)
+    dist = np.linalg.norm(q - rows[0][None], axis=-1)
+    want = (w[0][dist.argmin(1)] * dist.min(1) ** 2).reshape(t, p).max(1)
+    np.testing.assert_allclose(np.asarray(parts[0]), want, rtol=1e-5)
+
+
+def test_vmapped_scoring_with_progress_equals_one_call():
+    rng = np.random.default_rng(4)
+    test = jnp.asarray(rng.normal(size=(17, 12, 8)).astype(np.float32))
+    bank = lambda m: MemoryBank(
+        jnp.asarray(rng.normal(size=(m, 8)).astype(np.float32)), jnp.ones(m), jnp.arange(m)
+    )
+    a, b, c = bank(40), bank(40), bank(30)
+    banks = {"x": Banks(cls=a, seg=c), "y": Banks(cls=b, seg=b)}
+    args = (banks, test, (3, 4), (6, 8), 1.0, 9)
+    whole = stages.predict_vmapped(*args)
+    done = []
+    parts = stages.predict_vmapped(*args, progress=done.append)
+    assert sum(done) == 17 and len(done) > 1
+    for name in banks:
+        for x, y in zip(whole[name], parts[name]):
+            np.testing.assert_array_equal(np.asarray(y), np.asarray(x))

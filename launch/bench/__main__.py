@@ -12,6 +12,12 @@ CPU, the device's peak_bytes_in_use on accelerators. A table goes to stdout, eve
   python -m launch.bench --reference_impl                  # + the reference's loops, same arrays
   python -m launch.bench --host_devices=8 --stages=parallel
   python -m launch.bench --n=5000 --stages=end_to_end --source=lazy --coreset_steps=200
+  python -m launch.bench --n=1000 --p=4096 --stages=end_to_end --source=lazy   # scale, on device
+
+The coreset stage times one mask and --coreset_masks masks in one pass (a tau sweep's: tau 0 to 0.4).
+The end_to_end stage breaks its time down by stage: host generation of the synthetic features
+(inside the projection's stream with --source=lazy), projection, discriminators, coreset, bank
+gather and predict, with the stage's peak memory.
 
 --reference_impl times the reference algorithm on the same arrays, re-implemented here with the
 authors' loop structure and labelled so: scikit-learn's LocalOutlierFactor fitted position by
@@ -43,6 +49,8 @@ _FLAGS = [
     flags.DEFINE_integer("test_images", 8, "T for scoring, maps, predict"),
     flags.DEFINE_float("coreset_ratio", 0.01, "bench default; method: 0.1"),
     flags.DEFINE_integer("coreset_steps", 0, ">0: this coreset size instead"),
+    flags.DEFINE_integer("coreset_masks", 9, "coreset stage: K masks in one pass too (<2: none)"),
+    flags.DEFINE_integer("num_starts", 128, "coreset start points (44f7e4d and before: 10)"),
     flags.DEFINE_integer("repeats", 3, "timed calls after the compiling one"),
     flags.DEFINE_string(
         "stages", "features,discriminators,coreset,scoring,maps,end_to_end", "comma list, or all"

@@ -3,6 +3,8 @@ on the device, on the host, or generated per image on demand (--source)."""
 
 from __future__ import annotations
 
+import time
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,10 +27,14 @@ class LazyFeatures:
         self.dtype = np.dtype(dtype)
         self.seed = seed
         self.base = np.random.default_rng([seed, 1, 0]).standard_normal((p, d), np.float32) * 2.0
+        self.seconds = 0.0  # spent generating images so far (the bench's host-generation stage)
 
     def image(self, i: int) -> np.ndarray:
+        t0 = time.perf_counter()
         noise = np.random.default_rng([self.seed, 0, i]).standard_normal(self.shape[1:], np.float32)
-        return (self.base + noise).astype(self.dtype)
+        out = (self.base + noise).astype(self.dtype)
+        self.seconds += time.perf_counter() - t0
+        return out
 
     def __getitem__(self, index):
         if isinstance(index, slice):

@@ -84,7 +84,7 @@ def greedy_coreset(args, key, n: int, p: int) -> dict:
     its loop body that read the pool."""
     pool = synthetic_pool(key, n, p, args.r).reshape(n * p, args.r)
     keep = jax.random.uniform(jax.random.fold_in(key, 1), (n * p,)) > 0.15
-    starts = coreset.draw_starts(jax.random.fold_in(key, 2), n * p, 128)
+    starts = coreset.draw_starts(jax.random.fold_in(key, 2), n * p, args.num_starts)
     m = coreset_size(args, n, p)
     prep = timed(lambda: coreset.prepare(pool, starts), args.repeats)
     prepared = coreset.prepare(pool, starts)
@@ -112,6 +112,17 @@ def greedy_coreset(args, key, n: int, p: int) -> dict:
         f"M={m}, {1e3 * step:.2f} ms/step = {out['step_over_bound']:.2f}x "
         f"bandwidth bound ({bw['best_generic']:.1f} GB/s), prepare {out['prepare_s']:.2f}s"
     )
+    if args.coreset_masks > 1:  # a tau sweep's masks, tau 0 .. 0.4, in one pass
+        k = args.coreset_masks
+        u = jax.random.uniform(jax.random.fold_in(key, 3), (n * p,))
+        keeps = u[None, :] >= jnp.linspace(0.0, 0.4, k)[:, None]
+        many = timed(lambda: coreset.select_many(prepared, keeps, m), args.repeats)
+        out["masks"] = {
+            "k": k,
+            "seconds": many["seconds"],
+            "over_one_mask": many["seconds"] / res["seconds"],
+        }
+        note += f"; {k} masks in one pass {many['seconds']:.2f}s = {out['masks']['over_one_mask']:.2f}x one"
     if args.reference_impl:
         out["reference"] = reference.coreset(args, np.asarray(pool), step)
         note += f"; torch ref {1e3 * out['reference']['step_s']:.2f} ms/step"

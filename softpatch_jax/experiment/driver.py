@@ -248,8 +248,12 @@ def _run_fit_group(
         wanted = {k: banks[k] for k in dict.fromkeys(_spec_key(c.spec()) for c in scells)}
         with timer("scoring"):
             shard = parallel.enabled(scells[0].config, "scoring")
-            predicted = stages.predict(wanted, evalset.feats_TxPxD, ex, sc, ctx.vmap, shard)
-            jax.block_until_ready(predicted)
+            work = stages.scoring_work(wanted, evalset.feats_TxPxD.shape[0], ctx.vmap)
+            what = f"scoring ({len(wanted)} method{'s' if len(wanted) > 1 else ''})"
+            with progress.bar(what, work, "img") as update:
+                test = evalset.feats_TxPxD
+                predicted = stages.predict(wanted, test, ex, sc, ctx.vmap, shard, update)
+                jax.block_until_ready(predicted)
         results = {}
         names = plan.eval_metrics(scells[0].config)
         paths = [r.path for r in evalset.records]

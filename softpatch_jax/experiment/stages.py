@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -133,12 +133,21 @@ def predict(
     sc: ml_collections.ConfigDict,
     vmap: bool,
     parallel: bool = False,
+    progress: Callable[[int], None] | None = None,
 ) -> dict[str, tuple[jax.Array, jax.Array]]:
     """{name: (image scores, anomaly maps)} with the `config.scoring` section `sc`; `parallel`
-    shards each bank's search over all devices (one bank at a time only)."""
+    shards each bank's search over all devices (one bank at a time only). `progress` is called with
+    images scored, `scoring_work(banks, T, vmap)` in all."""
     if vmap:
         return predict_vmapped(
-            banks, feats_TxPxD, ex.grid, ex.image_size, sc.blur_sigma, sc.chunk_size, sc.distance
+            banks,
+            feats_TxPxD,
+            ex.grid,
+            ex.image_size,
+            sc.blur_sigma,
+            sc.chunk_size,
+            sc.distance,
+            progress,
         )
     return {
         name: scoring.predict(
@@ -151,9 +160,16 @@ def predict(
             distance=sc.distance,
             parallel=parallel,
             search=sc.get("search", "exact"),
+            progress=progress,
         )
         for name, b in banks.items()
     }
+
+
+def scoring_work(banks: dict[str, Banks], num_images: int, vmap: bool) -> int:
+    """What `predict` reports to its progress callback in all: T images, once per method unless
+    every bank is scored in one vmapped call."""
+    return num_images * (1 if vmap else len(banks))
 
 
 def predict_vmapped(
@@ -164,12 +180,15 @@ def predict_vmapped(
     blur_sigma: float,
     chunk_size: int = 0,
     distance: str = "squared",
+    progress: Callable[[int], None] | None = None,
 ) -> dict[str, tuple[jax.Array, jax.Array]]:
     """{name: (image scores [T], anomaly maps [T, H, W])}, as `scoring.predict` for each name.
 
     A sweep's banks from one noisy training set differ only in array values (tau thresholds,
     discriminator subsets, patch- or image-level removal), so the distinct banks of equal size are
-    scored in one vmapped call; a bank shared by several names is scored once."""
+    scored in one vmapped call; a bank shared by several names is scored once.
+    progress: called with the number of images scored by every bank, per segment of the test set
+      (`scoring.in_segments`)."""
     unique: dict[int, MemoryBank] = {}
     for b in banks.values():
         unique.setdefault(id(b.cls), b.cls)
@@ -177,12 +196,18 @@ def predict_vmapped(
     by_size: dict[int, list[int]] = {}
     for i, bank in unique.items():
         by_size.setdefault(int(bank.feats_MxD.shape[0]), []).append(i)
-    patch: dict[int, jax.Array] = {}
+    groups = []  # (bank ids, stacked banks, chunk, the vmapped scoring of their patches)
     for m, ids in by_size.items():
         stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[unique[i] for i in ids])
         chunk = chunk_size or scoring.chunk_size_for(m * len(ids))
         fn = functools.partial(scoring.patch_scores, chunk_size=chunk, distance=distance)
-        patch.update(zip(ids, jax.vmap(fn, in_axes=(0, None))(stacked, feats_TxPxD)))
+        groups.append((ids, stacked, chunk, jax.vmap(fn, in_axes=(0, None))))
+
+    def score(feats):
+        return {i: s for ids, st, _, fn in groups for i, s in zip(ids, fn(st, feats))}
+
+    chunk = max(g[2] for g in groups)
+    patch = scoring.in_segments(score, feats_TxPxD, chunk, progress)
     maps = {
         i: scoring.anomaly_maps(patch[i], tuple(grid), tuple(image_size), blur_sigma)
         for i in dict.fromkeys(id(b.seg) for b in banks.values())
