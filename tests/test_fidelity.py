@@ -12,6 +12,10 @@ Our default profile masks removed patches from the start; `coreset.strict_parity
 reference exactly.
 """
 
+import os
+import subprocess
+import sys
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -124,3 +128,22 @@ def _check_both_profiles(feats, proj, starts, test, want_idx, want_scores):
         got_idx, got_scores = ours(feats, proj, starts, test, strict=strict)
         np.testing.assert_array_equal(got_idx, want_idx)
         np.testing.assert_allclose(got_scores, want_scores, rtol=2e-5)
+
+
+def test_parity_tolerates_only_flips_within_the_references_own_error():
+    """launch/parity.py's tolerance, hand-computed: weights 1..10, tau=0.2, our threshold 8.2
+    (numpy's linear quantile: 8 + 0.2 * (9 - 8)). Patch 8 (ours 9.0, removed) that theirs reads as
+    8.1 (kept) is off by 0.9 >= its 0.8 to the threshold: explained. A flip at patch 0 (ours 1.0,
+    theirs 1.05, 7.2 from the threshold) is not. Run in a subprocess: launch.parity defines absl
+    flags that other entry points define too."""
+    code = (
+        "import numpy as np; from launch.parity import keep_flips_explained as k\n"
+        "ours = np.arange(1.0, 11.0); theirs = ours.copy(); theirs[8] = 8.1\n"
+        "print(k(ours, theirs, np.array([8]), 0.2))\n"
+        "theirs[0] = 1.05\n"
+        "print(k(ours, theirs, np.array([0, 8]), 0.2))\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "False"]
