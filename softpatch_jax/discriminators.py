@@ -140,9 +140,7 @@ def _gaussian_float64(x_NxR: jax.Array, eps: float) -> tuple[jax.Array, jax.Arra
             d = _mahalanobis_from_gram(ops.matmul(xc, xc.T), eps)
         else:
             d = _mahalanobis(xc, eps)
-        hi = d.astype(jnp.float32)
-        lo = (d - hi.astype(jnp.float64)).astype(jnp.float32)
-    return hi, lo
+        return _float32_parts(d)
 
 
 def _nearest_float64(x_NxR: jax.Array, cand_NxM: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -157,10 +155,13 @@ def _nearest_float64(x_NxR: jax.Array, cand_NxM: jax.Array) -> tuple[jax.Array, 
     with jax.enable_x64(True):
         x = x_NxR.astype(jnp.float64)
         d2 = ops.fixed_order_sum(jnp.square(x[:, None, :] - x[cand_NxM]))
-        d = jnp.sqrt(jnp.min(d2, axis=1))
-        hi = d.astype(jnp.float32)
-        lo = (d - hi.astype(jnp.float64)).astype(jnp.float32)
-    return hi, lo
+        return _float32_parts(jnp.sqrt(jnp.min(d2, axis=1)))
+
+
+def _float32_parts(d: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """A float64 array as float32 hi = float32(d) and lo = float32(d - hi) (inside `enable_x64`)."""
+    hi = d.astype(jnp.float32)
+    return hi, (d - hi.astype(jnp.float64)).astype(jnp.float32)
 
 
 # Candidates re-ranked in float64 for the nearest distance: the true nearest is among the float32
@@ -210,8 +211,8 @@ def _position(
 
 
 def low_key(name: str) -> str:
-    """The scores-dict key of the low part of a score computed in float64 (`_gaussian_float64`):
-    `scores[name]` holds hi = float32(d), `scores[low_key(name)]` lo = float32(d - hi)."""
+    """The scores-dict key of the low part of a score computed in float64 (`_gaussian_float64`,
+    `_nearest_float64`): `scores[name]` holds hi, `scores[low_key(name)]` lo (`_float32_parts`)."""
     return f"{name}_lo"
 
 
