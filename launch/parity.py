@@ -220,7 +220,9 @@ def keep_flips_explained(ours_w: np.ndarray, theirs_w: np.ndarray, flips: np.nda
     return bool(np.all(np.abs(theirs_w[flips] - ours_w[flips]) >= np.abs(ours_w[flips] - thr)))
 
 
-def compare(ours: dict, theirs: dict, labels, masks) -> dict:
+def compare(ours: dict, theirs: dict, labels, masks, same_bank_with_our_keep=False) -> dict:
+    """Bank, score, map and AUROC agreement. same_bank_with_our_keep: their sampler, given our keep
+    mask, picked our bank (`removal_tolerance`)."""
     from scipy.stats import spearmanr
     from sklearn.metrics import roc_auc_score
 
@@ -248,7 +250,7 @@ def compare(ours: dict, theirs: dict, labels, masks) -> dict:
     )
     # A bank that differs only through the reference's rounding of its removal scores (see
     # `keep_flips_explained`) is at parity when their sampler, given our keep mask, picks our bank.
-    bank_ok = out["bank_identical"] or bool(theirs.get("same_bank_with_our_keep"))
+    bank_ok = out["bank_identical"] or bool(same_bank_with_our_keep)
     out["parity"] = bool(
         bank_ok
         and abs(out["image_auroc_ours"] - out["image_auroc_theirs"]) <= IMAGE_AUROC_TOL
@@ -334,7 +336,6 @@ def run_category(ref, config, ex, category: str) -> list[dict]:
             )  # fmt: skip
             theirs = run_theirs()
             tolerance = removal_tolerance(fitted, s, theirs, ours, run_theirs)
-            theirs["same_bank_with_our_keep"] = tolerance.get("same_bank_with_our_keep", False)
             row = {
                 "category": category,
                 "method": s.name,
@@ -343,7 +344,9 @@ def run_category(ref, config, ex, category: str) -> list[dict]:
                 "num_train": n,
                 "num_injected": len(injected),
                 "reference_seconds": round(time.perf_counter() - t0, 2),
-                **compare(ours, theirs, labels, masks),
+                **compare(
+                    ours, theirs, labels, masks, tolerance.get("same_bank_with_our_keep", False)
+                ),
                 **tolerance,
             }
             logging.info(
