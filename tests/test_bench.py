@@ -13,6 +13,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.mark.slow
 def test_bench_smoke_run(tmp_path):
+    pytest.importorskip("torch", reason="--reference_impl runs the reference loops in torch")
+    pytest.importorskip("sklearn", reason="--reference_impl runs scikit-learn's LOF")
     out = tmp_path / "bench.json"
     cmd = [
         sys.executable,

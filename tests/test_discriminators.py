@@ -2,9 +2,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy import stats
-from sklearn.neighbors import LocalOutlierFactor
 
 from softpatch_jax import discriminators, memory_bank, methods
+
+LocalOutlierFactor = pytest.importorskip("sklearn.neighbors").LocalOutlierFactor
 
 
 def clustered(rng, n_dense=30, n_sparse=15, n_out=3, r=8):

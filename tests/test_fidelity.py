@@ -19,11 +19,12 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from sklearn.neighbors import LocalOutlierFactor
 
 from configs import base
 from softpatch_jax import scoring
 from tests.test_memory_bank import fit_lof
+
+LocalOutlierFactor = pytest.importorskip("sklearn.neighbors").LocalOutlierFactor
 
 
 def reference_fit_predict(feats, proj, starts, test, tau=0.15, ratio=0.1, k=6):

@@ -3,12 +3,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from sklearn.neighbors import LocalOutlierFactor
 
 from configs import base
 from softpatch_jax import coreset, memory_bank, methods, pool, progress
 from tests.conftest import cpu_only
 from tests.test_coreset import numpy_greedy
+
+LocalOutlierFactor = pytest.importorskip("sklearn.neighbors").LocalOutlierFactor
 
 
 def small_config(**softpatch):
