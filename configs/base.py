@@ -110,4 +110,11 @@ def get_config() -> ml_collections.ConfigDict:
     # list of CATEGORY/PATH under the category's test images, e.g. "pill/crack/003.png".
     c.eval.save_maps = 0
     c.eval.map_images = ""
+    # Pixel metrics at "crop" (the model's input: resized, centre-cropped masks) or "original" (each
+    # mask's own size, binarised at > 127, maps upsampled bilinearly: ADEval's, Real-IAD's official
+    # evaluator; softpatch_jax/official_eval.py).
+    c.eval.pixel_resolution = "crop"
+    # True: also write each cell's test predictions in ADEval's input format, adeval/CELL_ID.pkl
+    # (maps in the resized frame: T x resized H x W float32), for `python -m adeval`.
+    c.eval.adeval_pickle = False
     return c

@@ -28,4 +28,6 @@ def get_config():
     # Thousands of training images per category: a 1% coreset (as for BTAD) keeps the bank and the
     # nearest-neighbour search at a size one accelerator holds.
     c.coreset.ratio = 0.01
+    # Pixel metrics as the official evaluator (ADEval) computes them: at each mask's own resolution.
+    c.eval.pixel_resolution = "original"
     return c

@@ -8,7 +8,13 @@ reports them), computed on the device with exact tie handling:
 - AUPRO (MVTec AD): the per-region overlap, averaged over the connected ground-truth regions
   (8-connected, labelled on the host), against the false-positive rate over all normal pixels,
   integrated up to FPR 0.3 and divided by 0.3. A threshold that ties several pixels is one point.
-- sample AUROC / AP (Real-IAD, ADEval): the views of one physical sample grouped by the key
+- AUPR (ADEval 1.1.0's `aupr`, the official Real-IAD evaluator's s_aupr / i_aupr / p_aupr): not
+  the step AP but a binned one. The score range [min, max] is cut at `ADEVAL_STRIPS` + 1 evenly
+  spaced thresholds t_0 = min .. t_1000 = max (float32, as ADEval builds them); at each threshold a
+  score >= t is flagged; precision TP / (TP + FP) (1 where nothing is flagged) is integrated over
+  recall TP / P by the trapezoid rule, recall ascending. NaN for one class or constant scores
+  (where ADEval stops on an assertion).
+- sample AUROC / AP / AUPR (Real-IAD, ADEval): the views of one physical sample grouped by the key
   `SAMPLE_KEY` finds in their file names; a sample's score is its views' max score and its label
   their max label. Only where every file name carries that key; otherwise left out.
 """
@@ -33,6 +39,11 @@ from softpatch_jax.results import SAMPLE_METRICS
 # results rows, so the list lives with them, in `results` (no jax there).
 SAMPLE = SAMPLE_METRICS
 AUPRO_FPR_LIMIT = 0.3
+# ADEval's default number of strips of its binned curves (`--nstrips`).
+ADEVAL_STRIPS = 1000
+# The strips' fractions of the score range, computed in float64 and rounded to float32 as numpy's
+# linspace(..., dtype=float32) does in ADEval.
+_STRIP_FRACTIONS = np.linspace(0.0, 1.0, ADEVAL_STRIPS + 1).astype(np.float32)
 # ADEval's --sample_key_pat for Real-IAD: CATEGORY_NNNN_CLASS, then the view _C<digit>_.
 SAMPLE_KEY = re.compile(r"([a-zA-Z][a-zA-Z0-9_]*_[0-9]{4}_[A-Z][A-Z_]*[A-Z])_C[0-9]_")
 
@@ -68,8 +79,11 @@ def _from(x: jax.Array) -> jax.Array:
 
 
 @jax.jit
-def _curves(scores: jax.Array, labels: jax.Array, overlap_weight: jax.Array) -> dict:
-    """AUROC, AP, F1-max and AUPRO from one sort of the scores.
+def _curves(
+    scores: jax.Array, labels: jax.Array, overlap_weight: jax.Array, thresholds: jax.Array
+) -> dict:
+    """AUROC, AP, F1-max, AUPRO and ADEval's binned AUPR (at `thresholds`, `adeval_thresholds`)
+    from one sort of the scores.
 
     At the threshold t = an element's score, every element from the start of its tie group upwards
     is flagged. overlap_weight: 1 / (regions * region size) for each defect pixel, 0 elsewhere (its
@@ -105,40 +119,98 @@ def _curves(scores: jax.Array, labels: jax.Array, overlap_weight: jax.Array) -> 
     ym = y0 + (y1 - y0) * frac  # the curve at the limit, by linear interpolation
     area = jnp.where(x0 < AUPRO_FPR_LIMIT, (xm - x0) * (y0 + ym) / 2.0, 0.0)
     aupro = jnp.sum(area) / AUPRO_FPR_LIMIT
-    return {"auroc": auroc, "ap": ap, "f1_max": f1_max, "aupro": aupro}
+    return {
+        "auroc": auroc,
+        "ap": ap,
+        "f1_max": f1_max,
+        "aupro": aupro,
+        "aupr": _binned_aupr(asc, pos, thresholds),
+    }
 
 
-def label_regions(masks_TxHxW) -> tuple[np.ndarray, np.ndarray]:
+def adeval_thresholds(lo: float, hi: float) -> np.ndarray:
+    """ADEval's strip thresholds [ADEVAL_STRIPS + 1] over [lo, hi]: fraction * (hi - lo) + lo in
+    float32, each operation rounded as numpy rounds it (host side: XLA may fuse it into an FMA)."""
+    return _STRIP_FRACTIONS * np.float32(float(hi) - float(lo)) + np.float32(lo)
+
+
+def _binned_aupr(asc: jax.Array, pos: jax.Array, thr: jax.Array) -> jax.Array:
+    """ADEval's binned AUPR (module docstring) of ascending float32 scores and their labels."""
+    below = jnp.searchsorted(asc, thr, side="left")  # scores < t: not flagged
+    pos_below = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(pos.astype(jnp.int32))])[below]
+    n_pos = jnp.sum(pos.astype(jnp.int32))
+    tp = n_pos - pos_below
+    flagged = asc.shape[0] - below
+    precision = jnp.where(flagged > 0, tp / jnp.maximum(flagged, 1), 1.0)
+    recall = tp / jnp.maximum(n_pos, 1)
+    # Thresholds ascend, so recall descends: the trapezoid rule over the reversed points.
+    r, p = recall[::-1], precision[::-1]
+    return jnp.sum((r[1:] - r[:-1]) * (p[1:] + p[:-1]) / 2.0)
+
+
+def label_regions(masks_TxHxW) -> tuple[np.ndarray | list[np.ndarray], np.ndarray]:
     """Host: the 8-connected defect regions of every mask, numbered 1.. over the whole set (0 =
-    normal pixel) -> (region ids [T, H, W] int32, pixel count of each region [R])."""
-    masks = np.asarray(masks_TxHxW).astype(bool)
-    if masks.ndim != 3:
-        raise ValueError(f"masks must be [T, H, W], got shape {masks.shape}")
-    ids = np.zeros(masks.shape, np.int32)
+    normal pixel) -> (region ids [T, H, W] int32, pixel count of each region [R]). A list of masks
+    of their own sizes gives a list of id arrays."""
+    ragged = _ragged(masks_TxHxW)
+    masks = [np.asarray(m).astype(bool) for m in masks_TxHxW] if ragged else None
+    if not ragged:
+        masks = np.asarray(masks_TxHxW).astype(bool)
+        if masks.ndim != 3:
+            raise ValueError(f"masks must be [T, H, W], got shape {masks.shape}")
+    ids = (
+        [np.zeros(m.shape, np.int32) for m in masks] if ragged else np.zeros(masks.shape, np.int32)
+    )
     offset = 0
     for t, mask in enumerate(masks):
         labelled, count = scipy.ndimage.label(mask, structure=np.ones((3, 3), int))
         ids[t] = np.where(labelled > 0, labelled + offset, 0)
         offset += count
-    sizes = np.bincount(ids.ravel(), minlength=offset + 1)[1:]
+    flat = np.concatenate([i.ravel() for i in ids]) if ragged else ids.ravel()
+    sizes = np.bincount(flat, minlength=offset + 1)[1:]
     return ids, sizes
 
 
+def _ragged(x) -> bool:
+    """A list or tuple of arrays of their own shapes (maps and masks at each image's original
+    resolution), rather than one array."""
+    return isinstance(x, (list, tuple)) and len(x) > 0 and np.ndim(x[0]) == 2
+
+
 def curves(scores, labels, regions: bool = False) -> dict[str, float]:
-    """{"auroc", "ap", "f1_max"} of scores against binary labels of the same shape, plus "aupro"
-    when `regions` (labels are then [T, H, W] masks); NaN where only one class is present."""
-    scores, labels = np.asarray(scores), np.asarray(labels).astype(bool)
+    """{"auroc", "ap", "f1_max", "aupr"} of scores against binary labels of the same shape, plus
+    "aupro" when `regions` (labels are then [T, H, W] masks); NaN where only one class is present.
+    Maps and masks may also be lists of [H_t, W_t] arrays, each map the shape of its mask."""
+    if _ragged(scores) or _ragged(labels):
+        if len(scores) != len(labels):
+            raise ValueError(f"{len(scores)} maps but {len(labels)} masks")
+        for t, (s, m) in enumerate(zip(scores, labels)):
+            if np.shape(s) != np.shape(m):
+                raise ValueError(f"map {t} is {np.shape(s)} but its mask is {np.shape(m)}")
+        masks = [np.asarray(m).astype(bool) for m in labels]
+        scores = np.concatenate([np.asarray(s, np.float32).ravel() for s in scores])
+        labels = np.concatenate([m.ravel() for m in masks])
+    else:
+        scores, labels = np.asarray(scores), np.asarray(labels).astype(bool)
+        masks = labels
     if scores.shape != labels.shape:
         raise ValueError(f"scores {scores.shape} and labels {labels.shape} must have one shape")
-    keys = ("auroc", "ap", "f1_max", "aupro") if regions else ("auroc", "ap", "f1_max")
+    keys = ("auroc", "ap", "f1_max", "aupr") + (("aupro",) if regions else ())
     if labels.all() or not labels.any():
         return dict.fromkeys(keys, float("nan"))
     weight = np.zeros(labels.shape, np.float32)
     if regions:
-        ids, sizes = label_regions(labels)
+        ids, sizes = label_regions(masks)
+        ids = np.concatenate([i.ravel() for i in ids]) if isinstance(ids, list) else ids
         weight = np.concatenate([[0.0], 1.0 / (len(sizes) * sizes)]).astype(np.float32)[ids]
-    out = _curves(jnp.asarray(scores), jnp.asarray(labels), jnp.asarray(weight))
-    return {k: float(out[k]) for k in keys}
+    scores = scores.astype(np.float32)
+    lo, hi = float(scores.min()), float(scores.max())
+    thr = adeval_thresholds(lo, hi)
+    out = _curves(*map(jnp.asarray, (scores, labels, weight.reshape(labels.shape), thr)))
+    got = {k: float(out[k]) for k in keys}
+    if not hi > lo:  # constant scores: ADEval's strips are undefined
+        got["aupr"] = float("nan")
+    return got
 
 
 def auroc(scores, labels) -> float:
@@ -198,8 +270,9 @@ def evaluate(
     paths: Sequence[str] | None = None,
 ) -> dict:
     """Library API: {metric: value} for `names` (default all of `ALL`) from image scores [T],
-    labels [T], anomaly maps and ground-truth masks [T, H, W]. The sample metrics need the image
-    `paths` [T] and are left out, like any metric not asked for, when their names carry no views.
+    labels [T], anomaly maps and ground-truth masks [T, H, W] (or lists of [H_t, W_t] maps and
+    masks, e.g. at each image's original resolution). The sample metrics need the image `paths` [T]
+    and are left out, like any metric not asked for, when their names carry no views.
     """
     names = check_names(names)
     out = {}

@@ -60,6 +60,12 @@ def summary_table(rows: Sequence[dict]) -> str:
                 + ", ".join(
                     f"{c} {r['train_anomalous']}/{r['num_train']} "
                     f"({r['train_anomalous'] / r['num_train']:.1%})"
+                    + (
+                        f" in {r['train_anomalous_samples']}/{r['train_samples']} defective "
+                        f"samples ({r['train_anomalous_sample_fraction']:.1%})"
+                        if "train_samples" in r
+                        else ""
+                    )
                     for c, r in noisy.items()
                 )
             )
@@ -97,6 +103,8 @@ def write_report(
     shown = results.metrics_in(rows)
     if any(r.get("train_anomalous") for r in rows) and all(results.NOISE_FIELD in r for r in rows):
         shown.append(results.NOISE_FIELD)  # the true noise ratio beside the metrics it explains
+        if all(results.SAMPLE_NOISE_FIELD in r for r in rows):
+            shown.append(results.SAMPLE_NOISE_FIELD)  # and the split's own ratio, in samples
     built = results.tables(rows, cols, shown)
     md = "\n\n".join(t.markdown() for t in built) + "\n"
     if results.is_random_init(rows):

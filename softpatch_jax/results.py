@@ -26,14 +26,26 @@ METRIC_NAMES = {
     "pixel_f1_max": "pixel F1-max",
     "sample_auroc": "sample AUROC",
     "sample_ap": "sample AP",
+    # ADEval's binned AUPR (metrics.py), the AUPR of published Real-IAD tables; *_ap is the exact
+    # step AP.
+    "image_aupr": "image AUPR (ADEval)",
+    "pixel_aupr": "pixel AUPR (ADEval)",
+    "sample_aupr": "sample AUPR (ADEval)",
 }
 ALL_METRICS = tuple(METRIC_NAMES)
 # Computed only from file names that carry a view (`metrics.sample_keys`); absent otherwise.
-SAMPLE_METRICS = ("sample_auroc", "sample_ap")
+SAMPLE_METRICS = ("sample_auroc", "sample_ap", "sample_aupr")
 # The training set's measured anomalous fraction (a results-row field): a table of its own where
 # any training set held anomalies, e.g. across Real-IAD's FUIAD splits.
 NOISE_FIELD = "train_anomalous_fraction"
-FIELD_NAMES = {**METRIC_NAMES, NOISE_FIELD: "anomalous fraction of the training set"}
+# Where training images are views of samples (Real-IAD): the fraction of defective samples, what a
+# FUIAD split's name counts (its images' fraction, NOISE_FIELD, is lower: some views hide the defect).
+SAMPLE_NOISE_FIELD = "train_anomalous_sample_fraction"
+FIELD_NAMES = {
+    **METRIC_NAMES,
+    NOISE_FIELD: "anomalous fraction of the training images",
+    SAMPLE_NOISE_FIELD: "defective fraction of the training samples",
+}
 # The pair every run computes: the summary table and the curve plots show these.
 HEADLINE = ("image_auroc", "pixel_auroc")
 # Row fields that describe a setting; config paths (dotted: "softpatch.tau") are settings too.

@@ -174,9 +174,11 @@ def _mkdir(path: str) -> str:
 
 
 def make_realiad(root: str, rng: np.random.Generator, nested: bool = False) -> str:
-    """A miniature Real-IAD tree (softpatch_jax/data/realiad_demo.py): audiojack and mint, 6 OK and
-    6 NG samples x 5 views, the NG samples' C5 view stored as "OK" with a null mask, every split's
-    JSONs beside realiad_256/ or (`nested`) inside realiad_jsons/. Returns the root."""
+    """A miniature Real-IAD tree (softpatch_jax/data/realiad_demo.py): audiojack and mint, 12 OK and
+    7 NG samples x 5 views, the NG samples' C5 view stored as "OK" with a null mask; one test set
+    (2 OK + 3 NG samples) in every split, FUIAD training lists of 10 samples of which 10 x ratio are
+    NG; every split's JSONs beside realiad_256/ or (`nested`) inside realiad_jsons/. Returns the
+    root."""
     from softpatch_jax.data import realiad_demo
 
     spec = realiad_demo.Spec(nested=nested)

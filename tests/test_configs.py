@@ -88,9 +88,15 @@ def test_realiad_config_runs_a_fuiad_split_end_to_end(tmp_path):
     for r in rows:
         want = fake_trees.realiad_expected(root, r["category"], "fuiad_0.2")
         assert r["dataset.split"] == "fuiad_0.2" and r["num_injected"] == 0
-        assert (r["train_anomalous"], r["num_train"]) == (len(want["train_anomalous"]), 30)
-        assert r["train_anomalous_fraction"] == round(8 / 30, 6)
+        assert (r["train_anomalous"], r["num_train"]) == (len(want["train_anomalous"]), 50)
+        # fuiad_0.2: 2 of the 10 training samples are defective, 8 of their 10 views show it.
+        assert r["train_anomalous_fraction"] == round(8 / 50, 6)
+        assert (r["train_anomalous_samples"], r["train_samples"]) == (2, 10)
+        assert r["train_anomalous_sample_fraction"] == 0.2
         assert all(0.0 <= r[m] <= 1.0 for m in ("image_auroc", "sample_auroc", "sample_ap"))
     assert "image AUROC / sample AUROC / pixel AUROC" in proc.stdout
-    assert "anomalous training images: audiojack 8/30 (26.7%), mint 8/30 (26.7%)" in proc.stdout
+    assert (
+        "anomalous training images: audiojack 8/50 (16.0%) in 2/10 defective samples (20.0%), "
+        "mint 8/50 (16.0%) in 2/10 defective samples (20.0%)"
+    ) in proc.stdout
     assert os.path.isdir(tmp_path / "tfds" / "real_iad")  # through the prepared store

@@ -46,11 +46,11 @@ def test_reader_matches_the_files_in_every_split(tree, split):
 def test_ng_views_stored_as_ok_are_normal_and_fuiad_noise_is_counted(tree):
     std = realiad.read_category(tree, "mint", "standard", "256")
     hidden = [r for r in std.test if f"{os.sep}NG{os.sep}" in r.path and r.label == 0]
-    # 6 NG samples, each with its C5 view stored as OK (no mask): normal, whatever the folder.
-    assert len(hidden) == 6 and all("_C5_" in r.path and r.mask_path is None for r in hidden)
-    assert sum(r.label for r in std.test) == 6 * 4
+    # 3 NG test samples, each with its C5 view stored as OK (no mask): normal, whatever the folder.
+    assert len(hidden) == 3 and all("_C5_" in r.path and r.mask_path is None for r in hidden)
+    assert sum(r.label for r in std.test) == 3 * 4
     assert std.train_anomalous == ()
-    counts = {}
+    counts, samples = {}, {}
     for split in realiad.FUIAD_SPLITS:
         s = realiad.read_category(tree, "mint", split, "256")
         # Training items from NG folders are unlabelled: normal records without masks.
@@ -59,20 +59,25 @@ def test_ng_views_stored_as_ok_are_normal_and_fuiad_noise_is_counted(tree):
         assert set(s.train_anomalous) <= {r.path for r in from_ng}
         assert len(from_ng) == len(s.train_anomalous) * 5 // 4  # whole samples, C5 not anomalous
         counts[split] = (len(s.train_anomalous), len(s.train))
-        # Nothing of the training list is tested on.
+        samples[split] = (s.train_anomalous_samples, s.train_samples)
+        # Nothing of the training list is tested on; the test set is the standard split's.
         assert not {r.path for r in s.train} & {r.path for r in s.test}
+        assert s.test == std.test
+    # As in the official lists: one training-list size, the ratio counting defective samples.
     assert counts == {
-        "fuiad_0.0": (0, 20),
-        "fuiad_0.1": (4, 25),
-        "fuiad_0.2": (8, 30),
-        "fuiad_0.4": (16, 40),
+        "fuiad_0.0": (0, 50),
+        "fuiad_0.1": (4, 50),
+        "fuiad_0.2": (8, 50),
+        "fuiad_0.4": (16, 50),
     }
+    assert samples == {"fuiad_0.0": (0, 10), "fuiad_0.1": (1, 10), "fuiad_0.2": (2, 10),
+                       "fuiad_0.4": (4, 10)}  # fmt: skip
 
 
 def test_single_view_has_one_view_per_sample(tree):
     s = realiad.read_category(tree, "audiojack", "single_view", "256")
     assert all("_C1_" in r.path for r in s.train + s.test)
-    assert len(s.train) == 4 and len(s.test) == 2 + 6
+    assert len(s.train) == 10 and len(s.test) == 2 + 3
 
 
 def _cfg(root, split="fuiad_0.2", resolution="256", **kw):

@@ -225,7 +225,7 @@ def test_view_rows_show_sample_auroc_and_the_training_sets_anomalous_fraction(tm
     md = (tmp_path / "report" / "tables.md").read_text()
     # Without a sweep's column hint, each split is a table of its own.
     for split, fraction in (("fuiad_0.1", "0.160"), ("fuiad_0.4", "0.400")):
-        for title in ("sample AUROC", "sample AP", "anomalous fraction of the training set"):
+        for title in ("sample AUROC", "sample AP", "anomalous fraction of the training images"):
             assert f"### {title} | split={split} |" in md, (title, split)
-        table = md.split(f"### anomalous fraction of the training set | split={split} |")[1]
+        table = md.split(f"### anomalous fraction of the training images | split={split} |")[1]
         assert f"| a | {fraction} ± 0.000 | {fraction} ± 0.000 |" in table.split("###")[0]

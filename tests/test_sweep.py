@@ -345,6 +345,8 @@ def test_fuiad_sweep_runs_the_four_splits_and_matches_a_run(tmp_path, fake_backb
         assert (r["train_anomalous"] > 0) == (r["dataset.split"] != "fuiad_0.0")
         assert r["num_train"] == len(want["train"]) and r["num_test"] == len(want["test"])
         assert r["train_anomalous_fraction"] == round(r["train_anomalous"] / r["num_train"], 6)
+        ratio = float(r["dataset.split"].split("_")[1])  # the split's name counts samples
+        assert r["train_anomalous_sample_fraction"] == ratio and r["train_samples"] == 10
         assert r["noise_ratio"] == 0.0 and r["num_injected"] == 0
         assert {"sample_auroc", "sample_ap"} <= set(r)
     # The oracle: driver.run of one split on the same stand-in backbone.

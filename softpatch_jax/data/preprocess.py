@@ -57,26 +57,36 @@ def mask_to_bool(img: Image.Image) -> np.ndarray:
     return arr > 0
 
 
+def resized_shape(h: int, w: int, resize: int) -> tuple[int, int]:
+    """(height, width) after `resize_shorter`: the shorter side `resize`, the longer truncated."""
+    if min(h, w) == resize:
+        return h, w
+    if h <= w:
+        return resize, int(resize * w / h)
+    return int(resize * h / w), resize
+
+
+def crop_offsets(h: int, w: int, crop: int) -> tuple[int, int]:
+    """(top, left) of `center_crop`'s window, offsets rounded as torchvision's CenterCrop."""
+    if crop > min(h, w):
+        raise ValueError(f"crop {crop} is larger than the resized image {h}x{w}")
+    return round((h - crop) / 2.0), round((w - crop) / 2.0)
+
+
 def resize_shorter(arr: np.ndarray, resize: int, nearest: bool = False) -> np.ndarray:
     """Resize so the shorter side is `resize`; the longer side is truncated as torchvision does."""
     h, w = arr.shape[:2]
     if min(h, w) == resize:
         return arr
-    if h <= w:  # PIL sizes are (width, height)
-        size = (int(resize * w / h), resize)
-    else:
-        size = (resize, int(resize * h / w))
+    rh, rw = resized_shape(h, w, resize)
+    size = (rw, rh)  # PIL sizes are (width, height)
     resample = Image.NEAREST if nearest else Image.BILINEAR
     return np.asarray(Image.fromarray(arr).resize(size, resample=resample))
 
 
 def center_crop(arr: np.ndarray, crop: int) -> np.ndarray:
     """The central `crop` x `crop` window, offsets rounded as torchvision's CenterCrop."""
-    h, w = arr.shape[:2]
-    if crop > min(h, w):
-        raise ValueError(f"crop {crop} is larger than the resized image {h}x{w}")
-    top = round((h - crop) / 2.0)
-    left = round((w - crop) / 2.0)
+    top, left = crop_offsets(*arr.shape[:2], crop)
     return arr[top : top + crop, left : left + crop]
 
 

@@ -12,9 +12,15 @@ the training lists hold anomalies at those ratios). Each JSON is
   {"meta": {"prefix": "audiojack/", "normal_class": "OK"}, "train": [ITEM...], "test": [ITEM...]}
 
 with ITEM exactly {"category", "anomaly_class", "image_path", "mask_path"}; paths are relative to
-ROOT/realiad_RES/ + prefix, and mask_path is null for normal items. An item is anomalous when its
-class is not the normal class and it has a mask: views of a defective sample in which the defect is
-not visible are stored as "OK" with a null mask.
+ROOT/realiad_RES/ + prefix, and mask_path is null for normal items. An item is anomalous, as ADEval
+labels it, when its class is not the normal class and its mask has a pixel above
+`MASK_THRESHOLD` (127, in grayscale): views of a defective sample in which the defect is not visible
+are stored as "OK" with a null mask, and a listed mask that is all zero makes a normal view.
+
+A sample is one physical part, the folder holding its 5 views (OK/S0001/, NG/QS/S0027/). The FUIAD
+split names count samples: fuiad_0.1's training list holds 10% defective samples (a sample with any
+view of a defect class), all views of each, which is fewer anomalous images than 10%: some views of
+a defective sample do not show it. `CategorySplits` carries both counts.
 
 Training items are unlabelled, as the fully unsupervised setting means: they become normal records
 (no mask), whatever the JSON says; the paths of those the JSON marks anomalous are kept apart in
@@ -26,8 +32,14 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
+from PIL import Image
+
 from softpatch_jax.data import validate
 from softpatch_jax.data.records import CategorySplits, Record
+
+# ADEval binarises a mask at > 127 (grayscale), a view is anomalous if any pixel passes.
+MASK_THRESHOLD = 127
 
 RESOLUTIONS = ("256", "512", "1024", "raw")
 # dataset.split -> the folder of its JSON files.
@@ -136,6 +148,17 @@ def _check_keys(obj, required, optional, path: str, where: str) -> None:
         )
 
 
+def mask_is_anomalous(path: str) -> bool:
+    """Whether a listed mask marks any pixel as defective, as ADEval decides it: grayscale (ITU-R
+    601 luma for colour masks, as OpenCV's) above `MASK_THRESHOLD`."""
+    try:
+        with Image.open(path) as img:
+            gray = np.asarray(img.convert("L"))
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ValueError(f"cannot read mask {path!r}: {e}") from e
+    return bool((gray > MASK_THRESHOLD).any())
+
+
 def read_category(
     root: str, category: str, split: str = "standard", resolution: str = "256"
 ) -> CategorySplits:
@@ -151,6 +174,7 @@ def read_category(
     base = os.path.join(image_dir(root, resolution), meta["prefix"])
     normal = meta["normal_class"]
     train, test, noisy = [], [], []
+    samples: dict[str, bool] = {}  # training sample folder -> defective
     for split_name, out in (("train", train), ("test", test)):
         for i, item in enumerate(doc[split_name]):
             where = f"{path!r} {split_name}[{i}]"
@@ -162,10 +186,13 @@ def read_category(
                 mask = os.path.join(base, item["mask_path"])
                 if not os.path.isfile(mask):
                     raise FileNotFoundError(f"{where} lists mask {mask!r}, which does not exist")
-            anomalous = item["anomaly_class"] != normal and mask is not None
+            defect_class = item["anomaly_class"] != normal
+            anomalous = defect_class and mask is not None and mask_is_anomalous(mask)
             if split_name == "train":
                 if anomalous:
                     noisy.append(image)
+                sample = os.path.dirname(item["image_path"])
+                samples[sample] = samples.get(sample, False) or defect_class
                 out.append(Record(image, 0, "good"))
             elif anomalous:
                 out.append(Record(image, 1, item["anomaly_class"], mask_path=mask))
@@ -177,5 +204,7 @@ def read_category(
         tuple(sorted(train, key=by_path)),
         tuple(sorted(test, key=by_path)),
         train_anomalous=tuple(sorted(noisy)),
+        train_samples=len(samples),
+        train_anomalous_samples=sum(samples.values()),
     )
     return validate.check_splits(splits, f"in {path!r}")

@@ -3,13 +3,17 @@ synthetic samples per category, five views each, with every split's JSON files.
 
   python -m softpatch_jax.data.realiad_demo --out=/tmp/realiad_mini [--nested]
 
-Per category: `num_ok` normal samples (the first `num_train_ok` train, the rest test) and `num_ng`
-defective ones, alternating over `CODES`. A defective sample's last view is stored as "OK" with a
-null mask, as Real-IAD stores views in which the defect is not visible. Images are a smooth
-per-category texture plus noise; a defect is a bright square where its mask is. The FUIAD lists
-move whole defective samples (all views) into training until the anomalous views reach the ratio
-(at least one defective sample stays in test), so the measured fraction differs from the nominal
-one as it does in the official lists. `nested` puts the split folders inside realiad_jsons/.
+Per category: normal samples and defective ones (alternating over `CODES`), five views each. A
+defective sample's last view is stored as "OK" with a null mask, as Real-IAD stores views in which
+the defect is not visible. Images are a smooth per-category texture plus noise; a defect is a bright
+square where its mask is.
+
+The lists are built as the official ones are: one test set (`test_ok` + `test_ng` samples) shared
+by every split, and FUIAD training lists of `train_samples` samples at every ratio, of which
+round(ratio * train_samples) are defective (all their views), so the split's ratio is the fraction
+of defective samples, while the fraction of anomalous training images is lower (the hidden views).
+The standard split trains on `train_samples` normal samples. `nested` puts the split folders inside
+realiad_jsons/.
 """
 
 from __future__ import annotations
@@ -31,9 +35,9 @@ NUM_VIEWS = 5
 @dataclasses.dataclass(frozen=True)
 class Spec:
     categories: tuple[str, ...] = ("audiojack", "mint")
-    num_ok: int = 6
-    num_train_ok: int = 4
-    num_ng: int = 6
+    train_samples: int = 10
+    test_ok: int = 2
+    test_ng: int = 3
     hw: tuple[int, int] = (32, 40)
     resolution: str = "256"
     nested: bool = False
@@ -66,7 +70,7 @@ def _write_category(out: str, category: str, spec: Spec, rng: np.random.Generato
         os.makedirs(os.path.dirname(path), exist_ok=True)
         Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(path, quality=95)
 
-    for s in range(1, spec.num_ok + 1):
+    for s in range(1, num_ok(spec) + 1):
         views = []
         for c in range(1, NUM_VIEWS + 1):
             rel = f"OK/S{s:04d}/{category}_{s:04d}_OK_C{c}_2023102114{s:02d}{c:02d}.jpg"
@@ -74,7 +78,7 @@ def _write_category(out: str, category: str, spec: Spec, rng: np.random.Generato
             views.append(_item(category, "OK", rel, None))
         samples["ok"].append(views)
     per_code: dict[str, int] = {}
-    for n in range(spec.num_ng):
+    for n in range(num_ng(spec)):
         code = CODES[n % len(CODES)]
         s = per_code[code] = per_code.get(code, 0) + 1  # numbers restart under each NG/<code>/
         views = []
@@ -98,32 +102,36 @@ def _write_category(out: str, category: str, spec: Spec, rng: np.random.Generato
     return samples
 
 
-def _anomalous(views: list[dict]) -> int:
-    return sum(v["mask_path"] is not None for v in views)
+def fuiad_ratio(split: str) -> float:
+    return float(split.split("_")[1])
+
+
+def train_ng(spec: Spec, split: str) -> int:
+    """Defective samples in a FUIAD split's training list: the ratio of `train_samples`."""
+    return round(fuiad_ratio(split) * spec.train_samples)
+
+
+def num_ok(spec: Spec) -> int:
+    return spec.train_samples + spec.test_ok
+
+
+def num_ng(spec: Spec) -> int:
+    return spec.test_ng + max(train_ng(spec, s) for s in realiad.FUIAD_SPLITS)
 
 
 def lists(samples: dict, spec: Spec) -> dict[str, tuple[list, list]]:
     """split -> (train items, test items) for every split of `realiad.SPLITS`."""
-    train_ok = [v for s in samples["ok"][: spec.num_train_ok] for v in s]
-    test_ok = [v for s in samples["ok"][spec.num_train_ok :] for v in s]
     flat = lambda ss: [v for s in ss for v in s]
-    out = {"standard": (train_ok, test_ok + flat(samples["ng"]))}
+    ok, ng = samples["ok"], samples["ng"]
+    test = flat(ok[: spec.test_ok] + ng[: spec.test_ng])  # the same test set in every split
+    pool_ok, pool_ng = ok[spec.test_ok :], ng[spec.test_ng :]
+    out = {"standard": (flat(pool_ok[: spec.train_samples]), test)}
     out["single_view"] = tuple(
         [v for v in items if "_C1_" in v["image_path"]] for items in out["standard"]
     )
     for split in realiad.FUIAD_SPLITS:
-        ratio = float(split.split("_")[1])
-        target = round(ratio * len(train_ok) / (1 - ratio))
-        moved = 0
-        while (
-            moved < len(samples["ng"]) - 1
-            and sum(_anomalous(s) for s in samples["ng"][:moved]) < target
-        ):
-            moved += 1
-        out[split] = (
-            train_ok + flat(samples["ng"][:moved]),
-            test_ok + flat(samples["ng"][moved:]),
-        )
+        k = train_ng(spec, split)
+        out[split] = (flat(pool_ok[: spec.train_samples - k] + pool_ng[:k]), test)
     return out
 
 

@@ -49,12 +49,17 @@ class CategorySplits:
       train_anomalous: paths of training records that the source itself labels anomalous (Real-IAD's
         fully unsupervised lists). Their records are unlabelled like every training record; this is
         only read to report the true noise ratio, never by the method.
+      train_samples, train_anomalous_samples: where images are views of physical samples (Real-IAD),
+        how many samples the training list holds and how many of them are defective (what the
+        FUIAD split names count); 0 where the source has no samples.
     """
 
     category: str
     train: tuple[Record, ...]
     test: tuple[Record, ...]
     train_anomalous: tuple[str, ...] = ()
+    train_samples: int = 0
+    train_anomalous_samples: int = 0
 
     def __post_init__(self):
         if not self.train:

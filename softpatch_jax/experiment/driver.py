@@ -28,7 +28,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from softpatch_jax import discriminators, features, metrics, parallel, progress
+from softpatch_jax import discriminators, features, metrics, official_eval, parallel, progress
 from softpatch_jax.experiment import cache, grid, jsonl, outputs, plan, stages
 from softpatch_jax.io_utils import check_writable, write_json
 
@@ -254,13 +254,24 @@ def _run_fit_group(
                 test = evalset.feats_TxPxD
                 predicted = stages.predict(wanted, test, ex, sc, ctx.vmap, shard, update)
                 jax.block_until_ready(predicted)
-        results = {}
+        results, frames = {}, {}
         names = plan.eval_metrics(scells[0].config)
         paths = [r.path for r in evalset.records]
+        ev, ds = scells[0].config.eval, scells[0].config.dataset
+        original = ev.get("pixel_resolution", "crop") == "original"
         with timer("metrics"):
+            if (original or ev.get("adeval_pickle", False)) and evalset.original_masks is None:
+                evalset.original_masks = official_eval.read_masks(evalset.records)
+            sizes = [m.shape for m in evalset.original_masks or ()]
             for k, (image_scores, maps) in predicted.items():
+                pixel_maps, pixel_masks = maps, evalset.masks
+                if sizes:  # each map in its resized image's frame (official_eval)
+                    frames[k] = official_eval.frame_maps(maps, sizes, ds.resize)
+                if original:
+                    pixel_maps = official_eval.upsample(frames[k], sizes)
+                    pixel_masks = evalset.original_masks
                 results[k] = metrics.evaluate(
-                    image_scores, evalset.labels, maps, evalset.masks, names, paths
+                    image_scores, evalset.labels, pixel_maps, pixel_masks, names, paths
                 )
         for c in scells:
             k = _spec_key(c.spec())
@@ -274,8 +285,12 @@ def _run_fit_group(
                 injected=injected,
                 weights=ex.info.get("weights"),
                 source_anomalous=len(noisy.train_anomalous),
+                source_samples=(noisy.train_anomalous_samples, noisy.train_samples),
             )
             outputs.save_cell_maps(ctx.workdir, c, row, predicted[k][1], evalset)
+            if c.config.eval.get("adeval_pickle", False):
+                path = official_eval.pickle_path(ctx.workdir, c.id)
+                official_eval.write_pickle(path, evalset.records, frames[k], predicted[k][0])
             _finish_cell(ctx, c, row, results[k])
 
 

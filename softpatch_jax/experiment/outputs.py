@@ -31,6 +31,7 @@ class EvalSet:
     masks: np.ndarray
     records: tuple
     shown: dict = dataclasses.field(default_factory=dict)  # decoded on demand for saved maps
+    original_masks: list | None = None  # at each image's own size (official_eval), on demand
 
 
 def cell_row(
@@ -44,13 +45,17 @@ def cell_row(
     injected,
     weights: str | None,
     source_anomalous: int = 0,
+    source_samples: tuple[int, int] = (0, 0),
 ) -> dict:
     """The cell's results row: its id, metrics, noise and data settings, bank sizes, stage times,
     hyperparameters (`Cell.row_fields`) and axes.
 
     `train_anomalous` counts the training images known to be anomalous: those the dataset's own
     training list holds (`source_anomalous`: Real-IAD's FUIAD splits) plus the injected ones; its
-    fraction of `num_train` is the true noise ratio of what the banks were fitted on.
+    fraction of `num_train` is the true noise ratio of what the banks were fitted on, counted in
+    images. Where images are views of samples (`source_samples` = (defective, all) samples of the
+    training list, Real-IAD) and nothing was injected, `train_anomalous_sample_fraction` counts
+    samples, what a FUIAD split's name counts.
     """
     config = cell.config
     spec = plan.noise_spec(config, cell.ratio)
@@ -70,6 +75,15 @@ def cell_row(
         "num_test": num_test,
         "train_anomalous": anomalous,
         "train_anomalous_fraction": round(anomalous / max(num_train, 1), 6),
+        **(
+            {
+                "train_samples": source_samples[1],
+                "train_anomalous_samples": source_samples[0],
+                "train_anomalous_sample_fraction": round(source_samples[0] / source_samples[1], 6),
+            }
+            if source_samples[1] and not injected
+            else {}
+        ),
         **{f"dataset.{k}": v for k, v in data.options(config.dataset).items()},
         "bank_cls": int(banks.cls.feats_MxD.shape[0]),
         "bank_seg": int(banks.seg.feats_MxD.shape[0]),

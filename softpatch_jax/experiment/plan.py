@@ -16,7 +16,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from softpatch_jax import data, metrics
+from softpatch_jax import data, metrics, official_eval
 from softpatch_jax.data import noise
 from softpatch_jax.data.records import CategorySplits
 from softpatch_jax.experiment import grid
@@ -30,6 +30,7 @@ def plan(config: ml_collections.ConfigDict) -> list[grid.Cell]:
     cells = grid.expand(config, data.categories)
     for c in cells:
         eval_metrics(c.config)
+        official_eval.check_resolution(c.config.eval.get("pixel_resolution", "crop"))
         check_noise(c.config, [c.ratio])
     chosen = {
         cat for c in cells for cat, _ in parse_map_images(c.config.eval.get("map_images", ""))
