@@ -186,3 +186,44 @@ def test_sample_keys_follow_adeval_and_are_absent_without_views():
     names = ["mint_0001_NG_QS_C1_1.jpg", "mint_0001_NG_QS_C2_1.jpg", "mint_0001_OK_C1_1.jpg"]
     s, y = metrics.by_sample(scores, labels, metrics.sample_keys(names))
     assert s.tolist() == pytest.approx([0.9, 0.5]) and y.tolist() == [1, 0]
+
+
+# ADEval's binned AUPR (Real-IAD's official s_aupr / i_aupr / p_aupr), against hand-computed cases
+# and against the restatement of its definition in numpy (tests/adeval_oracle.py).
+@pytest.mark.parametrize(
+    "scores,labels,want",
+    [
+        # The top threshold t_1000 = max flags the top score: with 4 positives on top the curve
+        # starts at recall 1/4, precision 1, and stays there: 0.75 where the step AP is 1.
+        ([0, 1, 2, 3, 4, 5], [0, 0, 1, 1, 1, 1], 0.75),
+        ([0, 1, 2, 3], [0, 0, 1, 1], 0.5),
+        # Thresholds in (1, 2] flag {2, 3}: recall 1/2, precision 1/2; in (0, 1]: {1, 2, 3},
+        # recall 1, precision 2/3: one trapezoid from (1/2, 1/2) to (1, 2/3).
+        ([0, 1, 2, 3], [0, 1, 0, 1], 0.5 * (0.5 + 2 / 3) / 2),
+        # Ties: the 3 tied scores are flagged together, precision 2/3 at recall 1 from the top.
+        ([0, 1, 1, 1], [0, 1, 1, 0], 0.0),
+    ],
+)
+def test_binned_aupr_hand_computed(scores, labels, want):
+    from adeval_oracle import binned_aupr
+
+    got = metrics.curves(np.array(scores, np.float32), np.array(labels))["aupr"]
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    np.testing.assert_allclose(binned_aupr(scores, labels), want, atol=1e-6)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_binned_aupr_matches_the_numpy_restatement(seed):
+    from adeval_oracle import binned_aupr
+
+    rng = np.random.default_rng(seed)
+    labels = rng.random(3000) < 0.1
+    scores = rng.normal(size=3000) + labels * 1.5
+    scores[:500] = np.round(scores[:500], 1)  # ties, some on strip thresholds
+    scores = scores.astype(np.float32)
+    got = metrics.evaluate(scores, labels, scores[:, None, None], labels[:, None, None])
+    want = binned_aupr(scores, labels)
+    np.testing.assert_allclose(got["image_aupr"], want, atol=1e-6)
+    np.testing.assert_allclose(got["pixel_aupr"], want, atol=1e-6)
+    assert abs(got["image_aupr"] - got["image_ap"]) > 1e-4  # a different quantity from the AP
+    assert np.isnan(metrics.curves(np.ones(4), np.array([0, 1, 0, 1]))["aupr"])  # no strips
