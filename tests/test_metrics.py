@@ -3,10 +3,9 @@ import pytest
 
 from softpatch_jax import metrics
 
-roc_auc_score = pytest.importorskip("sklearn.metrics").roc_auc_score
-
 
 def test_auroc_matches_sklearn_with_ties():
+    roc_auc_score = pytest.importorskip("sklearn.metrics").roc_auc_score
     rng = np.random.default_rng(0)
     labels = rng.random(5000) < 0.2
     scores = np.round(rng.normal(size=5000) + labels * 0.8, 1)  # rounding makes many ties
@@ -16,6 +15,7 @@ def test_auroc_matches_sklearn_with_ties():
 
 
 def test_pixel_auroc_on_maps_matches_sklearn():
+    roc_auc_score = pytest.importorskip("sklearn.metrics").roc_auc_score
     rng = np.random.default_rng(1)
     masks = np.zeros((3, 32, 32), bool)
     masks[:, 10:20, 12:18] = True
@@ -32,7 +32,11 @@ def test_single_class_is_nan():
 
 
 def test_average_precision_and_f1_max_match_sklearn_with_ties():
-    from sklearn.metrics import average_precision_score, precision_recall_curve
+    skm = pytest.importorskip("sklearn.metrics")
+    average_precision_score, precision_recall_curve = (
+        skm.average_precision_score,
+        skm.precision_recall_curve,
+    )
 
     rng = np.random.default_rng(2)
     labels = rng.random(4000) < 0.15
@@ -140,7 +144,8 @@ def _view_names(rng, num_samples, views=5):
 
 def _sample_oracle(scores, labels, sample_of):
     """A plain loop over groups: each sample's max score and max label, then scikit-learn."""
-    from sklearn.metrics import average_precision_score
+    skm = pytest.importorskip("sklearn.metrics")
+    roc_auc_score, average_precision_score = skm.roc_auc_score, skm.average_precision_score
 
     groups = {}
     for score, label, key in zip(scores, labels, sample_of):

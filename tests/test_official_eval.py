@@ -16,8 +16,6 @@ from softpatch_jax import official_eval
 from softpatch_jax.data import preprocess, realiad
 from softpatch_jax.experiment import driver
 
-roc_auc_score = pytest.importorskip("sklearn.metrics").roc_auc_score
-
 
 def _mark_nothing(root: str) -> tuple[str, str]:
     """Two listed test masks of mint that mark no pixel by ADEval's rule: one all zero, one faint
@@ -74,6 +72,7 @@ def test_pickle_is_adevals_input_format(run):
 def test_row_aupr_equals_adevals_binned_definition(run):
     """Sample, image and pixel AUPR of the results row = the numpy restatement of ADEval on the
     pickle (its masks at their own 32x40, > 127; its maps resized by INTER_LINEAR)."""
+    roc_auc_score = pytest.importorskip("sklearn.metrics").roc_auc_score
     got, row = evaluate_pickle(_pickle(run)), run["row"]
     for ours, theirs in (("sample_aupr", "s_aupr"), ("image_aupr", "i_aupr")):
         np.testing.assert_allclose(row[ours], got[theirs], atol=1e-6, err_msg=ours)
