@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from softpatch_jax import discriminators, features, memory_bank, methods
+from softpatch_jax import config_errors, discriminators, features, memory_bank, methods
 from softpatch_jax.data import folder, images
 from softpatch_jax.deploy import audit as audit_lib
 from softpatch_jax.deploy import model as model_lib
@@ -128,7 +128,8 @@ def fit(
     compilation in notebooks and tests.
     """
     opts = opts or Options()
-    threshold_lib.parse(opts.threshold)  # fail on a typo before hours of work
+    config_errors.validate(config)  # every value checked before hours of work
+    threshold_lib.parse(opts.threshold)
     spec = methods.spec(opts.method, config.softpatch)
     listing = folder.list_images(sources)
     for path in listing.ignored:
@@ -187,6 +188,9 @@ def fit(
     arrays["train_patch_median"] = np.median(train_patch, axis=1)
     arrays["fold"] = fold_N
     fusion = split_list(config.softpatch.discriminators)
+    degenerate = threshold_lib.spread_warning(train_scores)
+    if degenerate:
+        logging.warning("fit: %s", degenerate)
     meta = {
         **model_lib.identity(ex, config),
         "code": model_lib.code_version(),
@@ -196,6 +200,7 @@ def fit(
             "rule": opts.threshold,
             "value": threshold_lib.value(opts.threshold, train_scores),
             "train_scores": f"held out, {len(np.unique(fold_N))} folds (deploy/threshold.py)",
+            "warning": degenerate,  # None, or why the threshold has no margin
         },
         "region": region_info,
         "training": {

@@ -67,9 +67,39 @@ def value(rule: str, train_scores_N: np.ndarray) -> float:
             "(a damaged model?)"
         )
     if kind == "quantile":
-        return float(np.quantile(s, arg))
+        out = float(np.quantile(s, arg))
+    else:
+        med = float(np.median(s))
+        out = med + arg * MAD_TO_SIGMA * float(np.median(np.abs(s - med)))
+    if not np.isfinite(out):
+        raise ValueError(
+            f"threshold {rule!r} gives {out} on these training scores (not a finite number): every "
+            "image would pass; use a smaller K or another rule"
+        )
+    return out
+
+
+def spread_warning(train_scores_N: np.ndarray) -> str | None:
+    """Says why a threshold from these training scores has no margin, or None when they spread:
+    all equal (identical training images, say), or more than half equal (MAD = 0, so "mad:K" is
+    the median whatever K)."""
+    s = np.asarray(train_scores_N, np.float64)
+    if s.size == 0 or not np.isfinite(s).all():
+        return None
     med = float(np.median(s))
-    return med + arg * MAD_TO_SIGMA * float(np.median(np.abs(s - med)))
+    if float(np.ptp(s)) == 0.0:
+        return (
+            f"all {s.size} held-out training scores equal {med:.6g} (identical training images?): "
+            "the threshold has no margin, so any change from them (a re-encoded JPEG) is flagged; "
+            "fit on images that show the normal variation"
+        )
+    if float(np.median(np.abs(s - med))) == 0.0:
+        return (
+            f"more than half of the {s.size} held-out training scores equal {med:.6g} (MAD = 0): "
+            "'mad:K' gives that value whatever K; fit on images that show the normal variation "
+            "or use a quantile or a number"
+        )
+    return None
 
 
 def fold_of(num_images: int, folds: int, seed: int) -> np.ndarray:
