@@ -13,16 +13,13 @@ import sys
 from collections.abc import Callable
 from typing import TypeVar
 
-from absl import logging
-
 USER_ERRORS = (ValueError, OSError, FloatingPointError)
 
 T = TypeVar("T")
 
 
 def fail(error: BaseException | str) -> None:
-    """Prints `error: MESSAGE` (one line per line of the message) and exits with status 2."""
-    logging.error("%s", error)
+    """Prints `error: MESSAGE` on stderr (and nothing else) and exits with status 2."""
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)
 
