@@ -104,7 +104,8 @@ def write_audit(
     def load_image(i: int):
         try:
             path = os.path.join(root, folder_lib.unescape(audit.names[i]))
-            v = region.load(path, cfg.dataset.resize, crop, reg["mode"], allow_upscale=True)
+            s16 = model.meta.get("decoding", {}).get("sixteen_bit_max", images.FULL_16_BIT)
+            v = region.load(path, cfg.dataset.resize, crop, reg["mode"], True, s16)
         except (images.BadImageError, OSError):
             return None  # moved or deleted since the fit: the sheet shows a grey tile
         return v.frame if list(v.frame.shape[:2]) == reg["frame_hw"] else None
