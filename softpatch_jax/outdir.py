@@ -36,6 +36,7 @@ import errno
 import fcntl
 import glob
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -45,6 +46,9 @@ from absl import logging
 from softpatch_jax import io_utils
 
 OWNED = ".softpatch-owned.json"  # the list of what this tool wrote into a folder
+# What a killed run of this tool leaves (staging/old/temp folders and lock files, see `staged`,
+# and the older `.predict-staging-*`): ours by construction, so never foreign.
+_LEFTOVER = re.compile(r"\.(predict-staging-.+|.+\.(staging|old|tmp)-[^/]+|.+\.lock)")
 
 
 class OutputFolderError(ValueError):
@@ -111,7 +115,7 @@ def first_foreign(folder: str) -> str | None:
     """The first entry under `folder` (sorted, depth first) that its ownership record does not
     list, as a path relative to `folder`; None when everything there was written by this tool."""
     record = read_owned(folder)
-    entries = sorted(os.listdir(folder))
+    entries = sorted(e for e in os.listdir(folder) if not _LEFTOVER.fullmatch(e))
     if record is None:
         return entries[0] if entries else None
     files = set(map(os.path.normpath, record["files"]))
@@ -120,11 +124,13 @@ def first_foreign(folder: str) -> str | None:
         rel = os.path.relpath(dirpath, folder)
         for f in sorted(filenames):
             name = os.path.normpath(os.path.join(rel, f))
-            if name not in files and name != OWNED:
+            if name not in files and name != OWNED and not _LEFTOVER.fullmatch(f):
                 return name
         descend = []
         for d in sorted(dirnames):
             name = os.path.normpath(os.path.join(rel, d))
+            if _LEFTOVER.fullmatch(d) and name not in folders:
+                continue
             full = os.path.join(dirpath, d)
             if os.path.islink(full):
                 if name not in files:
