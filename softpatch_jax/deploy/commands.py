@@ -49,6 +49,8 @@ def read_truth(
     and defective (TRUE_LABELS / FALSE_LABELS, any case). Every one of `names` must be listed; a
     row naming an image that is not among `known` (default `names`: e.g. the training folder's
     images, skipped bad ones included) is an error, as is a label that is not understood."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"truth file {path!r} does not exist (--truth=CSV)")
     try:
         with open(path, newline="") as f:
             rows = list(csv.DictReader(f))
