@@ -203,7 +203,10 @@ def check_target(
         if not old:
             return
         judged = os.path.join(old[0], os.path.basename(os.path.abspath(target)))
-        note = f" (its previous contents, kept in {old[0]!r} by an interrupted run, are restored)"
+        note = (
+            f" (an interrupted run left its previous contents in {old[0]!r}; a run that writes "
+            "here restores them first)"
+        )
     if not os.path.isdir(judged) or os.path.islink(judged):
         raise OutputFolderError(f"{kind} folder {target!r} exists and is not a folder")
     entries = sorted(os.listdir(judged))
@@ -352,15 +355,14 @@ def staged(
     except OSError as e:
         raise PermissionError(f"folder {parent!r} is not writable: {e.strerror or e}") from e
     check = dict(overwrite=overwrite, inputs=inputs, input_folders=input_folders)
-    check_target(target, marker, kind, **check)
     try:
         lock_cm = lock(target)
         lock_cm.__enter__()
     except PermissionError as e:
         raise PermissionError(f"folder {parent!r} is not writable: {e.strerror or e}") from e
     try:
-        restored = _restore(target)
-        check_target(target, marker, kind, **check)  # again, now under the lock
+        restored = _restore(target)  # first, so a refused run leaves the output where it belongs
+        check_target(target, marker, kind, **check)
         olds = [p for p in glob.glob(os.path.join(glob.escape(parent), f".{name}.old-*"))]
         cleaned = sorted(clean_leftovers(target) + olds + ([restored] if restored else []))
         try:

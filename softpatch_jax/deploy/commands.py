@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from softpatch_jax import io_utils, outdir
+from softpatch_jax import config_errors, io_utils, outdir
 from softpatch_jax.data import demo, images, mvtec, noise
 from softpatch_jax.data import folder as folder_lib
 from softpatch_jax.deploy import audit as audit_lib
@@ -143,8 +143,8 @@ def fit_and_save(
     extractor=None,
 ) -> model_lib.Model:
     # Every input and value is checked before the long part (save checks the target again, under
-    # its lock): the contact sheet size, the target and the truth file (`fitting.fit` checks the
-    # config first thing).
+    # its lock): the config, the contact sheet size, the target and the truth file.
+    config_errors.validate(config)
     check_top(top)
     inputs = (sources,) if isinstance(sources, str) else tuple(sources)
     outdir.check_target(model_dir, model_lib.MANIFEST, "model", overwrite=overwrite, inputs=inputs)
