@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import math
+import os
 import sys
 
 import ml_collections
@@ -67,7 +69,8 @@ RULES = {
     "dataset.batch_size": _at_least(1),
     "backbone.dtype": _choices("float32", "bfloat16"),
     "noise.ratios": _each(_fraction(False, False)),
-    "scoring.blur_sigma": ((lambda v: v >= 0), "a number >= 0"),
+    "scoring.blur_sigma": ((lambda v: math.isfinite(v) and v >= 0), "a finite number >= 0"),
+    "softpatch.gaussian_eps": ((lambda v: math.isfinite(v) and v > 0), "a finite number > 0"),
 }
 
 
@@ -80,8 +83,22 @@ def _get(config, dotted: str):
     return node, True
 
 
+def _leaves(node, prefix: str = ""):
+    for key, value in node.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
-    """ConfigError for the first value outside its range or choices (RULES)."""
+    """ConfigError for the first number that is NaN or inf (no setting takes one), then for the
+    first value outside its range or choices (RULES)."""
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ConfigError(f"the config is a {type(config).__name__}, not a ConfigDict")
+    for key, value in _leaves(config):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"config key {key}={value!r} is invalid: expected a finite number")
     for key, (check, expected) in RULES.items():
         value, found = _get(config, key)
         if found and not check(value):
@@ -134,22 +151,65 @@ def _load_config(argv: list[str]) -> ml_collections.ConfigDict | None:
         return None
 
 
+def _parses_as(value: str, like) -> bool:
+    """Whether `value` reads as a value of `like`'s type (as absl would parse a number or bool)."""
+    if isinstance(like, bool):
+        return value.lower() in ("true", "false", "1", "0")
+    if isinstance(like, (int, float)):
+        try:
+            type(like)(value)
+        except ValueError:
+            return False
+    return True
+
+
 def explain(argv: list[str], error: Exception) -> str:
-    """One line for an error raised while parsing `argv`'s flags."""
+    """One line for an error raised while parsing `argv`'s flags. A key given more than once is
+    reported with the value that fails (absl parses every occurrence; the last one is used)."""
     config = _load_config(argv)
+    given: dict[str, list[str]] = {}
     for a in argv:
         if a.startswith("--config.") and config is not None:
             key, _, value = a[len("--config.") :].partition("=")
-            msg = unknown_key(config, key)
-            if msg:
-                return f"{msg}, in {a}"
-            current, _ = _get(config, key)
-            if key in str(error) or f"--config.{key}" in str(error):
-                return (
-                    f"config key {key}={value!r} is invalid: expected a "
-                    f"{type(current).__name__} (default {current!r})"
-                )
+            given.setdefault(key, []).append(value)
+    for key, values in given.items():
+        msg = unknown_key(config, key)
+        if msg:
+            return f"{msg}, in --config.{key}={values[-1]}"
+        current, _ = _get(config, key)
+        if key in str(error) or f"--config.{key}" in str(error):
+            bad = [v for v in values if not _parses_as(v, current)] or values
+            twice = (
+                f" (given {len(values)} times: {', '.join(map(repr, values))}; the last is used)"
+                if len(values) > 1
+                else ""
+            )
+            return (
+                f"config key {key}={bad[-1]!r} is invalid: expected a "
+                f"{type(current).__name__} (default {current!r}){twice}"
+            )
     return _last_line(error)
+
+
+def config_file_error(argv: list[str]) -> str | None:
+    """One line for a --config file that cannot be loaded (missing, a syntax error, no
+    get_config), or None when it loads."""
+    path = next((a.split("=", 1)[1] for a in reversed(argv) if a.startswith("--config=")), None)
+    if not path:
+        return None
+    path = path.partition(":")[0]
+    if not os.path.isfile(path):
+        return f"config file {path!r} does not exist (--config=PATH: a configs/*.py file)"
+    try:
+        spec = importlib.util.spec_from_file_location("_config_check", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        module.get_config  # noqa: B018
+    except SyntaxError as e:
+        return f"config file {path!r} line {e.lineno}: {e.msg} (a Python syntax error)"
+    except Exception as e:  # anything the file raises is about the file
+        return f"config file {path!r} cannot be loaded: {type(e).__name__}: {_last_line(e)}"
+    return None
 
 
 def _last_line(error: Exception) -> str:
@@ -160,7 +220,23 @@ def _last_line(error: Exception) -> str:
 def parse_flags(argv: list[str]) -> list[str]:
     """absl `flags_parser` for app.run: flag errors as one line on stderr, exit status 2."""
     try:
-        return flags.FLAGS(argv)
-    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-        print(f"error: {explain(argv, e)}", file=sys.stderr)
+        rest = flags.FLAGS(argv)
+    except (
+        flags.Error,
+        AttributeError,
+        KeyError,
+        TypeError,
+        ValueError,
+        OSError,
+        SyntaxError,
+    ) as e:
+        print(f"error: {config_file_error(argv) or explain(argv, e)}", file=sys.stderr)
         sys.exit(2)
+    # config_flags defers a file's load error to the first use of the config: report it now.
+    if "config" in flags.FLAGS and flags.FLAGS["config"].present:
+        value = flags.FLAGS["config"].value
+        if value is not None and not isinstance(value, ml_collections.ConfigDict):
+            print(f"error: {config_file_error(argv) or 'the --config file cannot be loaded'}",
+                  file=sys.stderr)  # fmt: skip
+            sys.exit(2)
+    return rest

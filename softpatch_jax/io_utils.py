@@ -59,14 +59,35 @@ def write_json(path: str, obj, *, strict: bool = False) -> None:
         f.write("\n")
 
 
+# A text cell starting with one of these is a formula to a spreadsheet (=HYPERLINK(...), +1+1,
+# -2+3, @SUM): `csv_guard` prefixes it with ' so it shows as text; ' itself is guarded too, so
+# `csv_unguard` gives back every original string exactly.
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "'")
+
+
+def csv_guard(value):
+    """A CSV cell that no spreadsheet runs as a formula (numbers are left as they are)."""
+    if isinstance(value, str) and value.startswith(FORMULA_START):
+        return "'" + value
+    return value
+
+
+def csv_unguard(text: str) -> str:
+    """The inverse of `csv_guard` for a cell read back (a cell written by hand is left as it is)."""
+    if text.startswith("'") and text[1:2] and text[1:].startswith(FORMULA_START):
+        return text[1:]
+    return text
+
+
 def write_csv(path: str, rows: list[dict]) -> None:
+    """Rows as CSV (atomically); text cells go through `csv_guard`."""
     fields: list[str] = []
     for row in rows:
         fields += [k for k in row if k not in fields]
     with atomic_open(path, newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({k: csv_guard(v) for k, v in row.items()} for row in rows)
 
 
 def read_json(path: str):

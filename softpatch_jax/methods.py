@@ -6,6 +6,7 @@ bank is built. `from_config` turns `config.methods` into specs; adding a method 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 
 import ml_collections
 
@@ -82,11 +83,16 @@ def spec(name: str, sp: ml_collections.ConfigDict) -> MethodSpec:
     if name == "image_denoise":
         discriminators.check_names([sp.discriminator])
         return MethodSpec(name, BankSpec((sp.discriminator,), sp.tau, "image", "none"))
-    raise ValueError(
-        f"unknown method {name!r}; valid: patchcore, softpatch, "
-        + ", ".join(f"softpatch_{n}" for n in discriminators.NAMES)
-        + ", softpatch_plus, image_denoise"
-    )
+    valid = [
+        "patchcore",
+        "softpatch",
+        *(f"softpatch_{n}" for n in discriminators.NAMES),
+        "softpatch_plus",
+        "image_denoise",
+    ]
+    close = difflib.get_close_matches(str(name), valid, n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise ValueError(f"unknown method {name!r}{hint} (valid: {', '.join(valid)})")
 
 
 def from_config(config: ml_collections.ConfigDict) -> list[MethodSpec]:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from deploy_helpers import tiny_config, write_folder
 
-from softpatch_jax import features, io_utils, scoring
+from softpatch_jax import features, io_utils, outdir, scoring
 from softpatch_jax.data import folder, images
 from softpatch_jax.deploy import commands, fitting, model, predicting
 
@@ -89,7 +89,8 @@ def test_save_load_predict_gives_the_in_memory_scores(fitted, ex, tmp_path):
     assert summary["skipped_bad"][0]["path"].endswith("broken.png")
     for r in rows:
         assert os.path.isfile(tmp_path / r["heatmap"]) and os.path.isfile(tmp_path / r["overlay"])
-    assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]  # no staging left
+    hidden = [n for n in os.listdir(tmp_path) if n.startswith(".")]
+    assert hidden == [outdir.OWNED]  # no staging left; the record of what predict wrote
 
 
 def test_same_seed_and_inputs_give_identical_results(fitted, ex, tmp_path):

@@ -131,7 +131,7 @@ def test_overwrite_never_deletes_the_inputs_or_a_foreign_folder(fitted, tmp_path
     other = tmp_path / "other"
     other.mkdir()
     (other / "report.docx").write_text("keep me")
-    with pytest.raises(outdir.OutputFolderError, match=r"not a model.*no manifest.json.*report"):
+    with pytest.raises(outdir.OutputFolderError, match=r"not a model.*no \.softpatch-owned\.json.*report"):
         commands.fit_and_save(tiny_config(), str(photos), str(other), overwrite=True, extractor=ex)
     assert sorted(p.name for p in photos.rglob("*")) == before
     assert (other / "report.docx").read_text() == "keep me"
@@ -311,7 +311,7 @@ def test_leftovers_cleaned_and_reported_stale_maps_gone_and_umask_followed(fitte
         )
     finally:
         os.umask(old)
-    assert sorted(os.listdir(out)) == ["predictions.csv", "predictions.json"]
+    assert sorted(os.listdir(out)) == [outdir.OWNED, "predictions.csv", "predictions.json"]
     assert sorted(os.listdir(tmp_path)) == ["out"]
     summary = io_utils.read_json(str(out / "predictions.json"))
     assert sorted(os.path.basename(p) for p in summary["cleaned_leftovers"]) == [
@@ -378,7 +378,7 @@ def test_main_prints_one_line_for_a_misspelt_key():
 
 def test_audit_never_replaces_its_model_but_may_refresh_model_audit(fitted, tmp_path):
     dst = _copy_model(fitted[1], tmp_path)
-    with pytest.raises(outdir.OutputFolderError, match="holds the input"):
+    with pytest.raises(outdir.OutputFolderError, match=r"inside \(or holds\) the model"):
         commands.run_audit(dst, dst, overwrite=True)
     with pytest.raises(outdir.OutputFolderError, match="pass --overwrite"):
         commands.run_audit(dst, os.path.join(dst, "audit"))

@@ -6,6 +6,8 @@ exact: the pixels where the defect's opacity is at least one half. Everything is
 (seed, category, split, index), so the same seed writes byte-identical files.
 
   python -m softpatch_jax.data.demo --out=/tmp/demo   # writes the default dataset there
+  (an existing --out is refused unless it is an earlier demo dataset and --overwrite is given;
+  a folder holding anything else is never deleted: softpatch_jax/outdir.py)
 """
 
 from __future__ import annotations
@@ -14,13 +16,13 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 
 import numpy as np
 from absl import app, flags
 from PIL import Image
 from scipy import ndimage
+
+from softpatch_jax import cli, outdir
 
 CATEGORIES = ("fabric", "wood", "pill", "washer")
 OBJECTS = ("pill", "washer")
@@ -239,15 +241,14 @@ def _save(path: str, arr: np.ndarray) -> None:
     Image.fromarray(arr).save(path)
 
 
-def write(root: str, spec: DemoSpec = DemoSpec()) -> str:
-    """Writes the dataset under `root` (MVTec layout) via a temporary folder renamed at the end."""
+def write(root: str, spec: DemoSpec = DemoSpec(), *, overwrite: bool = False) -> str:
+    """Writes the dataset under `root` (MVTec layout), built whole under a staging name and renamed
+    into place (`outdir.staged`). An existing `root` is replaced only with overwrite and only when
+    it is a demo dataset holding nothing but what this tool wrote; anything else is refused."""
     unknown = set(spec.categories) - set(CATEGORIES)
     if unknown:
         raise ValueError(f"unknown demo categories {sorted(unknown)}; valid: {CATEGORIES}")
-    parent = os.path.dirname(os.path.abspath(root)) or "."
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".demo-", dir=parent)
-    try:
+    with outdir.staged(root, "demo_spec.json", "demo dataset", overwrite=overwrite) as (tmp, _):
         for cat in spec.categories:
             for i in range(spec.num_train):
                 img, _ = render(cat, _rng(spec, cat, 0, i), spec.size)
@@ -264,12 +265,6 @@ def write(root: str, spec: DemoSpec = DemoSpec()) -> str:
                     _save(os.path.join(tmp, cat, "ground_truth", defect, f"{i:03d}_mask.png"), m)
         with open(os.path.join(tmp, "demo_spec.json"), "w") as f:
             json.dump(dataclasses.asdict(spec), f, indent=1)
-        if os.path.exists(root):
-            shutil.rmtree(root)
-        os.replace(tmp, root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return root
 
 
@@ -292,6 +287,9 @@ def _define_flags() -> None:
     flags.DEFINE_string("out", None, "target folder (default: the cache)")
     flags.DEFINE_integer("size", DemoSpec.size, "image size")
     flags.DEFINE_integer("seed", DemoSpec.seed, "generator seed")
+    flags.DEFINE_bool(
+        "overwrite", False, "replace an earlier demo dataset there (never a folder of other files)"
+    )
 
 
 def main(argv) -> None:
@@ -299,7 +297,7 @@ def main(argv) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     f = flags.FLAGS
     spec = DemoSpec(size=f.size, seed=f.seed)
-    print(write(f.out or default_root(spec), spec))
+    print(cli.one_line_errors(write, f.out or default_root(spec), spec, overwrite=f.overwrite))
 
 
 if __name__ == "__main__":

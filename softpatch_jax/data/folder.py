@@ -12,8 +12,9 @@ Rules (what `list_images` accepts and reports):
 - Order is sorted by path, so runs are reproducible whatever the file system's listing order.
 - No image at all is an error naming the folder and saying what was ignored there.
 - Symbolic links are followed, but every real folder and every real file is visited once: a folder
-  reached again (a loop such as `sub/up -> ..`, or a second link to it) and a file reached again
-  (a link to an image already listed) are skipped and reported in `skipped` with the reason, as are
+  reached again and a file reached again (a link to an image already listed) are skipped and
+  reported in `skipped` with the reason: a "symlink loop" when the folder holds the link (`sub/up
+  -> ..`), a "second link" to a folder already listed otherwise; so are
   broken links and entries that are not regular files (a FIFO named x.png would block the reader).
 - Names are whatever bytes the file system holds. Inside Python they are str with undecodable bytes
   as surrogates (os.fsdecode); every name the tool writes to CSV/JSON goes through `escape`:
@@ -91,13 +92,20 @@ def unescape(text: str) -> str:
 def _walk(folder: str) -> tuple[list[str], list[str], list[tuple[str, str]]]:
     images, ignored, skipped = [], [], []
     seen_dirs: dict[tuple[int, int], str] = {}
-    stack = [folder]
+    stack: list[tuple[str, frozenset]] = [(folder, frozenset())]  # (folder, its ancestors' ids)
     while stack:
-        d = stack.pop()
+        d, ancestors = stack.pop()
         try:
+            key = _key(d)
             first = _seen_before(d, seen_dirs)
             if first is not None:
-                skipped.append((d, f"folder already visited as {first!r} (symlink loop)"))
+                why = (
+                    f"symlink loop: leads back to {first!r}, which holds it"
+                    if key in ancestors
+                    else f"second link to the folder already listed as {first!r} (its images are "
+                    "listed once)"
+                )
+                skipped.append((d, why))
                 continue
             with os.scandir(d) as it:
                 entries = sorted(it, key=lambda e: e.name)
@@ -118,7 +126,8 @@ def _walk(folder: str) -> tuple[list[str], list[str], list[tuple[str, str]]]:
                     skipped.append((e.path, "not a regular file"))
             except OSError as err:
                 skipped.append((e.path, f"cannot stat: {err.strerror}"))
-        stack += reversed(subdirs)
+        inner = ancestors | {key}
+        stack += [(s, inner) for s in reversed(subdirs)]
     return images, ignored, skipped
 
 
@@ -135,11 +144,15 @@ def _once(paths: list[str], skipped: list[tuple[str, str]]) -> list[str]:
     return out
 
 
+def _key(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
 def _seen_before(path: str, seen: dict[tuple[int, int], str]) -> str | None:
     """The path under which `path`'s real file or folder (device, inode) was seen first, or None
     (then `path` is recorded as that first one). Raises OSError when it cannot be stat'ed."""
-    st = os.stat(path)
-    key = (st.st_dev, st.st_ino)
+    key = _key(path)
     if key in seen:
         return seen[key]
     seen[key] = path

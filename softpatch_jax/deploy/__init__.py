@@ -4,8 +4,9 @@ training set. Command line: `python -m softpatch_jax.deploy {fit,predict,audit,m
 
 Modules: fitting (fit), predicting (predict, streamed), model (save/load with a checksummed
 manifest, compatibility), region (what is inspected: the whole frame in tiles, or the centre crop),
-outdir (output folders staged whole, locked, never replacing inputs), threshold (training scores
-and rules), audit (training-set audit), render (PNG heat maps, contact sheets).
+outdir (output folders staged whole, locked, replacing only what this tool wrote; it lives in
+softpatch_jax/outdir.py), threshold (training scores and rules), audit (training-set audit), render
+(PNG heat maps, contact sheets).
 
 Determinism: all randomness (projection, coreset starts, threshold folds) derives from
 config.seed, files are read in sorted path order, and batches have a fixed padded size, so the

@@ -8,26 +8,27 @@
       [--region=full|center] [--overwrite]
   python -m softpatch_jax.deploy audit --model=MODEL --out=DIR [--truth=truth.csv] [--top=16]
   python -m softpatch_jax.deploy make_demo --out=DIR [--category=pill] [--noise_ratio=0.2]
+      [--overwrite]
 
 Image files may also follow the command as positional arguments (shell globs). Errors about the
 input (bad image, empty folder, incompatible or damaged model, unwritable or foreign output folder,
 bad config key or value) print one message naming the file or value and exit with status 2;
 --debug shows the traceback instead. Output folders (MODEL, OUT) are written whole or not at all;
---overwrite replaces only an earlier output of the same kind (deploy/outdir.py).
+--overwrite replaces only an earlier output of the same kind holding nothing but what this
+tool wrote there; anything foreign is a refusal naming it (softpatch_jax/outdir.py).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
-import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from softpatch_jax import config_errors
-from softpatch_jax.data import demo, images
-from softpatch_jax.deploy import commands, fitting, model, outdir, region, threshold
+from softpatch_jax import cli, config_errors
+from softpatch_jax.data import demo
+from softpatch_jax.deploy import commands, fitting, region, threshold
 
 
 def _default_config() -> str | None:
@@ -60,8 +61,9 @@ _UPSCALE = flags.DEFINE_bool("allow_upscale", False, "Accept images smaller than
 _OVERWRITE = flags.DEFINE_bool(
     "overwrite",
     False,
-    "Replace an earlier output of the same kind (fit: a model with its manifest; predict/audit: "
-    "an earlier prediction/audit); never a folder holding the inputs or anything else.",
+    "Replace an earlier output of the same kind (fit: a model; predict/audit: a prediction/audit; "
+    "make_demo: a demo), only while it holds nothing but what this tool wrote there (its "
+    ".softpatch-owned.json); never a folder holding the inputs or anything else.",
 )
 _REGION = flags.DEFINE_enum(
     "region",
@@ -82,17 +84,8 @@ _DEMO_SIZE = flags.DEFINE_integer("demo_size", 256, "make_demo: image size.")
 _DEMO_TRAIN = flags.DEFINE_integer("demo_train", 30, "make_demo: normal training images.")
 _DEBUG = flags.DEFINE_bool("debug", False, "Show tracebacks instead of one-line errors.")
 
-# Errors that describe bad input rather than a bug: shown as one message.
-USER_ERRORS = (
-    ValueError,
-    OSError,  # FileNotFoundError, FileExistsError, PermissionError, ENOSPC
-    FloatingPointError,
-    images.BadImageError,
-    model.IncompatibleModelError,
-    model.DamagedModelError,
-    outdir.OutputFolderError,
-    config_errors.ConfigError,
-)
+# Errors that describe bad input rather than a bug: shown as one message (softpatch_jax/cli.py).
+USER_ERRORS = cli.USER_ERRORS
 
 
 def _need(flag, name: str, command: str):
@@ -165,6 +158,7 @@ def run(command: str, extra: list[str]) -> None:
             category=_CATEGORY.value,
             noise_ratio=_NOISE.value,
             spec=spec,
+            overwrite=_OVERWRITE.value,
         )
         print(out)
 
@@ -172,14 +166,7 @@ def run(command: str, extra: list[str]) -> None:
 def main(argv: list[str]) -> None:
     if len(argv) < 2 or argv[1] not in COMMANDS:
         raise app.UsageError(f"first argument must be one of {COMMANDS}, got {argv[1:2]}")
-    try:
-        run(argv[1], argv[2:])
-    except USER_ERRORS as e:
-        if _DEBUG.value:
-            raise
-        logging.error("%s", e)
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cli.one_line_errors(run, argv[1], argv[2:], debug=_DEBUG.value)
 
 
 if __name__ == "__main__":

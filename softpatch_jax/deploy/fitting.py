@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from softpatch_jax import discriminators, features, memory_bank, methods
+from softpatch_jax import config_errors, discriminators, features, memory_bank, methods
 from softpatch_jax.data import folder, images
 from softpatch_jax.deploy import audit as audit_lib
 from softpatch_jax.deploy import model as model_lib
@@ -50,10 +50,15 @@ def check_finite(feats_BxPxD: jax.Array, paths: Sequence[str]) -> None:
 
 
 def extract_all(
-    ex: features.Extractor, listing: folder.Listing, config, opts: Options
+    ex: features.Extractor,
+    listing: folder.Listing,
+    config,
+    opts: Options,
+    sixteen_bit_max: int = images.FULL_16_BIT,
 ) -> tuple[np.ndarray, list[int], list[images.BadImageError], dict]:
     """Features [N, T*P, D] (host, float32) of the readable images (T tiles of P patches each,
-    deploy/region.py), their listing indices, the skipped files, and the region's description."""
+    deploy/region.py), their listing indices, the skipped files, and the region's description.
+    16-bit images are scaled by 255 / sixteen_bit_max (`images.sixteen_bit_range`)."""
     paths = [r.path for r in listing.records]
     chunks, kept, bad = [], [], []
     layout, first = None, None
@@ -66,6 +71,7 @@ def extract_all(
         opts.region,
         skip_bad=opts.skip_bad_images,
         allow_upscale=opts.allow_upscale,
+        sixteen_bit_max=sixteen_bit_max,
     ):
         bad += skipped
         done += len(index) + len(skipped)
@@ -128,7 +134,8 @@ def fit(
     compilation in notebooks and tests.
     """
     opts = opts or Options()
-    threshold_lib.parse(opts.threshold)  # fail on a typo before hours of work
+    config_errors.validate(config)  # every value checked before hours of work
+    threshold_lib.parse(opts.threshold)
     spec = methods.spec(opts.method, config.softpatch)
     listing = folder.list_images(sources)
     for path in listing.ignored:
@@ -141,7 +148,18 @@ def fit(
     if ex.random_init:
         logging.warning(features.RANDOM_INIT_WARNING)
     region_lib.check_mode(opts.region)
-    feats_np, kept, bad, region_info = extract_all(ex, listing, config, opts)
+    # The 16-bit range the training images use (12-bit sensors write 0..4095), recorded with the
+    # model and used at predict: the fixed 16-bit scale would leave such images ~16 grey levels.
+    s16, n16 = images.sixteen_bit_range([r.path for r in listing.records])
+    if n16:
+        logging.info(
+            "fit: %d 16-bit image(s) use %d bits (0..%d), scaled by 255/%d",
+            n16,
+            images.bit_depth(s16),
+            s16,
+            s16,
+        )
+    feats_np, kept, bad, region_info = extract_all(ex, listing, config, opts, s16)
     n, p, _ = feats_np.shape
     feats = jnp.asarray(feats_np)
     del feats_np
@@ -187,6 +205,9 @@ def fit(
     arrays["train_patch_median"] = np.median(train_patch, axis=1)
     arrays["fold"] = fold_N
     fusion = split_list(config.softpatch.discriminators)
+    degenerate = threshold_lib.spread_warning(train_scores)
+    if degenerate:
+        logging.warning("fit: %s", degenerate)
     meta = {
         **model_lib.identity(ex, config),
         "code": model_lib.code_version(),
@@ -196,8 +217,14 @@ def fit(
             "rule": opts.threshold,
             "value": threshold_lib.value(opts.threshold, train_scores),
             "train_scores": f"held out, {len(np.unique(fold_N))} folds (deploy/threshold.py)",
+            "warning": degenerate,  # None, or why the threshold has no margin
         },
         "region": region_info,
+        "decoding": {
+            "sixteen_bit_max": s16,
+            "sixteen_bit_images": n16,
+            "doc": "16-bit samples are scaled by 255/sixteen_bit_max; larger ones are refused",
+        },
         "training": {
             "root": folder.escape(listing.root),
             "images": names,

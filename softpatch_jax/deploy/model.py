@@ -11,10 +11,11 @@ Layout of MODEL/:
   manifest.json  sha256 and size of every file under arrays/ and of model.json (so of the config)
 
 Saving builds the whole folder under a staging name beside the target and renames it into place
-last (`deploy/outdir.py`), so an interrupted save or a full disk never leaves a model that looks
-complete. Loading verifies the manifest before reading anything else, then that every stored array
-is finite: a flipped byte, a missing or extra file, or a truncated array is a `DamagedModelError`
-naming the model and the file, never a model that scores.
+last (`softpatch_jax/outdir.py`, which also records what it wrote, in .softpatch-owned.json), so an
+interrupted save or a full disk never leaves a model that looks complete. Loading verifies the
+manifest before reading anything else, then that every stored array is finite: a flipped byte, a
+missing or extra file, or a truncated array is a `DamagedModelError` naming the model and the file,
+never a model that scores.
 """
 
 from __future__ import annotations
@@ -32,8 +33,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 import softpatch_jax
-from softpatch_jax import features, io_utils, models, weights
-from softpatch_jax.deploy import outdir
+from softpatch_jax import features, io_utils, models, outdir, weights
 from softpatch_jax.memory_bank import Banks, MemoryBank
 
 # 2: manifest.json of checksums; 3: backbone.params_sha256 is `weights.variables_sha256` (format 2
@@ -296,6 +296,7 @@ def save(
         io_utils.write_json(os.path.join(tmp, META), meta, strict=True)
         for name, write in (extra_dirs or {}).items():
             write(os.path.join(tmp, name))
+            outdir.write_owned(os.path.join(tmp, name), name)  # so `audit` may refresh MODEL/audit
         write_manifest(tmp)
     return path
 
@@ -324,6 +325,11 @@ def load(path: str) -> Model:
         meta = io_utils.read_json(meta_path)
     except ValueError as e:
         raise DamagedModelError(f"model {path!r}: {META} is not valid JSON ({e})") from e
+    if not isinstance(meta, dict) or not isinstance(meta.get("code", {}), dict):
+        raise DamagedModelError(
+            f"model {path!r}: {META} holds a JSON {type(meta).__name__}, not the model's record "
+            "(an object with its backbone, config and code version); refit or restore it"
+        )
     if (found := meta.get("code", {}).get("format")) != FORMAT_VERSION:
         raise IncompatibleModelError(
             f"{meta_path!r} says model format {found!r}; this install reads format "

@@ -128,6 +128,8 @@ def predict(
     """
     rule = threshold or model.meta["threshold"]["rule"]
     thr = threshold_lib.value(rule, model.arrays["train_scores"])
+    if warning := threshold_lib.spread_warning(model.arrays["train_scores"]):
+        logging.warning("model %s: %s", model.path, warning)
     mode = region_lib.check_mode(region or model.meta["region"]["mode"])
     if mode != model.meta["region"]["mode"]:
         logging.warning(
@@ -139,6 +141,8 @@ def predict(
     listing = folder.list_images(sources)
     inputs = (sources,) if isinstance(sources, str) else tuple(sources)
     outdir.check_target(out_dir, MARKER, "prediction", overwrite=overwrite, inputs=inputs)
+    if model.path:
+        outdir.check_outside(out_dir, model.path, "model")
     io_utils.check_writable(os.path.dirname(os.path.abspath(out_dir)))
     ex = build_extractor(model, strict_version, extractor)
     lo, hi = map_scale(model, thr)
@@ -160,6 +164,9 @@ def predict(
             mode,
             skip_bad=skip_bad_images,
             allow_upscale=allow_upscale,
+            sixteen_bit_max=model.meta.get("decoding", {}).get(
+                "sixteen_bit_max", images.FULL_16_BIT
+            ),
         ):
             bad += skipped
             if index:
@@ -237,8 +244,9 @@ def _row(
 
 
 def _png_name(rel: str) -> str:
-    """a/b.png -> a/b.png, a/b.jpg -> a/b.jpg.png: unique per input, always a PNG."""
-    return rel if rel.lower().endswith(".png") else rel + ".png"
+    """a/b.jpg -> a/b.jpg.png, a/b.png -> a/b.png.png: always the input's whole name plus .png,
+    so two inputs never share a map (a.jpg and a.jpg.png would, if PNG names were kept)."""
+    return rel + ".png"
 
 
 def _without_maps(row: dict) -> dict:

@@ -104,7 +104,11 @@ def _nearest_start(starts_1d: list[int], crop: int, length: int) -> np.ndarray:
     nearest; ties go to the earlier tile."""
     centres = np.asarray(starts_1d, np.float64) + crop / 2.0
     pix = np.arange(length) + 0.5
-    return np.argmin(np.abs(pix[:, None] - centres[None, :]), axis=1)
+    # The midpoints between neighbouring centres split the axis; a pixel on a midpoint goes to the
+    # earlier tile. O(length) memory (an argmin over a [length, tiles] table took gigabytes for a
+    # long strip: 80000 px x 2500 tiles). Centres and pixels are multiples of 0.5: exact.
+    mids = (centres[1:] + centres[:-1]) / 2.0
+    return np.searchsorted(mids, pix, side="left")
 
 
 def owners(origins: np.ndarray, crop: int, frame_hw: tuple[int, int]) -> np.ndarray:
@@ -156,17 +160,19 @@ def describe(mode: str, v: Views, resize: int, crop: int) -> str:
     return f"full: whole {sw}x{sh} frame at {fw}x{fh}, {len(v.origins)} tiles of {crop}x{crop}"
 
 
-def load(path: str, resize: int, crop: int, mode: str, allow_upscale: bool = False) -> Views:
-    """Decode one file (`images.decode`'s rules, and its refusal of images smaller than the crop)
-    and cut it into views."""
-    arr = images.decode(path)
-    h, w = arr.shape[:2]
-    if min(h, w) < crop and not allow_upscale:
-        raise images.BadImageError(
-            path,
-            f"image is {w}x{h} (width x height) but the model needs at least {crop} pixels on the "
-            f"shorter side (crop={crop}); pass --allow_upscale to enlarge it anyway",
-        )
+def load(
+    path: str,
+    resize: int,
+    crop: int,
+    mode: str,
+    allow_upscale: bool = False,
+    sixteen_bit_max: int = images.FULL_16_BIT,
+) -> Views:
+    """Decode one file (`images.decode`'s rules with the model's 16-bit range, and its refusal of
+    images smaller than the crop or too large once enlarged: `images.check_size`) and cut it into
+    views."""
+    arr = images.decode(path, sixteen_bit_max)
+    images.check_size(path, *arr.shape[:2], resize, crop, allow_upscale)
     return views(arr, resize, crop, mode)
 
 
@@ -179,13 +185,14 @@ def iter_views(
     *,
     skip_bad: bool,
     allow_upscale: bool = False,
+    sixteen_bit_max: int = images.FULL_16_BIT,
 ) -> Iterator[tuple[list[int], list[Views], list[images.BadImageError]]]:
     """Groups of `group` images in path order: (their indices, their views, skipped bad files).
     Decoding runs on host threads one group ahead. Without skip_bad the first bad file raises."""
 
     def one(p):
         try:
-            return load(p, resize, crop, mode, allow_upscale)
+            return load(p, resize, crop, mode, allow_upscale, sixteen_bit_max)
         except images.BadImageError as e:
             return e
 

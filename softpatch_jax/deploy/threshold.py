@@ -17,6 +17,8 @@ Rules (a string, stored with the model, overridable at predict time):
   "quantile:Q"  the Q-quantile of the training scores (Q = 0.95 flags the top 5% of the
                 training set); sensible when the contamination rate is known.
   a number      used as given.
+Whatever the rule, a threshold that is not a finite float32 number (the scores' type) is refused,
+naming the rule: no score could ever exceed it, so every defect would pass silently.
 """
 
 from __future__ import annotations
@@ -60,16 +62,53 @@ def value(rule: str, train_scores_N: np.ndarray) -> float:
     kind, arg = parse(rule)
     s = np.asarray(train_scores_N, np.float64)
     if kind == "value":
-        return float(arg)
+        return _usable(rule, float(arg))
     if not np.isfinite(s).all():
         raise FloatingPointError(
             f"threshold {rule!r}: {int((~np.isfinite(s)).sum())} training score(s) are NaN/inf "
             "(a damaged model?)"
         )
     if kind == "quantile":
-        return float(np.quantile(s, arg))
+        out = float(np.quantile(s, arg))
+    else:
+        med = float(np.median(s))
+        out = med + arg * MAD_TO_SIGMA * float(np.median(np.abs(s - med)))
+    return _usable(rule, out)
+
+
+def _usable(rule: str, thr: float) -> float:
+    """thr, unless no float32 score (the scores' type) can exceed it or fall below it: NaN, inf,
+    or beyond float32's range would pass (or flag) every image silently."""
+    if not (np.isfinite(thr) and abs(thr) <= float(np.finfo(np.float32).max)):
+        raise ValueError(
+            f"threshold {rule!r} gives {thr} on these training scores, not a finite float32 number "
+            "(the scores' type): every image would pass or be flagged; use a smaller K or another "
+            "rule"
+        )
+    return thr
+
+
+def spread_warning(train_scores_N: np.ndarray) -> str | None:
+    """Says why a threshold from these training scores has no margin, or None when they spread:
+    all equal (identical training images, say), or more than half equal (MAD = 0, so "mad:K" is
+    the median whatever K)."""
+    s = np.asarray(train_scores_N, np.float64)
+    if s.size == 0 or not np.isfinite(s).all():
+        return None
     med = float(np.median(s))
-    return med + arg * MAD_TO_SIGMA * float(np.median(np.abs(s - med)))
+    if float(np.ptp(s)) == 0.0:
+        return (
+            f"all {s.size} held-out training scores equal {med:.6g} (identical training images?): "
+            "the threshold has no margin, so any change from them (a re-encoded JPEG) is flagged; "
+            "fit on images that show the normal variation"
+        )
+    if float(np.median(np.abs(s - med))) == 0.0:
+        return (
+            f"more than half of the {s.size} held-out training scores equal {med:.6g} (MAD = 0): "
+            "'mad:K' gives that value whatever K; fit on images that show the normal variation "
+            "or use a quantile or a number"
+        )
+    return None
 
 
 def fold_of(num_images: int, folds: int, seed: int) -> np.ndarray:
