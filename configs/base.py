@@ -6,6 +6,8 @@ Any value can be overridden on the command line, e.g. --config.noise.ratios=0.0,
 
 import ml_collections
 
+from softpatch_jax import discriminators
+
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -56,16 +58,16 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.softpatch = ml_collections.ConfigDict()
     c.softpatch.discriminator = "lof"  # for `softpatch` and `image_denoise`
-    c.softpatch.discriminators = (
-        "gaussian,lof"  # SoftPatch+ fusion (any subset of nearest,gaussian,lof)
-    )
-    c.softpatch.lof_k = 6
+    c.softpatch.discriminators = "gaussian,lof"  # SoftPatch+ fusion (any registered subset)
     c.softpatch.tau = 0.15  # SoftPatch, and SoftPatch+'s classification bank (tau_cls)
     c.softpatch.tau_seg = 0.50  # SoftPatch+'s segmentation bank
     c.softpatch.soft_weight = "lof"  # SoftPatch+: lof | nearest | gaussian | fused | none
     c.softpatch.rank_scope = "all"  # SoftPatch+ rank normalisation: "all" patches or "position"
     c.softpatch.projection_dim = 128  # R; 0 = discriminators and coreset on the full D
-    c.softpatch.gaussian_eps = 0.01  # covariance regulariser
+    # Every registered discriminator's parameters, with the defaults its module declares
+    # (softpatch_jax/discriminators/*.py): lof_k = LOF's k (6), gaussian_eps = the Gaussian's
+    # covariance regulariser (0.01), ...
+    c.softpatch.update(discriminators.config_defaults())
     # Discriminator precision. auto: the nearest distance, and the Gaussian where N <=
     # projection_dim, in float64 (scores kept as float32 hi + lo, ranked in float64 order). The
     # saturated Gaussian distances and the float32 expanded-form nearest distances differ from the

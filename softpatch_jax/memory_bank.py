@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import ml_collections
-from absl import logging
 
 from softpatch_jax import coreset, discriminators, methods, pool, progress
 from softpatch_jax import parallel as parallel_lib
@@ -60,25 +60,24 @@ class Prepared:
 def discriminator_scores(
     proj_NxPxR: jax.Array,
     names: Sequence[str],
-    lof_k: int,
-    gaussian_eps: float,
+    params: Mapping[str, Any] | None = None,
     *,
     score_dtype: str = "auto",
     parallel: bool = False,
+    key: jax.Array | None = None,
 ) -> dict[str, jax.Array]:
     """Raw per-position scores {name: [N, P]} of every training patch (a score computed in float64
     adds its low part under `discriminators.low_key(name)`; rank them with `order_key`).
 
+    params: discriminator parameters by config key (`discriminators.config_defaults` for the rest).
+    key: for discriminators that draw random numbers (`Discriminator.needs_key`).
     parallel: shard the positions over all devices (`parallel.discriminator_scores`); same values.
     """
     n, _, r = proj_NxPxR.shape
     if not names:
         return {}
-    k = discriminators.effective_k(lof_k, n)
-    if k != lof_k and "lof" in names:
-        logging.warning("LOF k=%d needs more than %d training images: using k=%d", lof_k, n, k)
     chunk = discriminators.chunk_size_for(n, r)
-    args = (proj_NxPxR, tuple(names), k, gaussian_eps, chunk, score_dtype)
+    args = (proj_NxPxR, tuple(names), params, chunk, score_dtype, key)
     if parallel:
         out = parallel_lib.discriminator_scores(*args)
     else:
@@ -202,10 +201,10 @@ def prepare(
             discriminator_scores(
                 pool_NxPxR,
                 missing,
-                config.softpatch.lof_k,
-                config.softpatch.gaussian_eps,
+                {k: config.softpatch[k] for k in discriminators.config_defaults()},
                 score_dtype=config.softpatch.get("score_dtype", "auto"),
                 parallel=disc_parallel,
+                key=pool.stream(key, "discriminators"),
             )
         )
         jax.block_until_ready(scores)

@@ -30,18 +30,21 @@ from softpatch_jax.memory_bank import MemoryBank
 out = {"devices": jax.device_count()}
 same = lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b)))
 rng = np.random.default_rng(0)
+PARAMS = {"lof_k": 6, "gaussian_eps": 0.01}
+KEY = jax.random.key(7)  # for registered discriminators that draw: replicated, same draws
 
-# Discriminators: 37 positions (not a multiple of 8), chunks of 3 positions per device.
+# Discriminators (every registered one): 37 positions (not a multiple of 8), chunks of 3 positions
+# per device.
 pool = jnp.asarray(rng.normal(size=(30, 37, 12)).astype(np.float32) + 2.0)
-names = ("nearest", "gaussian", "lof")
-one = discriminators.score_pool(pool, names, 6, 0.01, 24)
-many = parallel.discriminator_scores(pool, names, 6, 0.01, 24)
-small = parallel.discriminator_scores(pool, names, 6, 0.01, 8)  # 1 position per chunk asked
+names = discriminators.NAMES
+one = discriminators.score_pool(pool, names, PARAMS, 24, key=KEY)
+many = parallel.discriminator_scores(pool, names, PARAMS, 24, key=KEY)
+small = parallel.discriminator_scores(pool, names, PARAMS, 8, key=KEY)  # 1 position per chunk
 out["discriminators"] = {k: same(one[k], many[k]) and same(one[k], small[k]) for k in names}
 # Fewer images than dimensions: the Gaussian goes through the [N, N] Gram matrix instead.
 wide = jnp.asarray(rng.normal(size=(10, 19, 16)).astype(np.float32))
-one = discriminators.score_pool(wide, names, 6, 0.01, 4)
-many = parallel.discriminator_scores(wide, names, 6, 0.01, 4)
+one = discriminators.score_pool(wide, names, PARAMS, 4, key=KEY)
+many = parallel.discriminator_scores(wide, names, PARAMS, 4, key=KEY)
 out["discriminators_n_below_r"] = {k: same(one[k], many[k]) for k in names}
 
 # Coreset: a pool of 1110 rows with duplicated rows spread over shards (ties in the argmax).
@@ -130,10 +133,11 @@ import numpy as np
 from softpatch_jax import discriminators, parallel
 
 rng = np.random.default_rng(0)
+PARAMS = {"lof_k": 6, "gaussian_eps": 0.01}
 pool = jnp.asarray(rng.normal(size=(100, 16, 128)).astype(np.float32))
 names = ("nearest", "gaussian", "lof")
-many = parallel.discriminator_scores(pool, names, 6, 0.01, 4)
-one = discriminators.score_pool(pool, names, 6, 0.01, 4)
+many = parallel.discriminator_scores(pool, names, PARAMS, 4)
+one = discriminators.score_pool(pool, names, PARAMS, 4)
 same = {k: bool(np.array_equal(np.asarray(one[k]), np.asarray(many[k]))) for k in names}
 print(json.dumps({"devices": jax.device_count(), "same": same}))
 """

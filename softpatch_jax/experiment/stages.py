@@ -86,18 +86,14 @@ def prepare(
     per-position distances) with the run's own projection, then cached."""
     n, _, d = feats_NxPxD.shape
     sp = cfg.softpatch
-    gaussian_dtype, nearest_dtype = discriminators.resolve_precision(
-        sp.get("score_dtype", "auto"), n, sp.projection_dim or d
-    )
-    params = {
-        "nearest": None if nearest_dtype == "float32" else "f64",
-        "gaussian": sp.gaussian_eps if gaussian_dtype == "float32" else [sp.gaussian_eps, "f64"],
-        "lof": discriminators.effective_k(sp.lof_k, n),
-    }
-    keys = {
-        name: cache.scores_key(feats_key, name, params[name], sp.projection_dim, cfg.seed)
-        for name in names
-    }
+    dtypes = discriminators.resolve_precision(sp.score_dtype, n, sp.projection_dim or d, names)
+    values = {k: sp[k] for k in discriminators.config_defaults()}
+    keys = {}
+    for name in names:
+        param = discriminators.cache_param(
+            name, discriminators.settings((name,), values, n), dtypes[name]
+        )
+        keys[name] = cache.scores_key(feats_key, name, param, sp.projection_dim, cfg.seed)
     cached = {}
     for name in names:
         hit = store.load("scores", keys[name])
