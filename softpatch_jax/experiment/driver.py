@@ -252,7 +252,8 @@ def _run_fit_group(
             what = f"scoring ({len(wanted)} method{'s' if len(wanted) > 1 else ''})"
             with progress.bar(what, work, "img") as update:
                 test = evalset.feats_TxPxD
-                predicted = stages.predict(wanted, test, ex, sc, ctx.vmap, shard, update)
+                options = stages.scoring_options(sc)
+                predicted = stages.predict(wanted, test, ex, options, ctx.vmap, shard, update)
                 jax.block_until_ready(predicted)
         results = {}
         names = plan.eval_metrics(scells[0].config)

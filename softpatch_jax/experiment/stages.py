@@ -122,27 +122,34 @@ def fit(
     return memory_bank.fit_banks(prepared, feats_NxPxD, cfg, specs).banks
 
 
+def scoring_options(sc: ml_collections.ConfigDict) -> scoring.Options:
+    """The `config.scoring` section as the scoring composition's options."""
+    return scoring.Options(sc.distance, sc.search, sc.blur_sigma, sc.chunk_size)
+
+
 def predict(
     banks: dict[str, Banks],
     feats_TxPxD: jax.Array,
     ex: features.Extractor,
-    sc: ml_collections.ConfigDict,
+    options: scoring.Options,
     vmap: bool,
     parallel: bool = False,
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, tuple[jax.Array, jax.Array]]:
-    """{name: (image scores, anomaly maps)} with the `config.scoring` section `sc`; `parallel`
-    shards each bank's search over all devices (one bank at a time only). `progress` is called with
-    images scored, `scoring_work(banks, T, vmap)` in all."""
+    """{name: (image scores, anomaly maps)}: one bank pair at a time through the scoring
+    composition (`scoring.predict`, what deploy uses too), or vmapped over banks of equal size
+    (`predict_vmapped`, the exact search, which every `search` equals). `parallel` shards each
+    bank's search over all devices (one bank at a time only). `progress` is called with images
+    scored, `scoring_work(banks, T, vmap)` in all."""
     if vmap:
         return predict_vmapped(
             banks,
             feats_TxPxD,
             ex.grid,
             ex.image_size,
-            sc.blur_sigma,
-            sc.chunk_size,
-            sc.distance,
+            options.blur_sigma,
+            options.chunk_size,
+            options.distance,
             progress,
         )
     return {
@@ -151,11 +158,11 @@ def predict(
             feats_TxPxD,
             ex.grid,
             ex.image_size,
-            sc.blur_sigma,
-            sc.chunk_size,
-            distance=sc.distance,
+            options.blur_sigma,
+            options.chunk_size,
+            distance=options.distance,
             parallel=parallel,
-            search=sc.get("search", "exact"),
+            search=options.search,
             progress=progress,
         )
         for name, b in banks.items()
