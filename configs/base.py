@@ -25,6 +25,9 @@ def get_config() -> ml_collections.ConfigDict:
     # True: decode once into a TFDS array_record store (resized, uncropped), re-read from it after.
     c.dataset.prepared = False
     c.dataset.data_dir = ""  # the store's folder; "" = $TFDS_DATA_DIR or ~/tensorflow_datasets
+    # Real-IAD's split and resolution (configs/realiad.py); unused by the other layouts.
+    c.dataset.split = ""
+    c.dataset.resolution = ""
 
     # Noisy training set (METHOD.md section 6). ratios: comma-separated, each run in turn.
     c.noise = ml_collections.ConfigDict()

@@ -17,7 +17,6 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
-import ml_collections
 
 from softpatch_jax import coreset, discriminators, methods, pool, progress
 from softpatch_jax import parallel as parallel_lib
@@ -34,6 +33,20 @@ class MemoryBank:
 class Banks:
     cls: MemoryBank  # image scores
     seg: MemoryBank  # pixel maps (the same bank unless the method builds two)
+
+
+@dataclasses.dataclass(frozen=True)
+class FitOptions:
+    """What the fitting path reads (the driver builds it from `config.softpatch`, `config.coreset`
+    and `config.parallel`; defaults live in configs/base.py)."""
+
+    projection_dim: int  # R; 0 = discriminators and coreset on the full D
+    discriminator_params: Mapping[str, Any]  # `discriminators.config_defaults()` keys -> values
+    score_dtype: str  # `discriminators.resolve_precision`
+    num_starts: int  # coreset start points
+    coreset_ratio: float  # of ALL N*P patches
+    strict_parity: bool  # reproduce the reference's unmasked first pick
+    parallel: str | bool  # `parallel.enabled`'s setting
 
 
 @dataclasses.dataclass
@@ -157,7 +170,7 @@ def needed_discriminators(specs: Sequence[methods.MethodSpec]) -> tuple[str, ...
 def prepare(
     key: jax.Array,
     feats_NxPxD,
-    config: ml_collections.ConfigDict,
+    options: FitOptions,
     names: Sequence[str],
     *,
     projection: jax.Array | None = None,
@@ -174,22 +187,22 @@ def prepare(
       key: root key; the projection and coreset starts come from its named streams.
       feats_NxPxD: training patch features (N images, P positions, D dims): a device array or a host
         source (see `pool.project_pool`), any float dtype (e.g. float16 storage).
-      config: the run config (sections softpatch, coreset; parallel.enabled if present).
+      options: projection size, discriminator parameters and precision, coreset starts, sharding.
       names: discriminators whose scores the banks (or an audit) need.
       projection: explicit [D, R] projection (overrides the random one; R = D for none).
       starts: explicit coreset start indices into the N*P pool.
       scores_NxP: precomputed raw discriminator scores (e.g. from a sweep cache); not recomputed.
       timer: stage name -> context manager, for the pipeline's timings.
       parallel: shard discriminators and coreset over all devices (same results); None reads
-        `config.parallel.enabled` per stage ("auto": when there is more than one device).
+        `options.parallel` per stage ("auto": when there is more than one device).
     """
     n, p, d = feats_NxPxD.shape
     if parallel is None:
-        disc_parallel = parallel_lib.enabled(config, "discriminators")
-        coreset_parallel = parallel_lib.enabled(config, "coreset")
+        disc_parallel = parallel_lib.enabled(options.parallel, "discriminators")
+        coreset_parallel = parallel_lib.enabled(options.parallel, "coreset")
     else:
         disc_parallel = coreset_parallel = bool(parallel)
-    r = config.softpatch.projection_dim
+    r = options.projection_dim
     if projection is None and r:
         projection = pool.random_projection(pool.stream(key, "projection"), d, r)
     with timer("projection"):
@@ -201,15 +214,15 @@ def prepare(
             discriminator_scores(
                 pool_NxPxR,
                 missing,
-                {k: config.softpatch[k] for k in discriminators.config_defaults()},
-                score_dtype=config.softpatch.get("score_dtype", "auto"),
+                options.discriminator_params,
+                score_dtype=options.score_dtype,
                 parallel=disc_parallel,
                 key=pool.stream(key, "discriminators"),
             )
         )
         jax.block_until_ready(scores)
     if starts is None:
-        starts = coreset.draw_starts(pool.stream(key, "coreset"), n * p, config.coreset.num_starts)
+        starts = coreset.draw_starts(pool.stream(key, "coreset"), n * p, options.num_starts)
     with timer("coreset"):
         flat_pool = pool.flatten_images(pool_NxPxR)
         del pool_NxPxR
@@ -222,7 +235,7 @@ def prepare(
 def fit_banks(
     prepared: Prepared,
     feats_NxPxD,
-    config: ml_collections.ConfigDict,
+    options: FitOptions,
     specs: Sequence[methods.MethodSpec],
     *,
     timer: Callable = _null_timer,
@@ -231,7 +244,7 @@ def fit_banks(
     pass of the coreset loop for every distinct mask (`BankSpec.coreset_key`), soft weights, and
     the picked rows gathered from `feats_NxPxD` (the features `prepared` was made from).
 
-    config: sections coreset (ratio, strict_parity). A method without its own segmentation bank
+    options: the coreset ratio and parity switch. A method without its own segmentation bank
     gets the classification bank object twice, so scoring runs once for both.
     """
     shape = prepared.shape
@@ -245,9 +258,9 @@ def fit_banks(
             if bank is spec.cls:
                 keeps[spec.name] = keep
     with timer("coreset"):
-        strict = bool(config.coreset.get("strict_parity", False))
+        strict = bool(options.strict_parity)
         keep_KxQ = jnp.stack(list(masks.values()))
-        sizes = coreset_sizes(config.coreset.ratio, shape[0] * shape[1], keep_KxQ)
+        sizes = coreset_sizes(options.coreset_ratio, shape[0] * shape[1], keep_KxQ)
         coresets = dict(zip(masks, select_coresets(prepared, keep_KxQ, sizes, strict)))
     banks: dict[str, Banks] = {}
     for spec in specs:
@@ -265,7 +278,7 @@ def fit_banks(
 def fit_many(
     key: jax.Array,
     feats_NxPxD,
-    config: ml_collections.ConfigDict,
+    options: FitOptions,
     specs: Sequence[methods.MethodSpec],
     *,
     projection: jax.Array | None = None,
@@ -284,7 +297,7 @@ def fit_many(
     prepared = prepare(
         key,
         feats_NxPxD,
-        config,
+        options,
         needed_discriminators(specs),
         projection=projection,
         starts=starts,
@@ -292,19 +305,19 @@ def fit_many(
         timer=timer,
         parallel=parallel,
     )
-    return fit_banks(prepared, feats_NxPxD, config, specs, timer=timer)
+    return fit_banks(prepared, feats_NxPxD, options, specs, timer=timer)
 
 
 def fit(
     key: jax.Array,
     feats_NxPxD: jax.Array,
-    config: ml_collections.ConfigDict,
-    method: str = "softpatch_plus",
+    options: FitOptions,
+    spec: methods.MethodSpec,
     *,
     projection: jax.Array | None = None,
     starts: jax.Array | None = None,
 ) -> Banks:
-    """Library API: the memory bank(s) of one method (see `fit_many`)."""
-    spec = methods.spec(method, config.softpatch)
-    out = fit_many(key, feats_NxPxD, config, [spec], projection=projection, starts=starts)
-    return out.banks[method]
+    """Library API: the memory bank(s) of one method (see `fit_many`); build `options` and `spec`
+    from a config with `experiment.options` (`fit_options`, `method_specs`)."""
+    out = fit_many(key, feats_NxPxD, options, [spec], projection=projection, starts=starts)
+    return out.banks[spec.name]

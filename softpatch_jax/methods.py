@@ -1,13 +1,13 @@
 """The methods compared in the papers, as data: which discriminators drive patch removal, at what
 granularity and tau, which soft weight the memory bank keeps, and whether a second (segmentation)
-bank is built. `from_config` turns `config.methods` into specs; adding a method is one entry here.
+bank is built. `specs` turns a list of method names into specs, given the `Options` the driver
+builds from `config.softpatch`; adding a method is one entry here.
 """
 
 from __future__ import annotations
 
 import dataclasses
-
-import ml_collections
+from collections.abc import Sequence
 
 from softpatch_jax import discriminators
 from softpatch_jax.io_utils import split_list
@@ -47,6 +47,19 @@ class BankSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class Options:
+    """What the method specs read: the `config.softpatch` fields of the same names (the driver
+    builds it; defaults live in configs/base.py)."""
+
+    discriminator: str  # for `softpatch` and `image_denoise`
+    discriminators: str  # SoftPatch+'s fused discriminators, a comma list
+    tau: float
+    tau_seg: float
+    soft_weight: str
+    rank_scope: str
+
+
+@dataclasses.dataclass(frozen=True)
 class MethodSpec:
     name: str
     cls: BankSpec  # image scores
@@ -59,13 +72,13 @@ class MethodSpec:
         return tuple(n for n in discriminators.NAMES if n in needed)
 
 
-def _softpatch(name: str, disc: str, sp: ml_collections.ConfigDict) -> MethodSpec:
+def _softpatch(name: str, disc: str, sp: Options) -> MethodSpec:
     discriminators.check_names([disc])
     return MethodSpec(name, BankSpec((disc,), sp.tau, "patch", disc))
 
 
-def spec(name: str, sp: ml_collections.ConfigDict) -> MethodSpec:
-    """The MethodSpec for a method name given the `config.softpatch` section."""
+def spec(name: str, sp: Options) -> MethodSpec:
+    """The MethodSpec for a method name given the softpatch options."""
     if name == "patchcore":
         return MethodSpec(name, BankSpec())
     if name == "softpatch":
@@ -89,10 +102,11 @@ def spec(name: str, sp: ml_collections.ConfigDict) -> MethodSpec:
     )
 
 
-def from_config(config: ml_collections.ConfigDict) -> list[MethodSpec]:
-    names = split_list(config.methods)
+def specs(methods: str | Sequence[str], sp: Options) -> list[MethodSpec]:
+    """The specs of `methods` (a comma list, as `config.methods`, or names), each name once."""
+    names = split_list(methods) if isinstance(methods, str) else list(methods)
     if not names:
         raise ValueError("config.methods is empty")
     if len(set(names)) != len(names):
         raise ValueError(f"config.methods lists a method twice: {names}")
-    return [spec(n, config.softpatch) for n in names]
+    return [spec(n, sp) for n in names]

@@ -71,17 +71,14 @@ def default_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
 STAGES = ("discriminators", "coreset", "scoring")
 
 
-def enabled(config=None, stage: str | None = None) -> bool:
+def enabled(value: str | bool, stage: str | None = None) -> bool:
     """Whether the pipeline should shard `stage` (one of `STAGES`; None: any of them) with this
-    module, from `config.parallel.enabled`: "auto" (more than one device), true/false, or a comma
-    list of stages to shard, e.g. "discriminators" for a CPU host split into devices, where only the
-    discriminators gain (bench: 2.1x on 8 host devices of 2 cores; coreset 0.8x, scoring 0.5x)."""
+    module, from the setting `value` (`config.parallel.enabled`): "auto" (more than one device),
+    true/false, or a comma list of stages to shard, e.g. "discriminators" for a CPU host split into
+    devices, where only the discriminators gain (bench: 2.1x on 8 host devices of 2 cores; coreset
+    0.8x, scoring 0.5x)."""
     if stage is not None and stage not in STAGES:
         raise ValueError(f"unknown parallel stage {stage!r}; valid: {STAGES}")
-    value = "auto"
-    section = config.get("parallel") if config is not None else None
-    if section is not None:
-        value = section.get("enabled", "auto")
     if isinstance(value, str):
         v = value.strip().lower()
         if v == "auto":

@@ -18,11 +18,12 @@ from deploy_helpers import tiny_config, write_folder
 from softpatch_jax import features, io_utils, scoring
 from softpatch_jax.data import folder, images
 from softpatch_jax.deploy import commands, fitting, model, predicting
+from softpatch_jax.experiment import options
 
 
 @pytest.fixture(scope="module")
 def ex():
-    return features.build(tiny_config())
+    return features.build(options.extractor_options(tiny_config()))
 
 
 @pytest.fixture(scope="module")

@@ -14,14 +14,15 @@ import pytest
 from deploy_helpers import defective_image, normal_image, tiny_config, write_folder
 from PIL import Image
 
-from softpatch_jax import config_errors, features, io_utils, weights
+from softpatch_jax import features, io_utils, weights
 from softpatch_jax.data import folder
 from softpatch_jax.deploy import commands, model, outdir, predicting, region, threshold
+from softpatch_jax.experiment import config_errors, options
 
 
 @pytest.fixture(scope="module")
 def ex():
-    return features.build(tiny_config())
+    return features.build(options.extractor_options(tiny_config()))
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,9 @@ import pytest
 
 from configs import base
 from configs.sweeps import discriminators as disc_sweep
-from softpatch_jax import config_errors, discriminators, methods
+from softpatch_jax import discriminators, methods
 from softpatch_jax.discriminators import bootstrap
+from softpatch_jax.experiment import config_errors, options
 
 KEY = jax.random.key(3)
 
@@ -69,7 +70,7 @@ def test_bootstrap_is_deterministic_per_key_and_needs_one():
 
 def test_bootstrap_reaches_methods_config_and_sweeps_through_the_registry():
     assert "bootstrap" in discriminators.NAMES
-    spec = methods.spec("softpatch_bootstrap", base.get_config().softpatch)
+    spec = methods.spec("softpatch_bootstrap", options.method_options(base.get_config()))
     assert spec.cls.removal == ("bootstrap",) and spec.cls.soft_weight == "bootstrap"
     c = base.get_config()
     assert c.softpatch.bootstrap_banks == 10 and c.softpatch.bootstrap_fraction == 0.1

@@ -25,9 +25,9 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from softpatch_jax import config_errors
 from softpatch_jax.data import demo, images
 from softpatch_jax.deploy import commands, fitting, model, outdir, region, threshold
+from softpatch_jax.experiment import config_errors
 
 
 def _default_config() -> str | None:

@@ -36,6 +36,7 @@ from softpatch_jax.deploy import model as model_lib
 from softpatch_jax.deploy import outdir, render
 from softpatch_jax.deploy import region as region_lib
 from softpatch_jax.deploy import threshold as threshold_lib
+from softpatch_jax.experiment import options as options_lib
 
 MARKER = "predictions.json"  # marks a folder as a prediction written by this tool
 
@@ -55,7 +56,7 @@ def build_extractor(
     extractor: features.Extractor | None = None,
 ) -> features.Extractor:
     """The model's backbone, checked against what it was fitted with."""
-    ex = extractor or features.build(model.config)
+    ex = extractor or features.build(options_lib.extractor_options(model.config))
     for note in model_lib.check_compatible(model, ex, strict_version=strict_version):
         logging.info("model vs install (tolerated): %s", note)
     if ex.random_init:

@@ -16,7 +16,7 @@ cache keys, sharding, sweeps and the method names with no other edit). It declar
   precision     (score_dtype setting, N, R, platform) -> "float32" | "float64";
   resolve       (params, N) -> params actually used (LOF: k reduced to N-1), part of cache keys;
   order         position in `NAMES` (error messages, tables, fusion order);
-  checks        {parameter key: (predicate, expected)} for config validation (config_errors.py).
+  checks        {parameter key: (predicate, expected)} for config validation (experiment/config_errors.py).
 
 Shared intermediates (`Position.get(name, *args)`): computed at most once per position for every
 discriminator asking for them, in one trace: "centred" [N, R] (rows minus their mean; changes no

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 
 from softpatch_jax import data, metrics, report
-from softpatch_jax.experiment import grid, plan
+from softpatch_jax.experiment import grid, options, plan
 from softpatch_jax.io_utils import atomic_open, write_csv, write_json
 
 # Row fields left out of a plain run's results.csv: lists (injected images), a sweep's axes (none in
@@ -70,7 +70,10 @@ def cell_row(
         "num_test": num_test,
         "train_anomalous": anomalous,
         "train_anomalous_fraction": round(anomalous / max(num_train, 1), 6),
-        **{f"dataset.{k}": v for k, v in data.options(config.dataset).items()},
+        **{
+            f"dataset.{k}": v
+            for k, v in data.options(options.dataset_options(config.dataset)).items()
+        },
         "bank_cls": int(banks.cls.feats_MxD.shape[0]),
         "bank_seg": int(banks.seg.feats_MxD.shape[0]),
         **{f"time_{k}": round(v, 4) for k, v in times.items()},
@@ -98,7 +101,9 @@ def save_cell_maps(workdir: str, cell: grid.Cell, row: dict, maps, evalset: Eval
     shown_key = tuple(idx.tolist())
     if shown_key not in evalset.shown:
         ds = cell.config.dataset
-        evalset.shown[shown_key] = data.loader(ds, row["category"])(records)[0]
+        evalset.shown[shown_key] = data.loader(options.dataset_options(ds), row["category"])(
+            records
+        )[0]
     save_maps(
         os.path.join(workdir, "maps", f"{cell.id}.npz"),
         records,

@@ -19,7 +19,7 @@ import numpy as np
 from softpatch_jax import data, metrics
 from softpatch_jax.data import noise
 from softpatch_jax.data.records import CategorySplits
-from softpatch_jax.experiment import grid
+from softpatch_jax.experiment import grid, options
 from softpatch_jax.results import HEADLINE
 
 
@@ -27,7 +27,7 @@ def plan(config: ml_collections.ConfigDict) -> list[grid.Cell]:
     """The grid's cells (a plain run's: one per category, noise ratio and method), checked so that
     a misspelt metric, a noise ratio the split forbids or a misnamed map image fails here, before
     any work."""
-    cells = grid.expand(config, data.categories)
+    cells = grid.expand(config, lambda ds: data.categories(options.dataset_options(ds)))
     for c in cells:
         eval_metrics(c.config)
         check_noise(c.config, [c.ratio])
@@ -61,7 +61,7 @@ def read(cells: Sequence[grid.Cell]) -> list[Setting]:
     out = []
     for category, ccells in grid.group(cells, lambda c: c.category).items():
         for scells in grid.group(ccells, lambda c: _setting(c.config)).values():
-            splits = data.read(scells[0].config.dataset, category)
+            splits = data.read(options.dataset_options(scells[0].config.dataset), category)
             chosen = parse_map_images(scells[0].config.eval.get("map_images", ""))
             chosen_indices(splits.test, category, chosen)
             noisy = {}
@@ -75,7 +75,7 @@ def read(cells: Sequence[grid.Cell]) -> list[Setting]:
 def check_noise(config: ml_collections.ConfigDict, ratios) -> None:
     """Raises unless every noise ratio is 0 where the dataset's split fixes the training noise
     (Real-IAD's FUIAD lists): injecting test anomalies on top would change the benchmark."""
-    if data.fixed_noise(config.dataset) and any(r > 0 for r in ratios):
+    if data.fixed_noise(options.dataset_options(config.dataset)) and any(r > 0 for r in ratios):
         raise ValueError(
             f"dataset.split={config.dataset.split!r} fixes the training set's noise (its JSON "
             f"lists the noisy training set), so the project's own noise injection is off: set "

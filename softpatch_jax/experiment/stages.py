@@ -19,7 +19,7 @@ import numpy as np
 from absl import logging
 
 from softpatch_jax import data, discriminators, features, memory_bank, methods, progress, scoring
-from softpatch_jax.experiment import cache
+from softpatch_jax.experiment import cache, options
 from softpatch_jax.features import STORE_DTYPES
 from softpatch_jax.memory_bank import Banks, MemoryBank
 
@@ -50,7 +50,7 @@ def store_dtype(config: ml_collections.ConfigDict):
 def extractor(cfg: ml_collections.ConfigDict) -> tuple[features.Extractor, str]:
     """The backbone's extractor and the identity of its weights (`cache.weights_id`, part of every
     features key); a random-init backbone is warned about loudly."""
-    ex = features.build(cfg)
+    ex = features.build(options.extractor_options(cfg))
     if ex.random_init:
         logging.warning("=" * 78)
         logging.warning(features.RANDOM_INIT_WARNING)
@@ -62,7 +62,7 @@ def extract(ex: features.Extractor, records, config, category: str, what: str, c
     """Decoded and extracted features [N, P, D] (host, as extracted) and masks of `records`, with
     a progress bar. Decoding goes through data.loader, so a prepared (TFDS) store is used when the
     config asks; `count(name, n)` tallies the work (the driver's counters)."""
-    images, masks = data.loader(config.dataset, category)(records)
+    images, masks = data.loader(options.dataset_options(config.dataset), category)(records)
     logging.info("  features: %d %s images", images.shape[0], what)
     with progress.bar(f"features ({what})", images.shape[0], "img") as update:
         feats = np.asarray(features.extract(ex, images, update))
@@ -101,7 +101,8 @@ def prepare(
             cached[name] = jax.numpy.asarray(hit["scores"])
             if "low" in hit:  # a float64 score's low part (`discriminators.low_key`)
                 cached[discriminators.low_key(name)] = jax.numpy.asarray(hit["low"])
-    prepared = memory_bank.prepare(key, feats_NxPxD, cfg, names, scores_NxP=cached)
+    fit_opts = options.fit_options(cfg)
+    prepared = memory_bank.prepare(key, feats_NxPxD, fit_opts, names, scores_NxP=cached)
     for name in prepared.computed:
         arrays = {"scores": np.asarray(prepared.scores_NxP[name])}
         low = prepared.scores_NxP.get(discriminators.low_key(name))
@@ -119,12 +120,7 @@ def fit(
     specs: Sequence[methods.MethodSpec],
 ) -> dict[str, Banks]:
     """The banks of every spec (by spec name): every distinct keep mask in one coreset pass."""
-    return memory_bank.fit_banks(prepared, feats_NxPxD, cfg, specs).banks
-
-
-def scoring_options(sc: ml_collections.ConfigDict) -> scoring.Options:
-    """The `config.scoring` section as the scoring composition's options."""
-    return scoring.Options(sc.distance, sc.search, sc.blur_sigma, sc.chunk_size)
+    return memory_bank.fit_banks(prepared, feats_NxPxD, options.fit_options(cfg), specs).banks
 
 
 def predict(
