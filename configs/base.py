@@ -77,6 +77,13 @@ def get_config() -> ml_collections.ConfigDict:
     # exact ones by more than neighbours at the tau quantile do (README "Fidelity"). TPUs: float32.
     c.softpatch.score_dtype = "auto"  # auto | float32 | float64
 
+    # The `inreach` method (InReaCh, ICCV 2023; softpatch_jax/inreach.py): keep the patches of
+    # mutual-nearest-neighbour channels across training images that are long and tight.
+    c.inreach = ml_collections.ConfigDict()
+    c.inreach.window = 1  # mutual neighbours searched within (2w+1)^2 grid cells of the position
+    c.inreach.min_length = 0.5  # a kept channel spans at least this fraction of the images
+    c.inreach.spread_quantile = 0.9  # and is no wider than this quantile of the long channels
+
     # Approximate greedy k-center coreset (PatchCore).
     c.coreset = ml_collections.ConfigDict()
     c.coreset.ratio = 0.1  # of ALL N*P patches, removed ones included in the count

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -18,7 +19,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from softpatch_jax import coreset, discriminators, methods, pool, progress
+from softpatch_jax import coreset, discriminators, inreach, methods, pool, progress
 from softpatch_jax import parallel as parallel_lib
 
 
@@ -106,8 +107,20 @@ def removal_score(bank: methods.BankSpec, scores_NxP: dict[str, jax.Array]) -> j
     return discriminators.fuse(as_PxN, bank.removal, bank.rank_scope).T
 
 
-def keep_mask(bank: methods.BankSpec, scores_NxP: dict[str, jax.Array], shape: tuple) -> jax.Array:
-    """bool [N, P]: False for the top-tau patches (or all patches of the top-tau images)."""
+def keep_mask(
+    bank: methods.BankSpec,
+    scores_NxP: dict[str, jax.Array],
+    shape: tuple,
+    pool_NxPxR: jax.Array | None = None,
+) -> jax.Array:
+    """bool [N, P]: False for the top-tau patches (or all patches of the top-tau images); for a
+    bank kept by InReaCh's channels, the channels' patches of the projected pool (square grid)."""
+    if bank.channels is not None:
+        p = shape[1]
+        side = math.isqrt(p)
+        if side * side != p or pool_NxPxR is None:
+            raise ValueError(f"inreach needs the projected pool on a square grid, got P={p}")
+        return inreach.keep_mask(pool_NxPxR, (side, side), bank.channels)
     if not bank.removal or bank.tau == 0.0:
         return jnp.ones(shape, bool)
     s = removal_score(bank, scores_NxP)
@@ -251,9 +264,14 @@ def fit_banks(
     scores = prepared.scores_NxP
     masks: dict[tuple, jax.Array] = {}
     keeps: dict[str, jax.Array] = {}
+    pool_NxPxR = None
+    if any(b.channels is not None for s in specs for b in (s.cls, s.seg) if b is not None):
+        # The coreset's centred, feature-major pool (centring moves no distance), unpadded.
+        n, p = shape
+        pool_NxPxR = prepared.coreset.x_RxN[:, : n * p].T.reshape(n, p, -1)
     for spec in specs:
         for bank in (spec.cls, spec.seg or spec.cls):
-            keep = keep_mask(bank, scores, shape)
+            keep = keep_mask(bank, scores, shape, pool_NxPxR)
             masks.setdefault(bank.coreset_key(), keep.reshape(-1))
             if bank is spec.cls:
                 keeps[spec.name] = keep

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-from softpatch_jax import discriminators
+from softpatch_jax import discriminators, inreach
 from softpatch_jax.io_utils import split_list
 
 SOFT_WEIGHTS = ("none", "fused", *discriminators.NAMES)
@@ -21,6 +21,8 @@ class BankSpec:
 
     removal: discriminators whose (rank-fused, if several) score ranks the patches; () = no removal.
     granularity: "patch" removes patches; "image" removes whole images by their max patch score.
+    channels: keep only the patches of InReaCh's long, tight channels (`inreach.keep_mask`)
+      instead of a removal by scores.
     """
 
     removal: tuple[str, ...] = ()
@@ -28,6 +30,7 @@ class BankSpec:
     granularity: str = "patch"
     soft_weight: str = "none"
     rank_scope: str = "all"
+    channels: inreach.Options | None = None
 
     def __post_init__(self):
         if not 0.0 <= self.tau < 1.0:
@@ -41,6 +44,8 @@ class BankSpec:
 
     def coreset_key(self) -> tuple:
         """Banks that remove the same patches share one coreset run."""
+        if self.channels is not None:
+            return ("inreach", self.channels)
         if not self.removal or self.tau == 0.0:
             return ("all",)
         return (self.removal, self.tau, self.granularity, self.rank_scope)
@@ -57,6 +62,7 @@ class Options:
     tau_seg: float
     soft_weight: str
     rank_scope: str
+    inreach: inreach.Options  # the `inreach` method's channel selection
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,27 +92,33 @@ def spec(name: str, sp: Options) -> MethodSpec:
     if name.startswith("softpatch_") and name[len("softpatch_") :] in discriminators.NAMES:
         return _softpatch(name, name[len("softpatch_") :], sp)
     if name == "softpatch_plus":
-        names = discriminators.check_names(split_list(sp.discriminators))
+        fused = discriminators.check_names(split_list(sp.discriminators))
 
         def bank(tau: float) -> BankSpec:
-            return BankSpec(names, tau, "patch", sp.soft_weight, sp.rank_scope)
+            return BankSpec(fused, tau, "patch", sp.soft_weight, sp.rank_scope)
 
         return MethodSpec(name, bank(sp.tau), bank(sp.tau_seg))
+    if name == "inreach":
+        return MethodSpec(name, BankSpec(channels=sp.inreach))
     if name == "image_denoise":
         discriminators.check_names([sp.discriminator])
         return MethodSpec(name, BankSpec((sp.discriminator,), sp.tau, "image", "none"))
-    raise ValueError(
-        f"unknown method {name!r}; valid: patchcore, softpatch, "
-        + ", ".join(f"softpatch_{n}" for n in discriminators.NAMES)
-        + ", softpatch_plus, image_denoise"
-    )
+    raise ValueError(f"unknown method {name!r}; valid: {', '.join(names())}")
+
+
+def names() -> tuple[str, ...]:
+    """Every method name `spec` knows: the fixed ones and `softpatch_<name>` for every registered
+    discriminator (tests/test_registered.py runs each of them)."""
+    per_discriminator = tuple(f"softpatch_{n}" for n in discriminators.NAMES)
+    fixed = ("softpatch_plus", "image_denoise", "inreach")
+    return ("patchcore", "softpatch", *per_discriminator, *fixed)
 
 
 def specs(methods: str | Sequence[str], sp: Options) -> list[MethodSpec]:
     """The specs of `methods` (a comma list, as `config.methods`, or names), each name once."""
-    names = split_list(methods) if isinstance(methods, str) else list(methods)
-    if not names:
+    wanted = split_list(methods) if isinstance(methods, str) else list(methods)
+    if not wanted:
         raise ValueError("config.methods is empty")
-    if len(set(names)) != len(names):
-        raise ValueError(f"config.methods lists a method twice: {names}")
-    return [spec(n, sp) for n in names]
+    if len(set(wanted)) != len(wanted):
+        raise ValueError(f"config.methods lists a method twice: {wanted}")
+    return [spec(n, sp) for n in wanted]

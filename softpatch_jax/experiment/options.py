@@ -7,7 +7,16 @@ from __future__ import annotations
 
 import ml_collections
 
-from softpatch_jax import data, discriminators, features, memory_bank, methods, scoring, weights
+from softpatch_jax import (
+    data,
+    discriminators,
+    features,
+    inreach,
+    memory_bank,
+    methods,
+    scoring,
+    weights,
+)
 
 
 def method_options(config: ml_collections.ConfigDict) -> methods.Options:
@@ -19,6 +28,11 @@ def method_options(config: ml_collections.ConfigDict) -> methods.Options:
         tau_seg=sp.tau_seg,
         soft_weight=sp.soft_weight,
         rank_scope=sp.rank_scope,
+        inreach=inreach.Options(
+            window=config.inreach.window,
+            min_length=config.inreach.min_length,
+            spread_quantile=config.inreach.spread_quantile,
+        ),
     )
 
 
