@@ -86,8 +86,8 @@ def cell_row(
 def save_cell_maps(workdir: str, cell: grid.Cell, row: dict, maps, evalset: EvalSet) -> None:
     """WORKDIR/maps/CELL_ID.npz: the maps of `eval.save_maps` test images and of those
     `eval.map_images` names (none: nothing written)."""
-    count = int(cell.config.eval.get("save_maps", 0))
-    chosen = plan.parse_map_images(cell.config.eval.get("map_images", ""))
+    count = int(cell.config.eval.save_maps)
+    chosen = plan.parse_map_images(cell.config.eval.map_images)
     if not (count or chosen):
         return
     # Chosen images were checked against the full test set up front; a no-overlap noisy set may

@@ -31,9 +31,7 @@ def plan(config: ml_collections.ConfigDict) -> list[grid.Cell]:
     for c in cells:
         eval_metrics(c.config)
         check_noise(c.config, [c.ratio])
-    chosen = {
-        cat for c in cells for cat, _ in parse_map_images(c.config.eval.get("map_images", ""))
-    }
+    chosen = {cat for c in cells for cat, _ in parse_map_images(c.config.eval.map_images)}
     known = list(dict.fromkeys(c.category for c in cells))
     if unknown := sorted(chosen - set(known)):
         raise ValueError(f"eval.map_images names categories {unknown} not in this run: {known}")
@@ -62,7 +60,7 @@ def read(cells: Sequence[grid.Cell]) -> list[Setting]:
     for category, ccells in grid.group(cells, lambda c: c.category).items():
         for scells in grid.group(ccells, lambda c: _setting(c.config)).values():
             splits = data.read(options.dataset_options(scells[0].config.dataset), category)
-            chosen = parse_map_images(scells[0].config.eval.get("map_images", ""))
+            chosen = parse_map_images(scells[0].config.eval.map_images)
             chosen_indices(splits.test, category, chosen)
             noisy = {}
             for c in scells:
@@ -155,5 +153,5 @@ def chosen_indices(
 def eval_metrics(config) -> tuple[str, ...]:
     """The metrics named by `eval.metrics` (a comma list, or "all"), and always image and pixel
     AUROC: the summary table and the report's curves are drawn from those two."""
-    named = metrics.check_names(config.eval.get("metrics", "all"))
+    named = metrics.check_names(config.eval.metrics)
     return metrics.check_names([*HEADLINE, *named])

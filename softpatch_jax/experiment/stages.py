@@ -41,7 +41,7 @@ class Timer:
 
 def store_dtype(config: ml_collections.ConfigDict):
     """The dtype features are held in on the device (`embedding.store_dtype`), checked."""
-    name = config.embedding.get("store_dtype", "float32")
+    name = config.embedding.store_dtype
     if name not in STORE_DTYPES:
         raise ValueError(f"embedding.store_dtype {name!r}; valid: {sorted(STORE_DTYPES)}")
     return STORE_DTYPES[name]
