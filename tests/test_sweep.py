@@ -26,7 +26,7 @@ TINY = demo.DemoSpec(size=32, num_train=8, num_test_good=3, num_per_defect=1, ca
 GRID_CELL = 4  # the stand-in backbone's patch size: a 32x32 crop gives an 8x8 feature grid
 
 
-def fake_build(config):
+def fake_build(options):
     """A stand-in `features.build`: per 4x4 patch mean and std of each channel, mixed by a fixed
     random matrix to 16 dims. Cheap to compile; enough structure for AUROCs to mean something."""
     w = jax.random.normal(jax.random.key(7), (6, 16))
@@ -39,7 +39,7 @@ def fake_build(config):
         stats = jnp.concatenate([x.mean((2, 4)), x.std((2, 4))], axis=-1)
         return jnp.tanh(stats @ variables["w"])
 
-    crop = config.dataset.crop
+    crop = options.crop
     grid_hw = (crop // GRID_CELL, crop // GRID_CELL)
     info = {"weights": "random-init", "arch": "fake"}
     return features.Extractor(apply, {"w": w}, info, 8, grid_hw, (crop, crop))
