@@ -76,10 +76,11 @@ def test_single_view_has_one_view_per_sample(tree):
 
 
 def _cfg(root, split="fuiad_0.2", resolution="256", **kw):
-    return dataset_options(
+    fields = dict(
         name="real_iad", layout="realiad", root=root, categories="all", resize=32, crop=24,
-        batch_size=4, split=split, resolution=resolution, prepared=False, data_dir="", **kw
+        batch_size=4, split=split, resolution=resolution, prepared=False, data_dir="",
     )  # fmt: skip
+    return dataset_options(**{**fields, **kw})
 
 
 def test_config_entry_points(tree):
