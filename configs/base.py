@@ -6,6 +6,8 @@ Any value can be overridden on the command line, e.g. --config.noise.ratios=0.0,
 
 import ml_collections
 
+from softpatch_jax import discriminators
+
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -23,6 +25,9 @@ def get_config() -> ml_collections.ConfigDict:
     # True: decode once into a TFDS array_record store (resized, uncropped), re-read from it after.
     c.dataset.prepared = False
     c.dataset.data_dir = ""  # the store's folder; "" = $TFDS_DATA_DIR or ~/tensorflow_datasets
+    # Real-IAD's split and resolution (configs/realiad.py); unused by the other layouts.
+    c.dataset.split = ""
+    c.dataset.resolution = ""
 
     # Noisy training set (METHOD.md section 6). ratios: comma-separated, each run in turn.
     c.noise = ml_collections.ConfigDict()
@@ -56,21 +61,28 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.softpatch = ml_collections.ConfigDict()
     c.softpatch.discriminator = "lof"  # for `softpatch` and `image_denoise`
-    c.softpatch.discriminators = (
-        "gaussian,lof"  # SoftPatch+ fusion (any subset of nearest,gaussian,lof)
-    )
-    c.softpatch.lof_k = 6
+    c.softpatch.discriminators = "gaussian,lof"  # SoftPatch+ fusion (any registered subset)
     c.softpatch.tau = 0.15  # SoftPatch, and SoftPatch+'s classification bank (tau_cls)
     c.softpatch.tau_seg = 0.50  # SoftPatch+'s segmentation bank
     c.softpatch.soft_weight = "lof"  # SoftPatch+: lof | nearest | gaussian | fused | none
     c.softpatch.rank_scope = "all"  # SoftPatch+ rank normalisation: "all" patches or "position"
     c.softpatch.projection_dim = 128  # R; 0 = discriminators and coreset on the full D
-    c.softpatch.gaussian_eps = 0.01  # covariance regulariser
+    # Every registered discriminator's parameters, with the defaults its module declares
+    # (softpatch_jax/discriminators/*.py): lof_k = LOF's k (6), gaussian_eps = the Gaussian's
+    # covariance regulariser (0.01), ...
+    c.softpatch.update(discriminators.config_defaults())
     # Discriminator precision. auto: the nearest distance, and the Gaussian where N <=
     # projection_dim, in float64 (scores kept as float32 hi + lo, ranked in float64 order). The
     # saturated Gaussian distances and the float32 expanded-form nearest distances differ from the
     # exact ones by more than neighbours at the tau quantile do (README "Fidelity"). TPUs: float32.
     c.softpatch.score_dtype = "auto"  # auto | float32 | float64
+
+    # The `inreach` method (InReaCh, ICCV 2023; softpatch_jax/inreach.py): keep the patches of
+    # mutual-nearest-neighbour channels across training images that are long and tight.
+    c.inreach = ml_collections.ConfigDict()
+    c.inreach.window = 1  # mutual neighbours searched within (2w+1)^2 grid cells of the position
+    c.inreach.min_length = 0.5  # a kept channel spans at least this fraction of the images
+    c.inreach.spread_quantile = 0.9  # and is no wider than this quantile of the long channels
 
     # Approximate greedy k-center coreset (PatchCore).
     c.coreset = ml_collections.ConfigDict()

@@ -44,7 +44,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from softpatch_jax import data, discriminators, features, memory_bank, methods, pool, scoring
-from softpatch_jax.experiment import grid, plan, stages
+from softpatch_jax.experiment import grid, options, plan, stages
 from softpatch_jax.io_utils import atomic_open, write_json
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -285,11 +285,13 @@ def removal_tolerance(fitted, spec, theirs: dict, ours: dict, run_theirs) -> dic
 
 
 def run_category(ref, config, ex, category: str) -> list[dict]:
-    splits = data.read(config.dataset, category)
+    splits = data.read(options.dataset_options(config.dataset), category)
     train, _ = stages.extract(ex, splits.train, config, category, "train")
     test, test_masks = stages.extract(ex, splits.test, config, category, "test")
     test_pos = {r.path: i for i, r in enumerate(splits.test)}
-    specs = [methods.spec(n, config.softpatch) for n in methods.split_list(config.methods)]
+    specs = [
+        methods.spec(n, options.method_options(config)) for n in methods.split_list(config.methods)
+    ]
     rows = []
     for ratio in grid.parse_ratios(config.noise.ratios):
         noisy, injected, spec = plan.noisy_splits(config, splits, ratio)
@@ -311,7 +313,12 @@ def run_category(ref, config, ex, category: str) -> list[dict]:
             n * p, min(config.coreset.num_starts, n * p), replace=False
         )
         fitted = memory_bank.fit_many(
-            root, feats, config, specs, projection=proj, starts=jnp.asarray(starts)
+            root,
+            feats,
+            options.fit_options(config),
+            specs,
+            projection=proj,
+            starts=jnp.asarray(starts),
         )
         for s in specs:
             banks = fitted.banks[s.name]
@@ -416,9 +423,9 @@ def main(argv):
     config = _CONFIG.value
     ref = load_reference(_REFERENCE.value)
     os.makedirs(_OUT.value, exist_ok=True)
-    ex = features.build(config)
+    ex = features.build(options.extractor_options(config))
     rows: list[dict] = []
-    categories = data.categories(config.dataset)
+    categories = data.categories(options.dataset_options(config.dataset))
     for i, category in enumerate(categories):
         logging.info("[%d/%d] %s", i + 1, len(categories), category)
         rows += run_category(ref, config, ex, category)

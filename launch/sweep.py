@@ -9,7 +9,7 @@ Re-running the same command skips finished cells; then `python -m softpatch_jax.
 from absl import app, flags
 from ml_collections import config_flags
 
-from softpatch_jax.experiment import driver
+from softpatch_jax.experiment import config_errors, driver
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
@@ -26,8 +26,12 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    try:
+        config_errors.validate(_CONFIG.value)
+    except config_errors.ConfigError as e:
+        raise app.UsageError(str(e)) from None
     driver.sweep(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=config_errors.parse_flags)

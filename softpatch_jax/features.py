@@ -10,7 +10,6 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from softpatch_jax import embedding, models, weights
@@ -39,9 +38,22 @@ class Extractor:
         return self.info.get("weights") == weights.RANDOM_INIT
 
 
-def build(config: ml_collections.ConfigDict) -> Extractor:
-    """The extractor for config.backbone / config.embedding at config.dataset.crop."""
-    bb = config.backbone
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """What the extractor is built from (the driver builds it from `config.backbone`,
+    `config.embedding` and the dataset's crop and batch size)."""
+
+    backbone: weights.Backbone
+    patch_size: int  # local aggregation window
+    pretrain_dim: int  # each layer's unfolded vector is pooled to this
+    target_dim: int  # D
+    crop: int  # input image side
+    batch_size: int  # images per backbone call (padded, so compiled once)
+
+
+def build(options: Options) -> Extractor:
+    """The extractor for the backbone and patch embedding of `options` at its crop size."""
+    bb = options.backbone
     dtype = weights.compute_dtype(bb.dtype)
     spec = models.get_spec(bb.arch)
     layers = models.split_layers(bb.layers) or spec.feature_layers
@@ -49,7 +61,7 @@ def build(config: ml_collections.ConfigDict) -> Extractor:
     variables, info = weights.resolve(bb)
     mean = jnp.asarray(spec.mean, jnp.float32).reshape(1, 1, 1, 3) * 255.0
     std = jnp.asarray(spec.std, jnp.float32).reshape(1, 1, 1, 3) * 255.0
-    emb = config.embedding
+    emb = options
 
     @jax.jit
     def apply(variables, images_BxHxWx3):
@@ -57,9 +69,9 @@ def build(config: ml_collections.ConfigDict) -> Extractor:
         maps = module.apply(variables, x)
         return embedding.embed(maps, layers, emb.patch_size, emb.pretrain_dim, emb.target_dim)
 
-    size = (config.dataset.crop, config.dataset.crop)
+    size = (options.crop, options.crop)
     out = jax.eval_shape(apply, variables, jax.ShapeDtypeStruct((1, *size, 3), jnp.uint8))
-    return Extractor(apply, variables, info, config.dataset.batch_size, tuple(out.shape[1:3]), size)
+    return Extractor(apply, variables, info, options.batch_size, tuple(out.shape[1:3]), size)
 
 
 def extract(

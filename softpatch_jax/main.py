@@ -1,7 +1,7 @@
 """Entry point: python -m softpatch_jax.main --config=configs/demo.py --workdir=/tmp/sp_demo
 
 Every config value can be overridden: --config.noise.ratios=0.0,0.2 --config.methods=patchcore
-A misspelt key or a bad value is one line naming the key and value (config_errors.py), exit 2;
+A misspelt key or a bad value is one line naming the key and value (experiment/config_errors.py), exit 2;
 so is any other error about the input (a missing dataset root, an unknown layout, method or
 category, a workdir that is a file): softpatch_jax/cli.py. --debug shows the traceback instead.
 """
@@ -9,8 +9,8 @@ category, a workdir that is a file): softpatch_jax/cli.py. --debug shows the tra
 from absl import app, flags
 from ml_collections import config_flags
 
-from softpatch_jax import cli, config_errors
-from softpatch_jax.experiment import driver
+from softpatch_jax import cli
+from softpatch_jax.experiment import config_errors, driver
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to a configs/*.py file.", lock_config=True

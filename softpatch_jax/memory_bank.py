@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
-import ml_collections
-from absl import logging
 
-from softpatch_jax import coreset, discriminators, methods, pool, progress
+from softpatch_jax import coreset, discriminators, inreach, methods, pool, progress
 from softpatch_jax import parallel as parallel_lib
 
 
@@ -34,6 +34,20 @@ class MemoryBank:
 class Banks:
     cls: MemoryBank  # image scores
     seg: MemoryBank  # pixel maps (the same bank unless the method builds two)
+
+
+@dataclasses.dataclass(frozen=True)
+class FitOptions:
+    """What the fitting path reads (the driver builds it from `config.softpatch`, `config.coreset`
+    and `config.parallel`; defaults live in configs/base.py)."""
+
+    projection_dim: int  # R; 0 = discriminators and coreset on the full D
+    discriminator_params: Mapping[str, Any]  # `discriminators.config_defaults()` keys -> values
+    score_dtype: str  # `discriminators.resolve_precision`
+    num_starts: int  # coreset start points
+    coreset_ratio: float  # of ALL N*P patches
+    strict_parity: bool  # reproduce the reference's unmasked first pick
+    parallel: str | bool  # `parallel.enabled`'s setting
 
 
 @dataclasses.dataclass
@@ -60,25 +74,24 @@ class Prepared:
 def discriminator_scores(
     proj_NxPxR: jax.Array,
     names: Sequence[str],
-    lof_k: int,
-    gaussian_eps: float,
+    params: Mapping[str, Any] | None = None,
     *,
     score_dtype: str = "auto",
     parallel: bool = False,
+    key: jax.Array | None = None,
 ) -> dict[str, jax.Array]:
     """Raw per-position scores {name: [N, P]} of every training patch (a score computed in float64
     adds its low part under `discriminators.low_key(name)`; rank them with `order_key`).
 
+    params: discriminator parameters by config key (`discriminators.config_defaults` for the rest).
+    key: for discriminators that draw random numbers (`Discriminator.needs_key`).
     parallel: shard the positions over all devices (`parallel.discriminator_scores`); same values.
     """
     n, _, r = proj_NxPxR.shape
     if not names:
         return {}
-    k = discriminators.effective_k(lof_k, n)
-    if k != lof_k and "lof" in names:
-        logging.warning("LOF k=%d needs more than %d training images: using k=%d", lof_k, n, k)
     chunk = discriminators.chunk_size_for(n, r)
-    args = (proj_NxPxR, tuple(names), k, gaussian_eps, chunk, score_dtype)
+    args = (proj_NxPxR, tuple(names), params, chunk, score_dtype, key)
     if parallel:
         out = parallel_lib.discriminator_scores(*args)
     else:
@@ -94,8 +107,20 @@ def removal_score(bank: methods.BankSpec, scores_NxP: dict[str, jax.Array]) -> j
     return discriminators.fuse(as_PxN, bank.removal, bank.rank_scope).T
 
 
-def keep_mask(bank: methods.BankSpec, scores_NxP: dict[str, jax.Array], shape: tuple) -> jax.Array:
-    """bool [N, P]: False for the top-tau patches (or all patches of the top-tau images)."""
+def keep_mask(
+    bank: methods.BankSpec,
+    scores_NxP: dict[str, jax.Array],
+    shape: tuple,
+    pool_NxPxR: jax.Array | None = None,
+) -> jax.Array:
+    """bool [N, P]: False for the top-tau patches (or all patches of the top-tau images); for a
+    bank kept by InReaCh's channels, the channels' patches of the projected pool (square grid)."""
+    if bank.channels is not None:
+        p = shape[1]
+        side = math.isqrt(p)
+        if side * side != p or pool_NxPxR is None:
+            raise ValueError(f"inreach needs the projected pool on a square grid, got P={p}")
+        return inreach.keep_mask(pool_NxPxR, (side, side), bank.channels)
     if not bank.removal or bank.tau == 0.0:
         return jnp.ones(shape, bool)
     s = removal_score(bank, scores_NxP)
@@ -158,7 +183,7 @@ def needed_discriminators(specs: Sequence[methods.MethodSpec]) -> tuple[str, ...
 def prepare(
     key: jax.Array,
     feats_NxPxD,
-    config: ml_collections.ConfigDict,
+    options: FitOptions,
     names: Sequence[str],
     *,
     projection: jax.Array | None = None,
@@ -175,22 +200,22 @@ def prepare(
       key: root key; the projection and coreset starts come from its named streams.
       feats_NxPxD: training patch features (N images, P positions, D dims): a device array or a host
         source (see `pool.project_pool`), any float dtype (e.g. float16 storage).
-      config: the run config (sections softpatch, coreset; parallel.enabled if present).
+      options: projection size, discriminator parameters and precision, coreset starts, sharding.
       names: discriminators whose scores the banks (or an audit) need.
       projection: explicit [D, R] projection (overrides the random one; R = D for none).
       starts: explicit coreset start indices into the N*P pool.
       scores_NxP: precomputed raw discriminator scores (e.g. from a sweep cache); not recomputed.
       timer: stage name -> context manager, for the pipeline's timings.
       parallel: shard discriminators and coreset over all devices (same results); None reads
-        `config.parallel.enabled` per stage ("auto": when there is more than one device).
+        `options.parallel` per stage ("auto": when there is more than one device).
     """
     n, p, d = feats_NxPxD.shape
     if parallel is None:
-        disc_parallel = parallel_lib.enabled(config, "discriminators")
-        coreset_parallel = parallel_lib.enabled(config, "coreset")
+        disc_parallel = parallel_lib.enabled(options.parallel, "discriminators")
+        coreset_parallel = parallel_lib.enabled(options.parallel, "coreset")
     else:
         disc_parallel = coreset_parallel = bool(parallel)
-    r = config.softpatch.projection_dim
+    r = options.projection_dim
     if projection is None and r:
         projection = pool.random_projection(pool.stream(key, "projection"), d, r)
     with timer("projection"):
@@ -202,15 +227,15 @@ def prepare(
             discriminator_scores(
                 pool_NxPxR,
                 missing,
-                config.softpatch.lof_k,
-                config.softpatch.gaussian_eps,
-                score_dtype=config.softpatch.get("score_dtype", "auto"),
+                options.discriminator_params,
+                score_dtype=options.score_dtype,
                 parallel=disc_parallel,
+                key=pool.stream(key, "discriminators"),
             )
         )
         jax.block_until_ready(scores)
     if starts is None:
-        starts = coreset.draw_starts(pool.stream(key, "coreset"), n * p, config.coreset.num_starts)
+        starts = coreset.draw_starts(pool.stream(key, "coreset"), n * p, options.num_starts)
     with timer("coreset"):
         flat_pool = pool.flatten_images(pool_NxPxR)
         del pool_NxPxR
@@ -223,7 +248,7 @@ def prepare(
 def fit_banks(
     prepared: Prepared,
     feats_NxPxD,
-    config: ml_collections.ConfigDict,
+    options: FitOptions,
     specs: Sequence[methods.MethodSpec],
     *,
     timer: Callable = _null_timer,
@@ -232,23 +257,28 @@ def fit_banks(
     pass of the coreset loop for every distinct mask (`BankSpec.coreset_key`), soft weights, and
     the picked rows gathered from `feats_NxPxD` (the features `prepared` was made from).
 
-    config: sections coreset (ratio, strict_parity). A method without its own segmentation bank
+    options: the coreset ratio and parity switch. A method without its own segmentation bank
     gets the classification bank object twice, so scoring runs once for both.
     """
     shape = prepared.shape
     scores = prepared.scores_NxP
     masks: dict[tuple, jax.Array] = {}
     keeps: dict[str, jax.Array] = {}
+    pool_NxPxR = None
+    if any(b.channels is not None for s in specs for b in (s.cls, s.seg) if b is not None):
+        # The coreset's centred, feature-major pool (centring moves no distance), unpadded.
+        n, p = shape
+        pool_NxPxR = prepared.coreset.x_RxN[:, : n * p].T.reshape(n, p, -1)
     for spec in specs:
         for bank in (spec.cls, spec.seg or spec.cls):
-            keep = keep_mask(bank, scores, shape)
+            keep = keep_mask(bank, scores, shape, pool_NxPxR)
             masks.setdefault(bank.coreset_key(), keep.reshape(-1))
             if bank is spec.cls:
                 keeps[spec.name] = keep
     with timer("coreset"):
-        strict = bool(config.coreset.get("strict_parity", False))
+        strict = bool(options.strict_parity)
         keep_KxQ = jnp.stack(list(masks.values()))
-        sizes = coreset_sizes(config.coreset.ratio, shape[0] * shape[1], keep_KxQ)
+        sizes = coreset_sizes(options.coreset_ratio, shape[0] * shape[1], keep_KxQ)
         coresets = dict(zip(masks, select_coresets(prepared, keep_KxQ, sizes, strict)))
     banks: dict[str, Banks] = {}
     for spec in specs:
@@ -266,7 +296,7 @@ def fit_banks(
 def fit_many(
     key: jax.Array,
     feats_NxPxD,
-    config: ml_collections.ConfigDict,
+    options: FitOptions,
     specs: Sequence[methods.MethodSpec],
     *,
     projection: jax.Array | None = None,
@@ -285,7 +315,7 @@ def fit_many(
     prepared = prepare(
         key,
         feats_NxPxD,
-        config,
+        options,
         needed_discriminators(specs),
         projection=projection,
         starts=starts,
@@ -293,19 +323,19 @@ def fit_many(
         timer=timer,
         parallel=parallel,
     )
-    return fit_banks(prepared, feats_NxPxD, config, specs, timer=timer)
+    return fit_banks(prepared, feats_NxPxD, options, specs, timer=timer)
 
 
 def fit(
     key: jax.Array,
     feats_NxPxD: jax.Array,
-    config: ml_collections.ConfigDict,
-    method: str = "softpatch_plus",
+    options: FitOptions,
+    spec: methods.MethodSpec,
     *,
     projection: jax.Array | None = None,
     starts: jax.Array | None = None,
 ) -> Banks:
-    """Library API: the memory bank(s) of one method (see `fit_many`)."""
-    spec = methods.spec(method, config.softpatch)
-    out = fit_many(key, feats_NxPxD, config, [spec], projection=projection, starts=starts)
-    return out.banks[method]
+    """Library API: the memory bank(s) of one method (see `fit_many`); build `options` and `spec`
+    from a config with `experiment.options` (`fit_options`, `method_specs`)."""
+    out = fit_many(key, feats_NxPxD, options, [spec], projection=projection, starts=starts)
+    return out.banks[spec.name]

@@ -1,16 +1,16 @@
 """The methods compared in the papers, as data: which discriminators drive patch removal, at what
 granularity and tau, which soft weight the memory bank keeps, and whether a second (segmentation)
-bank is built. `from_config` turns `config.methods` into specs; adding a method is one entry here.
+bank is built. `specs` turns a list of method names into specs, given the `Options` the driver
+builds from `config.softpatch`; adding a method is one entry here.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+from collections.abc import Sequence
 
-import ml_collections
-
-from softpatch_jax import discriminators
+from softpatch_jax import discriminators, inreach
 from softpatch_jax.io_utils import split_list
 
 SOFT_WEIGHTS = ("none", "fused", *discriminators.NAMES)
@@ -22,6 +22,8 @@ class BankSpec:
 
     removal: discriminators whose (rank-fused, if several) score ranks the patches; () = no removal.
     granularity: "patch" removes patches; "image" removes whole images by their max patch score.
+    channels: keep only the patches of InReaCh's long, tight channels (`inreach.keep_mask`)
+      instead of a removal by scores.
     """
 
     removal: tuple[str, ...] = ()
@@ -29,6 +31,7 @@ class BankSpec:
     granularity: str = "patch"
     soft_weight: str = "none"
     rank_scope: str = "all"
+    channels: inreach.Options | None = None
 
     def __post_init__(self):
         if not 0.0 <= self.tau < 1.0:
@@ -42,9 +45,25 @@ class BankSpec:
 
     def coreset_key(self) -> tuple:
         """Banks that remove the same patches share one coreset run."""
+        if self.channels is not None:
+            return ("inreach", self.channels)
         if not self.removal or self.tau == 0.0:
             return ("all",)
         return (self.removal, self.tau, self.granularity, self.rank_scope)
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """What the method specs read: the `config.softpatch` fields of the same names (the driver
+    builds it; defaults live in configs/base.py)."""
+
+    discriminator: str  # for `softpatch` and `image_denoise`
+    discriminators: str  # SoftPatch+'s fused discriminators, a comma list
+    tau: float
+    tau_seg: float
+    soft_weight: str
+    rank_scope: str
+    inreach: inreach.Options  # the `inreach` method's channel selection
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,13 +79,13 @@ class MethodSpec:
         return tuple(n for n in discriminators.NAMES if n in needed)
 
 
-def _softpatch(name: str, disc: str, sp: ml_collections.ConfigDict) -> MethodSpec:
+def _softpatch(name: str, disc: str, sp: Options) -> MethodSpec:
     discriminators.check_names([disc])
     return MethodSpec(name, BankSpec((disc,), sp.tau, "patch", disc))
 
 
-def spec(name: str, sp: ml_collections.ConfigDict) -> MethodSpec:
-    """The MethodSpec for a method name given the `config.softpatch` section."""
+def spec(name: str, sp: Options) -> MethodSpec:
+    """The MethodSpec for a method name given the softpatch options."""
     if name == "patchcore":
         return MethodSpec(name, BankSpec())
     if name == "softpatch":
@@ -74,31 +93,36 @@ def spec(name: str, sp: ml_collections.ConfigDict) -> MethodSpec:
     if name.startswith("softpatch_") and name[len("softpatch_") :] in discriminators.NAMES:
         return _softpatch(name, name[len("softpatch_") :], sp)
     if name == "softpatch_plus":
-        names = discriminators.check_names(split_list(sp.discriminators))
+        fused = discriminators.check_names(split_list(sp.discriminators))
 
         def bank(tau: float) -> BankSpec:
-            return BankSpec(names, tau, "patch", sp.soft_weight, sp.rank_scope)
+            return BankSpec(fused, tau, "patch", sp.soft_weight, sp.rank_scope)
 
         return MethodSpec(name, bank(sp.tau), bank(sp.tau_seg))
+    if name == "inreach":
+        return MethodSpec(name, BankSpec(channels=sp.inreach))
     if name == "image_denoise":
         discriminators.check_names([sp.discriminator])
         return MethodSpec(name, BankSpec((sp.discriminator,), sp.tau, "image", "none"))
-    valid = [
-        "patchcore",
-        "softpatch",
-        *(f"softpatch_{n}" for n in discriminators.NAMES),
-        "softpatch_plus",
-        "image_denoise",
-    ]
+    valid = names()
     close = difflib.get_close_matches(str(name), valid, n=1, cutoff=0.6)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     raise ValueError(f"unknown method {name!r}{hint} (valid: {', '.join(valid)})")
 
 
-def from_config(config: ml_collections.ConfigDict) -> list[MethodSpec]:
-    names = split_list(config.methods)
-    if not names:
+def names() -> tuple[str, ...]:
+    """Every method name `spec` knows: the fixed ones and `softpatch_<name>` for every registered
+    discriminator (tests/test_registered.py runs each of them)."""
+    per_discriminator = tuple(f"softpatch_{n}" for n in discriminators.NAMES)
+    fixed = ("softpatch_plus", "image_denoise", "inreach")
+    return ("patchcore", "softpatch", *per_discriminator, *fixed)
+
+
+def specs(methods: str | Sequence[str], sp: Options) -> list[MethodSpec]:
+    """The specs of `methods` (a comma list, as `config.methods`, or names), each name once."""
+    wanted = split_list(methods) if isinstance(methods, str) else list(methods)
+    if not wanted:
         raise ValueError("config.methods is empty")
-    if len(set(names)) != len(names):
-        raise ValueError(f"config.methods lists a method twice: {names}")
-    return [spec(n, config.softpatch) for n in names]
+    if len(set(wanted)) != len(wanted):
+        raise ValueError(f"config.methods lists a method twice: {wanted}")
+    return [spec(n, sp) for n in wanted]

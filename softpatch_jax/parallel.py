@@ -29,7 +29,7 @@ and inputs are waited for before a sharded program starts, so no half-finished p
 the pool (8 host devices on 2 cores deadlocked otherwise). Kernels that wait on that pool from
 inside it deadlock the same way when every device is inside one: jaxlib's batched LAPACK Cholesky
 did, with R = 128 and several chunks per device, so the discriminators factor their covariances with
-matmuls instead (`discriminators._cholesky_inverse`; tests/test_parallel.py runs that case).
+matmuls instead (`discriminators.linalg.cholesky_inverse`; tests/test_parallel.py runs that case).
 On a 2-core host the discriminators gain 1.5x on 2 host devices and 2.1x on 8; the coreset and
 scoring lose (0.8x, 0.5x), hence `parallel.enabled=discriminators` for CPU-only machines.
 Accelerators run collectives on their own streams; their speedups are unmeasured here.
@@ -48,7 +48,8 @@ replicated results are read from a local device and sharded ones gathered with
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -70,17 +71,14 @@ def default_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
 STAGES = ("discriminators", "coreset", "scoring")
 
 
-def enabled(config=None, stage: str | None = None) -> bool:
+def enabled(value: str | bool, stage: str | None = None) -> bool:
     """Whether the pipeline should shard `stage` (one of `STAGES`; None: any of them) with this
-    module, from `config.parallel.enabled`: "auto" (more than one device), true/false, or a comma
-    list of stages to shard, e.g. "discriminators" for a CPU host split into devices, where only the
-    discriminators gain (bench: 2.1x on 8 host devices of 2 cores; coreset 0.8x, scoring 0.5x)."""
+    module, from the setting `value` (`config.parallel.enabled`): "auto" (more than one device),
+    true/false, or a comma list of stages to shard, e.g. "discriminators" for a CPU host split into
+    devices, where only the discriminators gain (bench: 2.1x on 8 host devices of 2 cores; coreset
+    0.8x, scoring 0.5x)."""
     if stage is not None and stage not in STAGES:
         raise ValueError(f"unknown parallel stage {stage!r}; valid: {STAGES}")
-    value = "auto"
-    section = config.get("parallel") if config is not None else None
-    if section is not None:
-        value = section.get("enabled", "auto")
     if isinstance(value, str):
         v = value.strip().lower()
         if v == "auto":
@@ -151,13 +149,16 @@ def _sharing_memory(m: Mesh) -> int:
 
 
 @functools.lru_cache(maxsize=32)
-def _discriminators_fn(m: Mesh, names: tuple, lof_k: int, eps: float, chunk: int, dtype: str):
-    def local(pool_NxLxR):
-        return discriminators.score_local(pool_NxLxR, names, lof_k, eps, chunk, dtype)
+def _discriminators_fn(m: Mesh, names: tuple, params: tuple, chunk: int, dtype: str):
+    drawing = discriminators.needs_key(names)
+
+    def local(pool_NxLxR, key):
+        key = key if drawing else None  # a placeholder where none draws
+        return discriminators.score_local(pool_NxLxR, names, params, chunk, dtype, key)
 
     return jax.jit(
         jax.shard_map(
-            local, mesh=m, in_specs=P(None, AXIS, None), out_specs=P(AXIS), check_vma=False
+            local, mesh=m, in_specs=(P(None, AXIS, None), P()), out_specs=P(AXIS), check_vma=False
         )
     )
 
@@ -165,13 +166,14 @@ def _discriminators_fn(m: Mesh, names: tuple, lof_k: int, eps: float, chunk: int
 def discriminator_scores(
     pool_NxPxR: jax.Array,
     names: tuple[str, ...],
-    lof_k: int,
-    gaussian_eps: float,
+    params: Mapping[str, Any] | None,
     chunk_size: int,
     score_dtype: str = "auto",
+    key: jax.Array | None = None,
     mesh: Mesh | None = None,
 ) -> dict[str, jax.Array]:
-    """`discriminators.score_pool` with positions sharded: {name: [P, N]}.
+    """`discriminators.score_pool` with positions sharded: {name: [P, N]}. The key (for
+    discriminators that draw) is replicated: every position sees the same draws, as on one device.
 
     chunk_size: positions per chunk for one device with the whole memory to itself; divided among
     devices that share memory.
@@ -184,9 +186,11 @@ def discriminator_scores(
     # `discriminators._batch`).
     multiple = m.size * (2 if p > 1 else 1)
     x = _place(_pad(pool_NxPxR, multiple, axis=1, mode="edge"), m, P(None, AXIS, None))
-    out = _collect(
-        _discriminators_fn(m, tuple(names), lof_k, float(gaussian_eps), chunk, score_dtype)(x)
-    )
+    names = discriminators.check_names(names)
+    settings = discriminators.settings(names, params, pool_NxPxR.shape[0])
+    key = discriminators.checked_key(names, key)
+    key = _place(jax.random.key_data(jax.random.key(0)) if key is None else key, m, P())
+    out = _collect(_discriminators_fn(m, names, settings, chunk, score_dtype)(x, key))
     return {k: v[:p] for k, v in out.items()}
 
 

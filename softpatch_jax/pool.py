@@ -18,7 +18,7 @@ import numpy as np
 from softpatch_jax import ops
 
 # Named random streams derived from the root key (STYLE.md: no global RNG).
-STREAMS = {"noise": 0, "projection": 1, "coreset": 2}
+STREAMS = {"noise": 0, "projection": 1, "coreset": 2, "discriminators": 3}
 
 
 def stream(key: jax.Array, name: str) -> jax.Array:

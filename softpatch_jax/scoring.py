@@ -8,6 +8,7 @@ patches so memory stays bounded for any bank size.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 
@@ -249,6 +250,59 @@ def in_segments(fn: Callable, feats_TxPxD, chunk_size: int, progress: Callable |
     return jax.tree.map(lambda *a: jnp.concatenate(a), *parts)
 
 
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """How a pair of banks scores test patches (the driver builds it from `config.scoring`).
+
+    distance: "squared" (the authors' code) or "l2" (the paper's eq. 10).
+    search: how the nearest memory patch is found (`SEARCHES`); the same values whichever.
+    blur_sigma: the maps' Gaussian blur. chunk_size: test patches per search chunk; 0 = sized
+      from memory (`chunk_size_for`).
+    """
+
+    distance: str = "squared"
+    search: str = "exact"
+    blur_sigma: float = 4.0
+    chunk_size: int = 0
+
+
+def score_banks(
+    banks: Banks,
+    feats_TxPxD: jax.Array,
+    grid: tuple[int, int],
+    image_size: tuple[int, int],
+    options: Options = Options(),
+    *,
+    parallel: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """THE scoring composition of a pair of banks, for experiments, sweeps and deploy: the
+    classification bank's patch scores [T, P] and the segmentation bank's anomaly maps [T, H, W]
+    (a bank serving both is searched once). Image scores are the max of the first over the image's
+    patches (`predict`; deploy takes it over the patches a tile owns).
+
+    parallel: shard each memory bank over all devices for the search (`parallel.nearest`).
+    progress: called on the host with the number of images scored after each of ~20 segments
+      (`in_segments`; the same values as one call); the sharded search reports once, at the end.
+    """
+    kw = dict(distance=options.distance, parallel=parallel, search=options.search)
+    cls_chunk = options.chunk_size or chunk_size_for(banks.cls.feats_MxD.shape[0])
+    seg_chunk = options.chunk_size or chunk_size_for(banks.seg.feats_MxD.shape[0])
+
+    def scores(feats):
+        cls = patch_scores(banks.cls, feats, cls_chunk, **kw)
+        return cls, cls if banks.seg is banks.cls else patch_scores(
+            banks.seg, feats, seg_chunk, **kw
+        )
+
+    by_segment = None if parallel else progress
+    cls_scores, seg_scores = in_segments(scores, feats_TxPxD, max(cls_chunk, seg_chunk), by_segment)
+    if parallel and progress is not None:
+        progress(feats_TxPxD.shape[0])
+    maps = anomaly_maps(seg_scores, tuple(grid), tuple(image_size), float(options.blur_sigma))
+    return cls_scores, maps
+
+
 def predict(
     banks: Banks,
     feats_TxPxD: jax.Array,
@@ -262,28 +316,10 @@ def predict(
     search: str = "exact",
     progress: Callable[[int], None] | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """Library API: image scores [T] and anomaly maps [T, H, W] for test features [T, P, D].
-
-    distance: "squared" (default, the authors' code) or "l2" (the paper's eq. 10); the maps come
-      from the same patch scores.
-    parallel: shard each memory bank over all devices for the search (`parallel.nearest`).
-    search: how the nearest memory patch is found (`SEARCHES`); the same values whichever.
-    progress: called on the host with the number of images scored after each of ~20 segments
-      (`in_segments`; the same values as one call); the sharded search reports once, at the end.
-    """
-    kw = dict(distance=distance, parallel=parallel, search=search)
-    cls_chunk = chunk_size or chunk_size_for(banks.cls.feats_MxD.shape[0])
-    seg_chunk = chunk_size or chunk_size_for(banks.seg.feats_MxD.shape[0])
-
-    def scores(feats):
-        cls = patch_scores(banks.cls, feats, cls_chunk, **kw)
-        return cls, cls if banks.seg is banks.cls else patch_scores(
-            banks.seg, feats, seg_chunk, **kw
-        )
-
-    by_segment = None if parallel else progress
-    cls_scores, seg_scores = in_segments(scores, feats_TxPxD, max(cls_chunk, seg_chunk), by_segment)
-    if parallel and progress is not None:
-        progress(feats_TxPxD.shape[0])
-    maps = anomaly_maps(seg_scores, tuple(grid), tuple(image_size), float(blur_sigma))
+    """Library API: image scores [T] and anomaly maps [T, H, W] for test features [T, P, D]
+    (`score_banks`, then the max over each image's patches)."""
+    options = Options(distance, search, blur_sigma, chunk_size)
+    cls_scores, maps = score_banks(
+        banks, feats_TxPxD, grid, image_size, options, parallel=parallel, progress=progress
+    )
     return jnp.max(cls_scores, axis=1), maps

@@ -15,6 +15,7 @@ Convert once, offline:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib
 import json
@@ -28,7 +29,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from absl import app, flags, logging
 
@@ -190,8 +190,21 @@ def _local_finder(arch: str):
     return getattr(importlib.import_module(module_name), "find_local_weights", None)
 
 
-def _layers(backbone_cfg: ml_collections.ConfigDict, arch: str) -> tuple[str, ...]:
-    layers = models.split_layers(backbone_cfg.get("layers", "") or ())
+@dataclasses.dataclass(frozen=True)
+class Backbone:
+    """Which backbone and where its weights come from (the driver builds it from
+    `config.backbone`; defaults live in configs/base.py)."""
+
+    arch: str
+    layers: str  # comma list; "" = the architecture's default stride-8/stride-16 pair
+    weights: str  # explicit weights file or orbax dir; "" = resolve
+    cache_dir: str  # orbax cache of converted weights; "" = the default cache
+    allow_random_init: bool
+    dtype: str  # compute dtype (`compute_dtype`)
+
+
+def _layers(backbone_cfg: Backbone, arch: str) -> tuple[str, ...]:
+    layers = models.split_layers(backbone_cfg.layers or ())
     return layers or models.get_spec(arch).feature_layers
 
 
@@ -240,7 +253,7 @@ def random_variables(module, seed: int = 0, image_size: int = 64) -> dict:
     return jax.tree_util.tree_map_with_path(draw, dict(shapes))
 
 
-def resolve(backbone_cfg: ml_collections.ConfigDict, seed: int = 0) -> tuple[dict, dict]:
+def resolve(backbone_cfg: Backbone, seed: int = 0) -> tuple[dict, dict]:
     """Flax variables for `backbone_cfg.arch`, and a small dict saying where they came from.
 
     Order: backbone_cfg.weights (a file or orbax directory); the orbax cache in

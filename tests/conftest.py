@@ -35,3 +35,13 @@ def pytest_report_header(config):
             "with their reason (-rs)"
         )
     return lines
+
+
+def dataset_options(**fields):
+    """data.Options of configs/base.py's dataset section with `fields` changed."""
+    from configs import base
+    from softpatch_jax.experiment import options
+
+    ds = base.get_config().dataset
+    ds.update(fields)
+    return options.dataset_options(ds)

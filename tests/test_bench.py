@@ -102,7 +102,7 @@ def test_reference_lof_runs_the_authors_method_without_importing_their_module(tm
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "softpatch.py").write_text(FAKE_AUTHORS_FILE)
     pool = np.random.default_rng(0).standard_normal((15, 6, 4)).astype(np.float32)  # [N, P, R]
-    ours = np.asarray(memory_bank.discriminator_scores(pool, ("lof",), 5, 0.01)["lof"])
+    ours = np.asarray(memory_bank.discriminator_scores(pool, ("lof",), {"lof_k": 5})["lof"])
     args = argparse.Namespace(reference_path=str(tmp_path), reference_positions=0, lof_k=5)
     res = reference.lof(args, pool, ours)
     assert res["impl"].startswith("authors' SoftPatch._compute_lof")

@@ -6,7 +6,6 @@ import os
 import re
 import sys
 
-import ml_collections
 import numpy as np
 import pytest
 from fake_trees import make_btad, make_mvtec, make_visa
@@ -15,15 +14,16 @@ from PIL import Image
 from softpatch_jax import data
 from softpatch_jax.data import noise, prepared, preprocess
 from softpatch_jax.data.records import Augment
+from tests.conftest import dataset_options
 
 MAKERS = {"mvtec": make_mvtec, "visa": make_visa, "btad": make_btad}
 TF_BEFORE = "tensorflow" in sys.modules
 
 
 def _cfg(layout, root, data_dir, prepared_=True, resize=16, crop=12):
-    return ml_collections.ConfigDict(
-        {"name": layout, "layout": layout, "root": root, "categories": "all", "resize": resize,
-         "crop": crop, "batch_size": 4, "prepared": prepared_, "data_dir": str(data_dir)}
+    return dataset_options(
+        name=layout, layout=layout, root=root, categories="all", resize=resize, crop=crop,
+        batch_size=4, prepared=prepared_, data_dir=str(data_dir)
     )  # fmt: skip
 
 

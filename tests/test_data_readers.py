@@ -2,13 +2,13 @@
 
 import os
 
-import ml_collections
 import numpy as np
 import pytest
 from fake_trees import make_btad, make_mvtec, make_visa
 
 from softpatch_jax import data
 from softpatch_jax.data import btad, mvtec, visa
+from tests.conftest import dataset_options
 
 READERS = {"mvtec": (make_mvtec, mvtec), "visa": (make_visa, visa), "btad": (make_btad, btad)}
 
@@ -93,9 +93,9 @@ def test_visa_order_does_not_depend_on_csv_row_order(tmp_path):
 
 
 def _cfg(layout, root, categories="all"):
-    return ml_collections.ConfigDict(
-        {"name": layout, "layout": layout, "root": root, "categories": categories,
-         "resize": 16, "crop": 12, "batch_size": 4}
+    return dataset_options(
+        name=layout, layout=layout, root=root, categories=categories, resize=16, crop=12,
+        batch_size=4
     )  # fmt: skip
 
 

@@ -5,7 +5,6 @@ and bad input named with its file."""
 import json
 import os
 
-import ml_collections
 import numpy as np
 import pytest
 from fake_trees import make_realiad, realiad_expected
@@ -13,6 +12,7 @@ from fake_trees import make_realiad, realiad_expected
 from softpatch_jax import data
 from softpatch_jax.data import preprocess, realiad
 from softpatch_jax.experiment import driver, plan
+from tests.conftest import dataset_options
 
 CATEGORIES = ["audiojack", "mint"]
 
@@ -81,11 +81,11 @@ def test_single_view_has_one_view_per_sample(tree):
 
 
 def _cfg(root, split="fuiad_0.2", resolution="256", **kw):
-    return ml_collections.ConfigDict(
-        {"name": "real_iad", "layout": "realiad", "root": root, "categories": "all",
-         "resize": 32, "crop": 24, "batch_size": 4, "split": split, "resolution": resolution,
-         "prepared": False, "data_dir": "", **kw}
+    fields = dict(
+        name="real_iad", layout="realiad", root=root, categories="all", resize=32, crop=24,
+        batch_size=4, split=split, resolution=resolution, prepared=False, data_dir="",
     )  # fmt: skip
+    return dataset_options(**{**fields, **kw})
 
 
 def test_config_entry_points(tree):

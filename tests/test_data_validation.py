@@ -4,7 +4,6 @@ import os
 import re
 import shutil
 
-import ml_collections
 import numpy as np
 import pytest
 from fake_trees import make_btad, make_mvtec, make_visa
@@ -12,6 +11,7 @@ from PIL import Image
 
 from softpatch_jax import data
 from softpatch_jax.data import btad, mvtec, visa
+from tests.conftest import dataset_options
 
 MAKERS = {"mvtec": (make_mvtec, mvtec), "visa": (make_visa, visa), "btad": (make_btad, btad)}
 
@@ -29,7 +29,7 @@ def test_missing_root(layout, tmp_path):
         module.list_categories(missing)
     with pytest.raises(FileNotFoundError, match=re.escape(f"{missing!r} does not exist")):
         module.read_category(missing, "x")
-    cfg = ml_collections.ConfigDict({"layout": layout, "root": "", "categories": "all"})
+    cfg = dataset_options(layout=layout, root="", categories="all")
     with pytest.raises(ValueError, match=r"config.dataset.root is empty"):
         data.categories(cfg)
     with pytest.raises(ValueError, match=r"config.dataset.root is empty"):
@@ -37,7 +37,7 @@ def test_missing_root(layout, tmp_path):
 
 
 def test_unknown_layout():
-    cfg = ml_collections.ConfigDict({"layout": "mvtek", "root": "/x", "categories": "all"})
+    cfg = dataset_options(layout="mvtek", root="/x", categories="all")
     with pytest.raises(
         ValueError, match=r"unknown dataset layout 'mvtek'; valid: \['btad', 'demo'"
     ):
@@ -152,7 +152,7 @@ def test_mask_size_mismatch_is_caught_on_loading(tmp_path):
     rec = next(r for r in btad.read_category(tree.root, "03").test if r.label)
     Image.fromarray(np.zeros((5, 7), np.uint8)).save(rec.mask_path)
     load = data.loader(
-        ml_collections.ConfigDict({"layout": "btad", "root": tree.root, "resize": 16, "crop": 16}),
+        dataset_options(layout="btad", root=tree.root, resize=16, crop=16),
         "03",
     )
     with pytest.raises(ValueError, match=re.escape(f"mask {rec.mask_path!r} is 7x5 but its image")):

@@ -18,11 +18,12 @@ from deploy_helpers import tiny_config, write_folder
 from softpatch_jax import features, io_utils, outdir, scoring
 from softpatch_jax.data import folder, images
 from softpatch_jax.deploy import commands, fitting, model, predicting
+from softpatch_jax.experiment import options
 
 
 @pytest.fixture(scope="module")
 def ex():
-    return features.build(tiny_config())
+    return features.build(options.extractor_options(tiny_config()))
 
 
 @pytest.fixture(scope="module")
@@ -217,3 +218,41 @@ def test_bad_inputs_fail_fast_with_the_name(fitted, ex, tmp_path):
         fitting.fit(tiny_config(), root, fitting.Options(threshold="mad3"), ex)
     with pytest.raises(FileNotFoundError, match="not a saved model"):
         model.load(str(tmp_path))
+
+
+def test_predict_honours_scoring_search_with_the_exact_searchs_results(
+    fitted, ex, tmp_path, monkeypatch
+):
+    """Deploy scores through `scoring.score_banks` (the composition experiments use) with the
+    model's `scoring.search`: "auto" and the certified bfloat16 search (emulated on CPU, where
+    "auto" is exact) give the exact search's scores and maps, bit for bit."""
+    m, _, root, _ = fitted
+
+    def with_search(search):
+        config = json.loads(json.dumps(m.meta["config"]))
+        config["scoring"]["search"] = search
+        return dataclasses.replace(m, meta={**m.meta, "config": config})
+
+    calls = []
+    certified = scoring.nearest_certified
+    monkeypatch.setattr(
+        scoring, "nearest_certified", lambda *a, **k: calls.append(k) or certified(*a, **k)
+    )
+    composed = scoring.score_banks
+    searches = []
+    monkeypatch.setattr(
+        scoring,
+        "score_banks",
+        lambda *a, **k: searches.append(a[4].search) or composed(*a, **k),
+    )
+    rows = {}
+    for search in ("exact", "auto", "emulated"):
+        out = tmp_path / search
+        rows[search] = predicting.predict(
+            with_search(search), root, str(out), skip_bad_images=True, extractor=ex
+        )
+    assert set(searches) == {"exact", "auto", "emulated"}  # one scoring function behind all
+    assert calls and all(k.get("emulate") for k in calls)  # the certified search really ran
+    for search in ("auto", "emulated"):
+        for key in ("score", "map_max"):
+            assert [r[key] for r in rows[search]] == [r[key] for r in rows["exact"]], (search, key)

@@ -14,14 +14,15 @@ import pytest
 from deploy_helpers import defective_image, normal_image, tiny_config, write_folder
 from PIL import Image
 
-from softpatch_jax import config_errors, features, io_utils, weights
+from softpatch_jax import features, io_utils, weights
 from softpatch_jax.data import folder
 from softpatch_jax.deploy import commands, model, outdir, predicting, region, threshold
+from softpatch_jax.experiment import config_errors, options
 
 
 @pytest.fixture(scope="module")
 def ex():
-    return features.build(tiny_config())
+    return features.build(options.extractor_options(tiny_config()))
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +132,9 @@ def test_overwrite_never_deletes_the_inputs_or_a_foreign_folder(fitted, tmp_path
     other = tmp_path / "other"
     other.mkdir()
     (other / "report.docx").write_text("keep me")
-    with pytest.raises(outdir.OutputFolderError, match=r"not a model.*no \.softpatch-owned\.json.*report"):
+    with pytest.raises(
+        outdir.OutputFolderError, match=r"not a model.*no \.softpatch-owned\.json.*report"
+    ):
         commands.fit_and_save(tiny_config(), str(photos), str(other), overwrite=True, extractor=ex)
     assert sorted(p.name for p in photos.rglob("*")) == before
     assert (other / "report.docx").read_text() == "keep me"

@@ -7,6 +7,7 @@ import numpy as np
 from configs import demo
 from softpatch_jax import coreset, memory_bank, scoring
 from softpatch_jax.deploy import threshold
+from softpatch_jax.experiment import options
 from softpatch_jax.memory_bank import MemoryBank
 
 
@@ -21,7 +22,9 @@ def test_heldout_scores_equal_one_coreset_per_fold():
     fold = threshold.fold_of(n, 4, seed=0)
     cfg = demo.get_config()
     cfg.softpatch.projection_dim = 0
-    prepared = memory_bank.prepare(jax.random.key(0), feats, cfg, (), starts=starts)
+    prepared = memory_bank.prepare(
+        jax.random.key(0), feats, options.fit_options(cfg), (), starts=starts
+    )
     got = threshold.heldout_patch_scores(prepared, feats, keep, weights, 0.2, fold, 64)
     for k in np.unique(fold):
         held = fold == k

@@ -1,9 +1,13 @@
+import os
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy import stats
 
 from softpatch_jax import discriminators, memory_bank, methods
+from softpatch_jax.discriminators import linalg
 
 LocalOutlierFactor = pytest.importorskip("sklearn.neighbors").LocalOutlierFactor
 
@@ -22,7 +26,9 @@ def test_lof_matches_sklearn(k):
     rng = np.random.default_rng(k)
     positions = np.stack([clustered(rng) for _ in range(5)])  # [P, N, R]
     got = np.asarray(
-        discriminators.score(jnp.asarray(positions), ("lof",), lof_k=k, chunk_size=2)["lof"]
+        discriminators.score(jnp.asarray(positions), ("lof",), params={"lof_k": k}, chunk_size=2)[
+            "lof"
+        ]
     )
     for p in range(positions.shape[0]):
         lof = LocalOutlierFactor(n_neighbors=k).fit(positions[p].astype(np.float64))
@@ -36,9 +42,9 @@ def test_mahalanobis_matches_numpy():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(4, 40, 6)) @ rng.normal(size=(6, 6))  # correlated
     got = np.asarray(
-        discriminators.score(jnp.asarray(x, jnp.float32), ("gaussian",), gaussian_eps=0.01)[
-            "gaussian"
-        ]
+        discriminators.score(
+            jnp.asarray(x, jnp.float32), ("gaussian",), params={"gaussian_eps": 0.01}
+        )["gaussian"]
     )
     for p in range(x.shape[0]):
         mu = x[p].mean(0)
@@ -57,7 +63,10 @@ def test_mahalanobis_with_fewer_images_than_dimensions_matches_numpy(n, dtype):
     x = rng.normal(size=(3, n, 12)) @ rng.normal(size=(12, 12)) + 3.0
     got = np.asarray(
         discriminators.score(
-            jnp.asarray(x, jnp.float32), ("gaussian",), gaussian_eps=0.01, score_dtype=dtype
+            jnp.asarray(x, jnp.float32),
+            ("gaussian",),
+            params={"gaussian_eps": 0.01},
+            score_dtype=dtype,
         )["gaussian"]
     )
     for p in range(x.shape[0]):
@@ -73,7 +82,7 @@ def test_cholesky_inverse_matches_numpy(r):
     rng = np.random.default_rng(r)
     a = rng.normal(size=(r + 5, r))
     s = a.T @ a / (r + 4) + 0.05 * np.eye(r)
-    got = np.asarray(discriminators._cholesky_inverse(jnp.asarray(s, jnp.float32)))
+    got = np.asarray(linalg.cholesky_inverse(jnp.asarray(s, jnp.float32)))
     want = np.linalg.inv(np.linalg.cholesky(s))
     assert np.allclose(np.triu(got, 1), 0.0)
     np.testing.assert_allclose(got, want, atol=2e-5 * np.abs(want).max())
@@ -93,7 +102,7 @@ def test_nearest_matches_brute_force_and_shares_one_call():
     rng = np.random.default_rng(1)
     x = rng.normal(size=(7, 12, 5)).astype(np.float32)
     out = discriminators.score(
-        jnp.asarray(x), ("nearest", "gaussian", "lof"), lof_k=4, chunk_size=3
+        jnp.asarray(x), ("nearest", "gaussian", "lof"), params={"lof_k": 4}, chunk_size=3
     )
     # N=12 > R=5: the Gaussian stays float32; the nearest distance carries its float64 low part.
     assert set(out) == {"nearest", "gaussian", "lof", discriminators.low_key("nearest")}
@@ -104,10 +113,12 @@ def test_nearest_matches_brute_force_and_shares_one_call():
 
 
 def test_effective_k_follows_sklearn_and_rejects_single_image():
-    assert discriminators.effective_k(6, 4) == 3
-    assert discriminators.effective_k(6, 100) == 6
+    assert discriminators.settings(("lof",), {"lof_k": 6}, 4) == (("lof_k", 3),)
+    assert discriminators.settings(("lof",), {"lof_k": 6}, 100) == (("lof_k", 6),)
     with pytest.raises(ValueError, match="at least 2"):
-        discriminators.effective_k(6, 1)
+        discriminators.settings(("lof",), {"lof_k": 6}, 1)
+    with pytest.raises(ValueError, match="unknown discriminator parameter"):
+        discriminators.settings(("lof",), {"lof_kk": 6}, 10)
 
 
 def test_rank_normalise_matches_scipy_with_ties():
@@ -155,7 +166,7 @@ def test_gaussian_below_r_keeps_the_float64_order_that_float32_loses():
     x = (0.5 * rng.normal(size=(8, 33, 128))).astype(np.float32)
     want = _mahalanobis_float64(x, 0.01)
     assert want.std() / want.mean() < 2e-3  # the saturated regime
-    got = discriminators.score(jnp.asarray(x), ("gaussian", "lof"), gaussian_eps=0.01)
+    got = discriminators.score(jnp.asarray(x), ("gaussian", "lof"), params={"gaussian_eps": 0.01})
     hi, lo = np.asarray(got["gaussian"]), np.asarray(got[discriminators.low_key("gaussian")])
     np.testing.assert_allclose(hi.astype(np.float64) + lo, want, rtol=1e-12)
     np.testing.assert_array_equal(hi, want.astype(np.float32))  # the value: float32(d)
@@ -188,10 +199,16 @@ def test_order_key_is_dense_ranks_of_hi_plus_lo():
 
 
 def test_precision_auto_follows_n_r_and_platform_and_rejects_unknown():
-    assert discriminators.resolve_precision("auto", 128, 128, "cpu") == ("float64", "float64")
-    assert discriminators.resolve_precision("auto", 129, 128, "gpu") == ("float32", "float64")
-    assert discriminators.resolve_precision("auto", 10, 128, "tpu") == ("float32", "float32")
-    assert discriminators.resolve_precision("float32", 10, 128) == ("float32", "float32")
+    names = ("gaussian", "nearest", "lof")
+
+    def dtypes(setting, n, platform=None):
+        d = discriminators.resolve_precision(setting, n, 128, names, platform=platform)
+        return tuple(d[k] for k in names)
+
+    assert dtypes("auto", 128, "cpu") == ("float64", "float64", "float32")
+    assert dtypes("auto", 129, "gpu") == ("float32", "float64", "float32")
+    assert dtypes("auto", 10, "tpu") == ("float32", "float32", "float32")
+    assert dtypes("float32", 10) == ("float32", "float32", "float32")
     with pytest.raises(ValueError, match=r"score_dtype must be .*'half'"):
         discriminators.resolve_precision("half", 10, 128)
 
@@ -222,7 +239,41 @@ def test_nearest_distance_is_exact_where_the_expanded_form_cancels():
     )
     assert np.abs(f32 / want - 1).max() > 1e-5
     # With LOF in the same call: the same nearest distances, and LOF unchanged.
-    both = discriminators.score(jnp.asarray(x), ("nearest", "lof"), lof_k=5)
+    both = discriminators.score(jnp.asarray(x), ("nearest", "lof"), params={"lof_k": 5})
     np.testing.assert_array_equal(np.asarray(both["nearest"]), hi)
-    lof32 = discriminators.score(jnp.asarray(x), ("lof",), lof_k=5, score_dtype="float32")["lof"]
+    lof32 = discriminators.score(
+        jnp.asarray(x), ("lof",), params={"lof_k": 5}, score_dtype="float32"
+    )["lof"]
     np.testing.assert_array_equal(np.asarray(both["lof"]), np.asarray(lof32))
+
+
+def test_readme_lists_every_registered_discriminator_with_its_parameters():
+    """README's discriminator table is the registry's: a new module is documented there."""
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    rows = {
+        line.split("|")[1].strip().strip("`"): line
+        for line in readme.splitlines()
+        if line.startswith("| `")
+    }
+    for name in discriminators.NAMES:
+        assert name in rows, f"README's discriminator table lacks {name!r}"
+        for key, default in discriminators.REGISTRY[name].params.items():
+            assert f"`{key}`={default}" in rows[name], (name, key)
+
+
+def test_registry_shares_intermediates_once_per_position():
+    """Every registered discriminator in one call: each shared intermediate is built once per
+    traced position, whoever asks for it."""
+    built = []
+    original = dict(discriminators.SHARED)
+    try:
+        for name, fn in original.items():
+            discriminators.SHARED[name] = lambda pos, *a, _n=name, _f=fn: (
+                built.append((_n, a)),
+                _f(pos, *a),
+            )[1]
+        x = jnp.asarray(np.random.default_rng(0).normal(size=(3, 9, 4)).astype(np.float32))
+        discriminators.score(x, discriminators.NAMES, chunk_size=3, key=jax.random.key(0))
+    finally:
+        discriminators.SHARED.update(original)
+    assert built and len(built) == len(set(built))

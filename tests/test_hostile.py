@@ -16,9 +16,10 @@ import pytest
 from deploy_helpers import normal_image, tiny_config, write_folder
 from PIL import Image
 
-from softpatch_jax import cli, config_errors, features, io_utils, outdir
+from softpatch_jax import cli, features, io_utils, outdir
 from softpatch_jax.data import demo, folder, images
 from softpatch_jax.deploy import commands, fitting, model, predicting, region, threshold
+from softpatch_jax.experiment import config_errors
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

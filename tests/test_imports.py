@@ -99,12 +99,16 @@ def test_one_experiment_driver():
     exp = "softpatch_jax.experiment"
     assert {m for m, deps in graph.items() if f"{exp}.driver" in deps} == {"softpatch_jax.main"}
     assert _imports_driver(os.path.join(ROOT, "launch", "sweep.py"))
-    order = ["grid", "jsonl", "cache", "plan", "stages", "outputs", "driver"]
+    order = ["options", "grid", "jsonl", "cache", "plan", "stages", "outputs", "driver"]
     for i, name in enumerate(order):
         inside = {d for d in graph[f"{exp}.{name}"] if d.startswith(exp + ".")}
         later = {f"{exp}.{m}" for m in order[i:]}
         assert not inside & later, f"{exp}.{name} imports {sorted(inside & later)}"
-    assert graph[f"{exp}.grid"] == {"softpatch_jax.methods", "softpatch_jax.io_utils"}
+    assert graph[f"{exp}.grid"] == {
+        "softpatch_jax.methods",
+        "softpatch_jax.io_utils",
+        f"{exp}.options",
+    }
     assert graph[exp] == set()  # importing the package imports nothing
 
 

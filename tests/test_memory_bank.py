@@ -1,11 +1,11 @@
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
 from configs import base
 from softpatch_jax import coreset, memory_bank, methods, pool, progress
+from softpatch_jax.experiment import options
 from tests.conftest import cpu_only
 from tests.test_coreset import numpy_greedy
 
@@ -24,8 +24,8 @@ def fit_lof(cfg, feats, proj, starts):
     return memory_bank.fit(
         jax.random.key(0),
         jnp.asarray(feats),
-        cfg,
-        "softpatch_lof",
+        options.fit_options(cfg),
+        methods.spec("softpatch_lof", options.method_options(cfg)),
         projection=jnp.asarray(proj),
         starts=jnp.asarray(starts),
     )
@@ -70,12 +70,8 @@ def test_softpatch_lof_equals_independent_composition():
 def test_softpatch_plus_builds_two_banks_and_patchcore_keeps_everything():
     cfg = small_config()
     feats = jnp.asarray(features(1, n=16))
-    specs = methods.from_config(
-        ml_collections.ConfigDict(
-            {"methods": "patchcore,softpatch_plus", "softpatch": cfg.softpatch}
-        )
-    )
-    out = memory_bank.fit_many(jax.random.key(1), feats, cfg, specs)
+    specs = methods.specs("patchcore,softpatch_plus", options.method_options(cfg))
+    out = memory_bank.fit_many(jax.random.key(1), feats, options.fit_options(cfg), specs)
     assert set(out.scores_NxP) == {"gaussian", "lof"}
     plus = out.banks["softpatch_plus"]
     keep_cls = np.asarray(out.keep_NxP["softpatch_plus"])
@@ -91,8 +87,10 @@ def test_softpatch_plus_builds_two_banks_and_patchcore_keeps_everything():
 def test_image_level_denoising_removes_whole_images():
     cfg = small_config(tau=0.1)
     feats = features(2, n=20)
-    spec = methods.spec("image_denoise", cfg.softpatch)
-    scores = memory_bank.fit_many(jax.random.key(0), jnp.asarray(feats), cfg, [spec]).scores_NxP
+    spec = methods.spec("image_denoise", options.method_options(cfg))
+    scores = memory_bank.fit_many(
+        jax.random.key(0), jnp.asarray(feats), options.fit_options(cfg), [spec]
+    ).scores_NxP
     keep = np.asarray(memory_bank.keep_mask(spec.cls, scores, (20, 9)))
     per_image = keep.all(1)
     assert (keep.any(1) == per_image).all()  # all or nothing per image
@@ -103,7 +101,7 @@ def test_image_level_denoising_removes_whole_images():
 
 def test_unknown_method_lists_valid_names():
     with pytest.raises(ValueError, match="softpatch_plus"):
-        methods.spec("softpach", base.get_config().softpatch)
+        methods.spec("softpach", options.method_options(base.get_config()))
 
 
 class _Reader:
@@ -124,8 +122,10 @@ class _Reader:
 def test_host_sources_stream_to_the_same_banks_as_a_device_array():
     cfg = small_config(tau=0.15)
     feats = features(3, n=14)
-    spec = methods.spec("softpatch_plus", cfg.softpatch)
-    want = memory_bank.fit_many(jax.random.key(4), jnp.asarray(feats), cfg, [spec])
+    spec = methods.spec("softpatch_plus", options.method_options(cfg))
+    want = memory_bank.fit_many(
+        jax.random.key(4), jnp.asarray(feats), options.fit_options(cfg), [spec]
+    )
     proj = want.projection_DxR
     pooled = pool.project_pool(_Reader(feats), proj, block_images=4)  # blocks 0,4,8,10
     np.testing.assert_allclose(
@@ -134,7 +134,7 @@ def test_host_sources_stream_to_the_same_banks_as_a_device_array():
         atol=1e-6,
     )
     for source in (_Reader(feats), feats):  # a lazy reader, and a numpy array
-        got = memory_bank.fit_many(jax.random.key(4), source, cfg, [spec])
+        got = memory_bank.fit_many(jax.random.key(4), source, options.fit_options(cfg), [spec])
         for name in ("cls", "seg"):
             a = getattr(want.banks[spec.name], name)
             b = getattr(got.banks[spec.name], name)
@@ -145,8 +145,10 @@ def test_host_sources_stream_to_the_same_banks_as_a_device_array():
 def test_float16_storage_keeps_its_dtype_in_the_bank():
     cfg = small_config(tau=0.15)
     feats = features(4, n=14)
-    spec = methods.spec("softpatch_lof", cfg.softpatch)
-    got = memory_bank.fit_many(jax.random.key(5), feats.astype(np.float16), cfg, [spec])
+    spec = methods.spec("softpatch_lof", options.method_options(cfg))
+    got = memory_bank.fit_many(
+        jax.random.key(5), feats.astype(np.float16), options.fit_options(cfg), [spec]
+    )
     bank = got.banks[spec.name].cls
     assert bank.feats_MxD.dtype == jnp.float16
     idx = np.asarray(bank.index_M)
@@ -184,8 +186,11 @@ def expensive_steps(monkeypatch):
 def test_pipeline_style_fit_prepares_once_for_every_method(expensive_steps):
     cfg = small_config(tau=0.2, discriminators="nearest,lof,gaussian")
     names = ("patchcore", "softpatch_nearest", "softpatch_lof", "softpatch_gaussian")
-    specs = [methods.spec(m, cfg.softpatch) for m in (*names, "softpatch_plus", "image_denoise")]
-    memory_bank.fit_many(jax.random.key(0), features(), cfg, specs)
+    specs = [
+        methods.spec(m, options.method_options(cfg))
+        for m in (*names, "softpatch_plus", "image_denoise")
+    ]
+    memory_bank.fit_many(jax.random.key(0), features(), options.fit_options(cfg), specs)
     assert expensive_steps == {"project_pool": 1, "score_pool": 1, "coreset_prepare": 1}
 
 
@@ -199,7 +204,9 @@ def test_sweep_style_fit_prepares_once_and_caches_the_scores(expensive_steps, tm
     for tau in (0.05, 0.1, 0.3):
         cfg.softpatch.tau = tau
         for m in ("patchcore", "softpatch_lof", "softpatch_plus", "image_denoise"):
-            specs.append(dataclasses.replace(methods.spec(m, cfg.softpatch), name=f"{m}@{tau}"))
+            specs.append(
+                dataclasses.replace(methods.spec(m, options.method_options(cfg)), name=f"{m}@{tau}")
+            )
     store = cache.Cache(str(tmp_path), cache.Stats())
     feats = features()
     for _ in range(2):  # computed and cached, then loaded: the kernel runs the first time only

@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 
-import ml_collections
 import pytest
 
 from softpatch_jax import parallel
@@ -25,23 +24,27 @@ import jax.numpy as jnp
 import numpy as np
 from configs import base
 from softpatch_jax import coreset, discriminators, memory_bank, methods, parallel, scoring
+from softpatch_jax.experiment import options
 from softpatch_jax.memory_bank import MemoryBank
 
 out = {"devices": jax.device_count()}
 same = lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b)))
 rng = np.random.default_rng(0)
+PARAMS = {"lof_k": 6, "gaussian_eps": 0.01}
+KEY = jax.random.key(7)  # for registered discriminators that draw: replicated, same draws
 
-# Discriminators: 37 positions (not a multiple of 8), chunks of 3 positions per device.
+# Discriminators (every registered one): 37 positions (not a multiple of 8), chunks of 3 positions
+# per device.
 pool = jnp.asarray(rng.normal(size=(30, 37, 12)).astype(np.float32) + 2.0)
-names = ("nearest", "gaussian", "lof")
-one = discriminators.score_pool(pool, names, 6, 0.01, 24)
-many = parallel.discriminator_scores(pool, names, 6, 0.01, 24)
-small = parallel.discriminator_scores(pool, names, 6, 0.01, 8)  # 1 position per chunk asked
+names = discriminators.NAMES
+one = discriminators.score_pool(pool, names, PARAMS, 24, key=KEY)
+many = parallel.discriminator_scores(pool, names, PARAMS, 24, key=KEY)
+small = parallel.discriminator_scores(pool, names, PARAMS, 8, key=KEY)  # 1 position per chunk
 out["discriminators"] = {k: same(one[k], many[k]) and same(one[k], small[k]) for k in names}
 # Fewer images than dimensions: the Gaussian goes through the [N, N] Gram matrix instead.
 wide = jnp.asarray(rng.normal(size=(10, 19, 16)).astype(np.float32))
-one = discriminators.score_pool(wide, names, 6, 0.01, 4)
-many = parallel.discriminator_scores(wide, names, 6, 0.01, 4)
+one = discriminators.score_pool(wide, names, PARAMS, 4, key=KEY)
+many = parallel.discriminator_scores(wide, names, PARAMS, 4, key=KEY)
 out["discriminators_n_below_r"] = {k: same(one[k], many[k]) for k in names}
 
 # Coreset: a pool of 1110 rows with duplicated rows spread over shards (ties in the argmax).
@@ -94,9 +97,9 @@ out["patch_scores"] = same(
 cfg = base.get_config()
 cfg.softpatch.projection_dim = 8
 feats = jnp.asarray(rng.normal(size=(14, 36, 16)).astype(np.float32))
-specs = [methods.spec("softpatch_plus", cfg.softpatch)]
-f1 = memory_bank.fit_many(jax.random.key(3), feats, cfg, specs, parallel=False)
-f2 = memory_bank.fit_many(jax.random.key(3), feats, cfg, specs, parallel=True)
+specs = [methods.spec("softpatch_plus", options.method_options(cfg))]
+f1 = memory_bank.fit_many(jax.random.key(3), feats, options.fit_options(cfg), specs, parallel=False)
+f2 = memory_bank.fit_many(jax.random.key(3), feats, options.fit_options(cfg), specs, parallel=True)
 b1, b2 = f1.banks["softpatch_plus"], f2.banks["softpatch_plus"]
 out["fit_many"] = all(
     same(getattr(getattr(b1, s), f), getattr(getattr(b2, s), f))
@@ -104,7 +107,7 @@ out["fit_many"] = all(
     for f in ("index_M", "weights_M", "feats_MxD")
 ) and all(same(f1.scores_NxP[k], f2.scores_NxP[k]) for k in f1.scores_NxP)
 cfg.parallel = ml_collections.ConfigDict({"enabled": "discriminators"})  # that stage only
-f3 = memory_bank.fit_many(jax.random.key(3), feats, cfg, specs)
+f3 = memory_bank.fit_many(jax.random.key(3), feats, options.fit_options(cfg), specs)
 b3 = f3.banks["softpatch_plus"]
 out["fit_many_stage_list"] = all(
     same(getattr(getattr(b1, s), f), getattr(getattr(b3, s), f))
@@ -115,7 +118,7 @@ p1 = scoring.predict(b1, feats[:3], (6, 6), (24, 24), 4.0, 32)
 p2 = scoring.predict(b1, feats[:3], (6, 6), (24, 24), 4.0, 32, parallel=True)
 out["predict"] = same(p1[0], p2[0]) and same(p1[1], p2[1])
 cfg.parallel = ml_collections.ConfigDict({"enabled": "auto"})
-out["auto"] = parallel.enabled(cfg)
+out["auto"] = parallel.enabled(cfg.parallel.enabled)
 print(json.dumps(out))
 """
 
@@ -130,10 +133,11 @@ import numpy as np
 from softpatch_jax import discriminators, parallel
 
 rng = np.random.default_rng(0)
+PARAMS = {"lof_k": 6, "gaussian_eps": 0.01}
 pool = jnp.asarray(rng.normal(size=(100, 16, 128)).astype(np.float32))
 names = ("nearest", "gaussian", "lof")
-many = parallel.discriminator_scores(pool, names, 6, 0.01, 4)
-one = discriminators.score_pool(pool, names, 6, 0.01, 4)
+many = parallel.discriminator_scores(pool, names, PARAMS, 4)
+one = discriminators.score_pool(pool, names, PARAMS, 4)
 same = {k: bool(np.array_equal(np.asarray(one[k]), np.asarray(many[k]))) for k in names}
 print(json.dumps({"devices": jax.device_count(), "same": same}))
 """
@@ -203,15 +207,13 @@ def test_scoring_and_library_path_equal(child_result):
     assert child_result["predict"]
 
 
-def test_enabled_reads_config_and_defaults_to_auto():
-    assert parallel.enabled(None) is False  # one device in the test process
-    cfg = ml_collections.ConfigDict({"parallel": {"enabled": "true"}})
-    assert parallel.enabled(cfg) is True
-    assert parallel.enabled(ml_collections.ConfigDict({"parallel": {"enabled": False}})) is False
-    assert parallel.enabled(ml_collections.ConfigDict({"seed": 0})) is False
+def test_enabled_reads_the_setting():
+    assert parallel.enabled("auto") is False  # one device in the test process
+    assert parallel.enabled("true") is True
+    assert parallel.enabled(False) is False
     with pytest.raises(ValueError, match="auto, true, false or a comma list"):
-        parallel.enabled(ml_collections.ConfigDict({"parallel": {"enabled": "sometimes"}}))
-    only = ml_collections.ConfigDict({"parallel": {"enabled": "discriminators, scoring"}})
+        parallel.enabled("sometimes")
+    only = "discriminators, scoring"
     assert [parallel.enabled(only, s) for s in parallel.STAGES] == [True, False, True]
     with pytest.raises(ValueError, match="unknown parallel stage"):
         parallel.enabled(only, "features")

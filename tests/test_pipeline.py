@@ -11,7 +11,7 @@ import pytest
 from configs import demo as demo_config
 from softpatch_jax import features, metrics
 from softpatch_jax.data import demo
-from softpatch_jax.experiment import driver, jsonl, outputs, plan
+from softpatch_jax.experiment import driver, jsonl, options, outputs, plan
 
 VIEWLESS = tuple(m for m in metrics.ALL if m not in metrics.SAMPLE)
 TINY = demo.DemoSpec(
@@ -140,7 +140,7 @@ def test_too_much_noise_states_the_maximum(tiny_root, tmp_path):
 
 def test_feature_extraction_compiles_once_for_ragged_batches(tiny_root):
     cfg = tiny_config(tiny_root)
-    ex = features.build(cfg)
+    ex = features.build(options.extractor_options(cfg))
     images = np.random.default_rng(0).integers(0, 255, (19, 64, 64, 3), dtype=np.uint8)
     out = features.extract(ex, images)  # batches of 8, 8, 3 (padded)
     assert out.shape == (19, *ex.grid, 1024)

@@ -20,13 +20,13 @@ from configs.sweeps import common, fuiad
 from softpatch_jax import features, memory_bank, methods, scoring
 from softpatch_jax.data import demo, noise
 from softpatch_jax.data.records import Augment, Record
-from softpatch_jax.experiment import cache, driver, grid, jsonl, stages
+from softpatch_jax.experiment import cache, driver, grid, jsonl, options, stages
 
 TINY = demo.DemoSpec(size=32, num_train=8, num_test_good=3, num_per_defect=1, categories=("pill",))
 GRID_CELL = 4  # the stand-in backbone's patch size: a 32x32 crop gives an 8x8 feature grid
 
 
-def fake_build(config):
+def fake_build(options):
     """A stand-in `features.build`: per 4x4 patch mean and std of each channel, mixed by a fixed
     random matrix to 16 dims. Cheap to compile; enough structure for AUROCs to mean something."""
     w = jax.random.normal(jax.random.key(7), (6, 16))
@@ -39,7 +39,7 @@ def fake_build(config):
         stats = jnp.concatenate([x.mean((2, 4)), x.std((2, 4))], axis=-1)
         return jnp.tanh(stats @ variables["w"])
 
-    crop = config.dataset.crop
+    crop = options.crop
     grid_hw = (crop // GRID_CELL, crop // GRID_CELL)
     info = {"weights": "random-init", "arch": "fake"}
     return features.Extractor(apply, {"w": w}, info, 8, grid_hw, (crop, crop))
@@ -385,9 +385,11 @@ def test_vmapped_scoring_equals_predict_per_bank():
     for tau in (0.05, 0.1, 0.3):
         cfg.softpatch.tau = tau
         for m in ("patchcore", "softpatch_lof", "softpatch_plus", "image_denoise"):
-            specs.append(dataclasses.replace(methods.spec(m, cfg.softpatch), name=f"{m}@{tau}"))
+            specs.append(
+                dataclasses.replace(methods.spec(m, options.method_options(cfg)), name=f"{m}@{tau}")
+            )
     key = jax.random.key(3)
-    want = memory_bank.fit_many(key, feats, cfg, specs)
+    want = memory_bank.fit_many(key, feats, options.fit_options(cfg), specs)
     test = jnp.asarray(rng.normal(size=(4, p, d)), jnp.float32)
     predicted = stages.predict_vmapped(want.banks, test, (4, 4), (8, 8), 1.0)
     for s in specs:

@@ -17,6 +17,7 @@ from safetensors.numpy import save_file  # noqa: E402
 
 from configs import base  # noqa: E402
 from softpatch_jax import weights  # noqa: E402
+from softpatch_jax.experiment import options  # noqa: E402
 from softpatch_jax.models import resnet  # noqa: E402
 
 TV_URL = "https://download.pytorch.org/models/resnet18-f37072fd.pth"
@@ -44,7 +45,7 @@ def _cfg(cache_dir, **overrides):
     cfg.cache_dir = str(cache_dir)
     for name, value in overrides.items():
         setattr(cfg, name, value)
-    return cfg
+    return options.backbone_options(cfg)
 
 
 def _assert_trees_equal(a: dict, b: dict) -> None:

@@ -1,5 +1,6 @@
-"""Journal Table 7: SoftPatch+ with each of the 7 non-empty subsets of {nearest, gaussian, lof} as
-the fused removal score, ranks over all patches and per position (METHOD.md section 4 asks for
+"""Journal Table 7: SoftPatch+ with each non-empty subset of the registered discriminators
+(softpatch_jax/discriminators/: the paper's nearest, gaussian, lof give its 7 subsets; every
+discriminator registered since joins the axis) as the fused removal score, ranks over all patches and per position (METHOD.md section 4 asks for
 both), at 10% overlap noise; 3 seeds. Columns of the table: the subset.
 
   python -m launch.sweep --config=configs/sweeps/discriminators.py:demo --workdir=/tmp/sw_disc
@@ -12,11 +13,12 @@ the three discriminators' scores, computed once per noisy set.
 import itertools
 
 from configs.sweeps import common
+from softpatch_jax import discriminators
 
-NAMES = ("nearest", "gaussian", "lof")
+NAMES = discriminators.NAMES
 SUBSETS = tuple(
-    ",".join(s) for k in (1, 2, 3) for s in itertools.combinations(NAMES, k)
-)  # nearest, gaussian, lof, nearest+gaussian, nearest+lof, gaussian+lof, all three
+    ",".join(s) for k in range(1, len(NAMES) + 1) for s in itertools.combinations(NAMES, k)
+)  # nearest, gaussian, lof, nearest+gaussian, ..., all of them
 
 
 def get_config(dataset: str = "demo"):

@@ -15,6 +15,7 @@ from configs import base
 from launch.bench.inputs import STORE_DTYPES, LazyFeatures, grid_of, make_features
 from launch.bench.timing import peak_bytes, reset_peak, timed
 from softpatch_jax import memory_bank, methods, scoring
+from softpatch_jax.experiment import options
 
 
 def config(args, n: int, p: int):
@@ -37,7 +38,7 @@ def end_to_end(args, key, n: int, p: int) -> dict:
     generation_s = time.perf_counter() - t0  # lazy: nothing yet, generated inside the projection
     test = jnp.asarray(LazyFeatures(args.test_images, p, args.d, np.float32, args.seed + 1)[:])
     cfg = config(args, n, p)
-    spec = methods.spec(args.method, cfg.softpatch)
+    spec = methods.spec(args.method, options.method_options(cfg))
     grid = grid_of(p)
     stages: dict[str, float] = {}
 
@@ -48,7 +49,7 @@ def end_to_end(args, key, n: int, p: int) -> dict:
         stages[stage] = stages.get(stage, 0.0) + time.perf_counter() - t0
 
     def run(timer_=memory_bank._null_timer):
-        fitted = memory_bank.fit_many(key, feats, cfg, [spec], timer=timer_)
+        fitted = memory_bank.fit_many(key, feats, options.fit_options(cfg), [spec], timer=timer_)
         banks = fitted.banks[spec.name]
         with timer_("predict"):
             out = scoring.predict(banks, test, grid, (grid[0] * 8, grid[1] * 8), 4.0)
@@ -83,7 +84,9 @@ def end_to_end(args, key, n: int, p: int) -> dict:
     }
     if args.store_dtype != "float32" and args.source != "lazy":
         ref_feats = make_features(args, n, p, "float32")
-        ref = memory_bank.fit_many(key, ref_feats, cfg, [spec]).banks[spec.name]
+        ref = memory_bank.fit_many(key, ref_feats, options.fit_options(cfg), [spec]).banks[
+            spec.name
+        ]
         ref_scores, _ = scoring.predict(ref, test, grid, (grid[0] * 8, grid[1] * 8), 4.0)
         same = np.intersect1d(np.asarray(ref.cls.index_M), np.asarray(banks.cls.index_M)).size
         out["vs_float32"] = {

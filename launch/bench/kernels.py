@@ -53,16 +53,18 @@ def features(args, key) -> dict:
 def discriminator_scores(args, key, n: int, p: int) -> dict:
     pool = synthetic_pool(key, n, p, args.r)
     names = discriminators.NAMES
-    fn = lambda: memory_bank.discriminator_scores(pool, names, args.lof_k, 0.01)
+    fn = lambda: memory_bank.discriminator_scores(pool, names, {"lof_k": args.lof_k}, key=key)
     res = timed(fn, args.repeats)
     res["chunk_positions"] = discriminators.chunk_size_for(n, args.r)
     for name in names:  # each alone, for the table's breakdown
-        one = lambda name=name: memory_bank.discriminator_scores(pool, (name,), args.lof_k, 0.01)
+        one = lambda name=name: memory_bank.discriminator_scores(
+            pool, (name,), {"lof_k": args.lof_k}, key=key
+        )
         res[f"{name}_s"] = timed(one, args.repeats)["seconds"]
     note = ", ".join(f"{k}_s={res[k + '_s']:.2f}" for k in names)
     if jax.device_count() > 1:  # positions sharded over the devices, as parallel.enabled does
         sharded = lambda: memory_bank.discriminator_scores(
-            pool, names, args.lof_k, 0.01, parallel=True
+            pool, names, {"lof_k": args.lof_k}, parallel=True, key=key
         )
         res["sharded_s"] = timed(sharded, args.repeats)["seconds"]
         res["sharded_devices"] = jax.device_count()

@@ -19,8 +19,9 @@ def sharded_vs_one_device(args, key, n: int, p: int) -> dict:
     names = discriminators.NAMES
     chunk = discriminators.chunk_size_for(n, args.r)
     out = {"devices": devices}
-    one = lambda: discriminators.score_pool(pool, names, args.lof_k, 0.01, chunk)
-    many = lambda: parallel.discriminator_scores(pool, names, args.lof_k, 0.01, chunk)
+    params = {"lof_k": args.lof_k}
+    one = lambda: discriminators.score_pool(pool, names, params, chunk, key=key)
+    many = lambda: parallel.discriminator_scores(pool, names, params, chunk, key=key)
     out["discriminators"] = _compare(one, many, args.repeats)
     flat = pool.reshape(n * p, args.r)
     keep = jax.random.uniform(jax.random.fold_in(key, 1), (n * p,)) > 0.15

@@ -26,9 +26,10 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from softpatch_jax import cli, config_errors
+from softpatch_jax import cli
 from softpatch_jax.data import demo
 from softpatch_jax.deploy import commands, fitting, region, threshold
+from softpatch_jax.experiment import config_errors
 
 
 def _default_config() -> str | None:

@@ -18,12 +18,13 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from softpatch_jax import config_errors, io_utils, outdir
+from softpatch_jax import io_utils, outdir
 from softpatch_jax.data import demo, images, mvtec, noise
 from softpatch_jax.data import folder as folder_lib
 from softpatch_jax.deploy import audit as audit_lib
 from softpatch_jax.deploy import fitting, predicting, region, render
 from softpatch_jax.deploy import model as model_lib
+from softpatch_jax.experiment import config_errors
 
 TRUE_LABELS = ("1", "1.0", "true", "yes", "y", "defective")
 FALSE_LABELS = ("0", "0.0", "false", "no", "n", "good", "normal")

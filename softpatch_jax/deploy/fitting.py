@@ -19,12 +19,14 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from softpatch_jax import config_errors, discriminators, features, memory_bank, methods
+from softpatch_jax import discriminators, features, memory_bank, methods
 from softpatch_jax.data import folder, images
 from softpatch_jax.deploy import audit as audit_lib
 from softpatch_jax.deploy import model as model_lib
 from softpatch_jax.deploy import region as region_lib
 from softpatch_jax.deploy import threshold as threshold_lib
+from softpatch_jax.experiment import config_errors
+from softpatch_jax.experiment import options as options_lib
 from softpatch_jax.io_utils import split_list
 
 
@@ -130,17 +132,18 @@ def fit(
 ) -> tuple[model_lib.Model, audit_lib.Audit, folder.Listing]:
     """Fits the model on every image under `sources`; returns it (unsaved), its audit, the listing.
 
-    `extractor` reuses one built earlier for this config (`features.build(config)`), saving the
-    compilation in notebooks and tests.
+    `extractor` reuses one built earlier for this config (`features.build` of
+    `options_lib.extractor_options(config)`), saving the compilation in notebooks and tests.
     """
     opts = opts or Options()
     config_errors.validate(config)  # every value checked before hours of work
     threshold_lib.parse(opts.threshold)
-    spec = methods.spec(opts.method, config.softpatch)
+    spec = methods.spec(opts.method, options_lib.method_options(config))
+    fit_opts = options_lib.fit_options(config)
     listing = folder.list_images(sources)
     for path in listing.ignored:
         logging.warning("ignored non-image file %s", path)
-    ex = extractor or features.build(config)
+    ex = extractor or features.build(options_lib.extractor_options(config))
     if ex.image_size != (config.dataset.crop, config.dataset.crop):
         raise ValueError(
             f"extractor takes {ex.image_size} images, config crop is {config.dataset.crop}"
@@ -166,15 +169,15 @@ def fit(
     key = jax.random.key(config.seed)
     # Every discriminator, whatever the method uses: the audit reports each of them.
     logging.info("fit: discriminators on %d images x %d positions", n, p)
-    prepared = memory_bank.prepare(key, feats, config, discriminators.NAMES)
+    prepared = memory_bank.prepare(key, feats, fit_opts, discriminators.NAMES)
     logging.info("fit: %s memory banks", opts.method)
     # Overlapping tiles hold near-duplicate patches: the coreset ratio counts the frame's distinct
     # area, so the bank has the density per pixel it has on centre crops (deploy/region.py).
     ratio = config.coreset.ratio * region_info["distinct_fraction"]
-    bank_config = ml_collections.ConfigDict(config.to_dict())
-    bank_config.coreset.ratio = ratio
     region_info["coreset_ratio"] = ratio
-    out = memory_bank.fit_banks(prepared, feats, bank_config, [spec])
+    out = memory_bank.fit_banks(
+        prepared, feats, dataclasses.replace(fit_opts, coreset_ratio=ratio), [spec]
+    )
     banks = out.banks[opts.method]
     projection = out.projection_DxR
     logging.info("fit: held-out training scores (%d folds)", opts.threshold_folds)

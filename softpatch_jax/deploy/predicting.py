@@ -36,6 +36,7 @@ from softpatch_jax.deploy import model as model_lib
 from softpatch_jax.deploy import outdir, render
 from softpatch_jax.deploy import region as region_lib
 from softpatch_jax.deploy import threshold as threshold_lib
+from softpatch_jax.experiment import options as options_lib
 
 MARKER = "predictions.json"  # marks a folder as a prediction written by this tool
 
@@ -55,7 +56,7 @@ def build_extractor(
     extractor: features.Extractor | None = None,
 ) -> features.Extractor:
     """The model's backbone, checked against what it was fitted with."""
-    ex = extractor or features.build(model.config)
+    ex = extractor or features.build(options_lib.extractor_options(model.config))
     for note in model_lib.check_compatible(model, ex, strict_version=strict_version):
         logging.info("model vs install (tolerated): %s", note)
     if ex.random_init:
@@ -63,28 +64,28 @@ def build_extractor(
     return ex
 
 
+def scoring_options(scoring_cfg) -> scoring.Options:
+    """The model's `config.scoring` section as the scoring composition's options (a model saved
+    before `scoring.search` existed searches exactly: every search gives the same values)."""
+    return scoring.Options(
+        distance=scoring_cfg.distance,
+        search=scoring_cfg.search if "search" in scoring_cfg else "exact",
+        blur_sigma=scoring_cfg.blur_sigma,
+        chunk_size=scoring_cfg.chunk_size,
+    )
+
+
 def _scorer(model: model_lib.Model, ex: features.Extractor):
-    """(padded uint8 batch) -> (features, classification patch scores [B, P], maps [B, H, W]);
-    `scoring.predict` before its max over patches, which the caller takes over owned patches."""
-    cfg = model.config
-    banks = model.banks
-    m_cls = banks.cls.feats_MxD.shape[0]
-    m_seg = banks.seg.feats_MxD.shape[0]
-    cls_chunk = cfg.scoring.chunk_size or scoring.chunk_size_for(m_cls)
-    seg_chunk = cfg.scoring.chunk_size or scoring.chunk_size_for(m_seg)
+    """(padded uint8 batch) -> (features, classification patch scores [B, P], maps [B, H, W]):
+    `scoring.score_banks`, the composition experiments use; the caller takes the max over the
+    patches a tile owns."""
+    options = scoring_options(model.config.scoring)
 
     def run(batch_BxHxWx3):
         f = ex.apply(ex.variables, jnp.asarray(batch_BxHxWx3))
         f = f.reshape(f.shape[0], -1, f.shape[-1])
-        dist = cfg.scoring.distance
-        cls = scoring.patch_scores(banks.cls, f, cls_chunk, distance=dist)
-        seg = (
-            cls
-            if banks.seg is banks.cls
-            else scoring.patch_scores(banks.seg, f, seg_chunk, distance=dist)
-        )
-        maps = scoring.anomaly_maps(
-            seg, tuple(ex.grid), tuple(ex.image_size), cfg.scoring.blur_sigma
+        cls, maps = scoring.score_banks(
+            model.banks, f, tuple(ex.grid), tuple(ex.image_size), options
         )
         return f, cls, maps
 

@@ -29,7 +29,7 @@ import numpy as np
 from absl import logging
 
 from softpatch_jax import discriminators, features, metrics, official_eval, parallel, progress
-from softpatch_jax.experiment import cache, grid, jsonl, outputs, plan, stages
+from softpatch_jax.experiment import cache, grid, jsonl, options, outputs, plan, stages
 from softpatch_jax.io_utils import check_writable, write_json
 
 RESULTS = "results.jsonl"
@@ -49,7 +49,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     check_writable(workdir)
     write_json(os.path.join(workdir, "config.json"), config.to_dict())
     out = execute(config, cells, workdir)
-    built = out.weights or [features.build(config).info]  # none built: every cell was finished
+    built = out.weights or [
+        features.build(options.extractor_options(config)).info
+    ]  # none built: every cell was finished
     outputs.write_run(workdir, out.rows, built[0])
     return out.rows
 
@@ -244,15 +246,15 @@ def _run_fit_group(
     ctx.stats.add("banks_fitted", len(named))
     by_scoring = grid.group(cells, lambda c: grid.digest(c.config.scoring.to_dict()))
     for scells in by_scoring.values():
-        sc = scells[0].config.scoring
         wanted = {k: banks[k] for k in dict.fromkeys(_spec_key(c.spec()) for c in scells)}
         with timer("scoring"):
-            shard = parallel.enabled(scells[0].config, "scoring")
+            shard = parallel.enabled(scells[0].config.parallel.enabled, "scoring")
             work = stages.scoring_work(wanted, evalset.feats_TxPxD.shape[0], ctx.vmap)
             what = f"scoring ({len(wanted)} method{'s' if len(wanted) > 1 else ''})"
             with progress.bar(what, work, "img") as update:
                 test = evalset.feats_TxPxD
-                predicted = stages.predict(wanted, test, ex, sc, ctx.vmap, shard, update)
+                scoring_opts = options.scoring_options(scells[0].config)
+                predicted = stages.predict(wanted, test, ex, scoring_opts, ctx.vmap, shard, update)
                 jax.block_until_ready(predicted)
         results, frames = {}, {}
         names = plan.eval_metrics(scells[0].config)

@@ -31,6 +31,7 @@ from typing import Any
 import ml_collections
 
 from softpatch_jax import methods
+from softpatch_jax.experiment import options
 from softpatch_jax.io_utils import split_list
 
 # Comma lists in the run config that a plain run loops over: always expanded into single values.
@@ -165,7 +166,7 @@ class Cell:
     noisy: str
 
     def spec(self) -> methods.MethodSpec:
-        return methods.spec(self.method, self.config.softpatch)
+        return methods.spec(self.method, options.method_options(self.config))
 
     def row_fields(self) -> dict[str, Any]:
         """Hyperparameters for the results row, by config path (implicit axes and the seed already
@@ -211,7 +212,7 @@ def expand(config: ml_collections.ConfigDict, list_categories) -> list[Cell]:
         cfg = copy.deepcopy(base)
         for path, value in point.items():
             set_path(cfg, path, value)
-        methods.from_config(cfg)  # a typo in a method or discriminator name fails before any work
+        options.method_specs(cfg)  # a typo in a method or discriminator name fails before any work
         for category in list_categories(cfg.dataset):
             for ratio in parse_ratios(cfg.noise.ratios):
                 for method in split_list(cfg.methods):

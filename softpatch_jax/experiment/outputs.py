@@ -14,7 +14,7 @@ import jax
 import numpy as np
 
 from softpatch_jax import data, metrics, report
-from softpatch_jax.experiment import grid, plan
+from softpatch_jax.experiment import grid, options, plan
 from softpatch_jax.io_utils import atomic_open, write_csv, write_json
 
 # Row fields left out of a plain run's results.csv: lists (injected images), a sweep's axes (none in
@@ -84,7 +84,10 @@ def cell_row(
             if source_samples[1] and not injected
             else {}
         ),
-        **{f"dataset.{k}": v for k, v in data.options(config.dataset).items()},
+        **{
+            f"dataset.{k}": v
+            for k, v in data.options(options.dataset_options(config.dataset)).items()
+        },
         "bank_cls": int(banks.cls.feats_MxD.shape[0]),
         "bank_seg": int(banks.seg.feats_MxD.shape[0]),
         **{f"time_{k}": round(v, 4) for k, v in times.items()},
@@ -97,8 +100,8 @@ def cell_row(
 def save_cell_maps(workdir: str, cell: grid.Cell, row: dict, maps, evalset: EvalSet) -> None:
     """WORKDIR/maps/CELL_ID.npz: the maps of `eval.save_maps` test images and of those
     `eval.map_images` names (none: nothing written)."""
-    count = int(cell.config.eval.get("save_maps", 0))
-    chosen = plan.parse_map_images(cell.config.eval.get("map_images", ""))
+    count = int(cell.config.eval.save_maps)
+    chosen = plan.parse_map_images(cell.config.eval.map_images)
     if not (count or chosen):
         return
     # Chosen images were checked against the full test set up front; a no-overlap noisy set may
@@ -112,7 +115,9 @@ def save_cell_maps(workdir: str, cell: grid.Cell, row: dict, maps, evalset: Eval
     shown_key = tuple(idx.tolist())
     if shown_key not in evalset.shown:
         ds = cell.config.dataset
-        evalset.shown[shown_key] = data.loader(ds, row["category"])(records)[0]
+        evalset.shown[shown_key] = data.loader(options.dataset_options(ds), row["category"])(
+            records
+        )[0]
     save_maps(
         os.path.join(workdir, "maps", f"{cell.id}.npz"),
         records,

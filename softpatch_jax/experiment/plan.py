@@ -19,7 +19,7 @@ import numpy as np
 from softpatch_jax import data, metrics, official_eval
 from softpatch_jax.data import noise
 from softpatch_jax.data.records import CategorySplits
-from softpatch_jax.experiment import grid
+from softpatch_jax.experiment import grid, options
 from softpatch_jax.results import HEADLINE
 
 
@@ -27,14 +27,12 @@ def plan(config: ml_collections.ConfigDict) -> list[grid.Cell]:
     """The grid's cells (a plain run's: one per category, noise ratio and method), checked so that
     a misspelt metric, a noise ratio the split forbids or a misnamed map image fails here, before
     any work."""
-    cells = grid.expand(config, data.categories)
+    cells = grid.expand(config, lambda ds: data.categories(options.dataset_options(ds)))
     for c in cells:
         eval_metrics(c.config)
         official_eval.check_resolution(c.config.eval.get("pixel_resolution", "crop"))
         check_noise(c.config, [c.ratio])
-    chosen = {
-        cat for c in cells for cat, _ in parse_map_images(c.config.eval.get("map_images", ""))
-    }
+    chosen = {cat for c in cells for cat, _ in parse_map_images(c.config.eval.map_images)}
     known = list(dict.fromkeys(c.category for c in cells))
     if unknown := sorted(chosen - set(known)):
         raise ValueError(f"eval.map_images names categories {unknown} not in this run: {known}")
@@ -62,8 +60,8 @@ def read(cells: Sequence[grid.Cell]) -> list[Setting]:
     out = []
     for category, ccells in grid.group(cells, lambda c: c.category).items():
         for scells in grid.group(ccells, lambda c: _setting(c.config)).values():
-            splits = data.read(scells[0].config.dataset, category)
-            chosen = parse_map_images(scells[0].config.eval.get("map_images", ""))
+            splits = data.read(options.dataset_options(scells[0].config.dataset), category)
+            chosen = parse_map_images(scells[0].config.eval.map_images)
             chosen_indices(splits.test, category, chosen)
             noisy = {}
             for c in scells:
@@ -76,7 +74,7 @@ def read(cells: Sequence[grid.Cell]) -> list[Setting]:
 def check_noise(config: ml_collections.ConfigDict, ratios) -> None:
     """Raises unless every noise ratio is 0 where the dataset's split fixes the training noise
     (Real-IAD's FUIAD lists): injecting test anomalies on top would change the benchmark."""
-    if data.fixed_noise(config.dataset) and any(r > 0 for r in ratios):
+    if data.fixed_noise(options.dataset_options(config.dataset)) and any(r > 0 for r in ratios):
         raise ValueError(
             f"dataset.split={config.dataset.split!r} fixes the training set's noise (its JSON "
             f"lists the noisy training set), so the project's own noise injection is off: set "
@@ -156,5 +154,5 @@ def chosen_indices(
 def eval_metrics(config) -> tuple[str, ...]:
     """The metrics named by `eval.metrics` (a comma list, or "all"), and always image and pixel
     AUROC: the summary table and the report's curves are drawn from those two."""
-    named = metrics.check_names(config.eval.get("metrics", "all"))
+    named = metrics.check_names(config.eval.metrics)
     return metrics.check_names([*HEADLINE, *named])

@@ -19,7 +19,7 @@ import numpy as np
 from absl import logging
 
 from softpatch_jax import data, discriminators, features, memory_bank, methods, progress, scoring
-from softpatch_jax.experiment import cache
+from softpatch_jax.experiment import cache, options
 from softpatch_jax.features import STORE_DTYPES
 from softpatch_jax.memory_bank import Banks, MemoryBank
 
@@ -41,7 +41,7 @@ class Timer:
 
 def store_dtype(config: ml_collections.ConfigDict):
     """The dtype features are held in on the device (`embedding.store_dtype`), checked."""
-    name = config.embedding.get("store_dtype", "float32")
+    name = config.embedding.store_dtype
     if name not in STORE_DTYPES:
         raise ValueError(f"embedding.store_dtype {name!r}; valid: {sorted(STORE_DTYPES)}")
     return STORE_DTYPES[name]
@@ -50,7 +50,7 @@ def store_dtype(config: ml_collections.ConfigDict):
 def extractor(cfg: ml_collections.ConfigDict) -> tuple[features.Extractor, str]:
     """The backbone's extractor and the identity of its weights (`cache.weights_id`, part of every
     features key); a random-init backbone is warned about loudly."""
-    ex = features.build(cfg)
+    ex = features.build(options.extractor_options(cfg))
     if ex.random_init:
         logging.warning("=" * 78)
         logging.warning(features.RANDOM_INIT_WARNING)
@@ -62,7 +62,7 @@ def extract(ex: features.Extractor, records, config, category: str, what: str, c
     """Decoded and extracted features [N, P, D] (host, as extracted) and masks of `records`, with
     a progress bar. Decoding goes through data.loader, so a prepared (TFDS) store is used when the
     config asks; `count(name, n)` tallies the work (the driver's counters)."""
-    images, masks = data.loader(config.dataset, category)(records)
+    images, masks = data.loader(options.dataset_options(config.dataset), category)(records)
     logging.info("  features: %d %s images", images.shape[0], what)
     with progress.bar(f"features ({what})", images.shape[0], "img") as update:
         feats = np.asarray(features.extract(ex, images, update))
@@ -86,18 +86,14 @@ def prepare(
     per-position distances) with the run's own projection, then cached."""
     n, _, d = feats_NxPxD.shape
     sp = cfg.softpatch
-    gaussian_dtype, nearest_dtype = discriminators.resolve_precision(
-        sp.get("score_dtype", "auto"), n, sp.projection_dim or d
-    )
-    params = {
-        "nearest": None if nearest_dtype == "float32" else "f64",
-        "gaussian": sp.gaussian_eps if gaussian_dtype == "float32" else [sp.gaussian_eps, "f64"],
-        "lof": discriminators.effective_k(sp.lof_k, n),
-    }
-    keys = {
-        name: cache.scores_key(feats_key, name, params[name], sp.projection_dim, cfg.seed)
-        for name in names
-    }
+    dtypes = discriminators.resolve_precision(sp.score_dtype, n, sp.projection_dim or d, names)
+    values = {k: sp[k] for k in discriminators.config_defaults()}
+    keys = {}
+    for name in names:
+        param = discriminators.cache_param(
+            name, discriminators.settings((name,), values, n), dtypes[name]
+        )
+        keys[name] = cache.scores_key(feats_key, name, param, sp.projection_dim, cfg.seed)
     cached = {}
     for name in names:
         hit = store.load("scores", keys[name])
@@ -105,7 +101,8 @@ def prepare(
             cached[name] = jax.numpy.asarray(hit["scores"])
             if "low" in hit:  # a float64 score's low part (`discriminators.low_key`)
                 cached[discriminators.low_key(name)] = jax.numpy.asarray(hit["low"])
-    prepared = memory_bank.prepare(key, feats_NxPxD, cfg, names, scores_NxP=cached)
+    fit_opts = options.fit_options(cfg)
+    prepared = memory_bank.prepare(key, feats_NxPxD, fit_opts, names, scores_NxP=cached)
     for name in prepared.computed:
         arrays = {"scores": np.asarray(prepared.scores_NxP[name])}
         low = prepared.scores_NxP.get(discriminators.low_key(name))
@@ -123,30 +120,32 @@ def fit(
     specs: Sequence[methods.MethodSpec],
 ) -> dict[str, Banks]:
     """The banks of every spec (by spec name): every distinct keep mask in one coreset pass."""
-    return memory_bank.fit_banks(prepared, feats_NxPxD, cfg, specs).banks
+    return memory_bank.fit_banks(prepared, feats_NxPxD, options.fit_options(cfg), specs).banks
 
 
 def predict(
     banks: dict[str, Banks],
     feats_TxPxD: jax.Array,
     ex: features.Extractor,
-    sc: ml_collections.ConfigDict,
+    options: scoring.Options,
     vmap: bool,
     parallel: bool = False,
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, tuple[jax.Array, jax.Array]]:
-    """{name: (image scores, anomaly maps)} with the `config.scoring` section `sc`; `parallel`
-    shards each bank's search over all devices (one bank at a time only). `progress` is called with
-    images scored, `scoring_work(banks, T, vmap)` in all."""
+    """{name: (image scores, anomaly maps)}: one bank pair at a time through the scoring
+    composition (`scoring.predict`, what deploy uses too), or vmapped over banks of equal size
+    (`predict_vmapped`, the exact search, which every `search` equals). `parallel` shards each
+    bank's search over all devices (one bank at a time only). `progress` is called with images
+    scored, `scoring_work(banks, T, vmap)` in all."""
     if vmap:
         return predict_vmapped(
             banks,
             feats_TxPxD,
             ex.grid,
             ex.image_size,
-            sc.blur_sigma,
-            sc.chunk_size,
-            sc.distance,
+            options.blur_sigma,
+            options.chunk_size,
+            options.distance,
             progress,
         )
     return {
@@ -155,11 +154,11 @@ def predict(
             feats_TxPxD,
             ex.grid,
             ex.image_size,
-            sc.blur_sigma,
-            sc.chunk_size,
-            distance=sc.distance,
+            options.blur_sigma,
+            options.chunk_size,
+            distance=options.distance,
             parallel=parallel,
-            search=sc.get("search", "exact"),
+            search=options.search,
             progress=progress,
         )
         for name, b in banks.items()

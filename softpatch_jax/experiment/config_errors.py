@@ -17,6 +17,8 @@ import sys
 import ml_collections
 from absl import flags
 
+from softpatch_jax import discriminators
+
 
 class ConfigError(ValueError):
     """A bad configuration value; the message names the key, the value and what is expected."""
@@ -40,6 +42,14 @@ def _choices(*names):
     return (lambda v: v in names), "one of " + ", ".join(repr(n) for n in names)
 
 
+def _subset(*names):
+    def check(v):
+        items = [s.strip() for s in str(v).split(",") if s.strip()]
+        return bool(items) and set(items) <= set(names)
+
+    return check, "a comma list of " + ", ".join(repr(n) for n in names)
+
+
 def _each(check_text):
     check, text = check_text
 
@@ -57,11 +67,17 @@ def _each(check_text):
 RULES = {
     "softpatch.tau": _fraction(False, True),
     "softpatch.tau_seg": _fraction(False, True),
-    "softpatch.lof_k": _at_least(1),
     "softpatch.projection_dim": _at_least(0),
-    "softpatch.soft_weight": _choices("lof", "nearest", "gaussian", "fused", "none"),
+    "softpatch.soft_weight": _choices(*discriminators.NAMES, "fused", "none"),
     "softpatch.rank_scope": _choices("all", "position"),
-    "softpatch.discriminator": _choices("nearest", "gaussian", "lof"),
+    "softpatch.discriminator": _choices(*discriminators.NAMES),
+    "softpatch.discriminators": _subset(*discriminators.NAMES),
+    # Each registered discriminator's own parameter checks (`Discriminator.checks`).
+    **{
+        f"softpatch.{key}": check
+        for name in discriminators.NAMES
+        for key, check in discriminators.REGISTRY[name].checks.items()
+    },
     "coreset.ratio": _fraction(True, False),
     "coreset.num_starts": _at_least(1),
     "dataset.resize": _at_least(1),

@@ -1,0 +1,89 @@
+"""Every registered plug-in, tested by being registered: each discriminator (through
+`softpatch_<name>` and SoftPatch+'s fusion of all of them), each method name and each dataset layout.
+A new discriminator module, method or layout is exercised here with no new test.
+
+Methods: one plain run (`driver.run`) of every method on a tiny demo tree with planted noise, twice:
+fit, predict, metrics in [0, 1], and the same numbers both times. Layouts: each of `data.LAYOUTS`
+lists, reads and loads a miniature tree (a layout without one here fails the test). Random-init
+backbone: the numbers say nothing about the methods, only that each one runs end to end.
+"""
+
+import numpy as np
+import pytest
+from fake_trees import make_btad, make_mvtec, make_realiad, make_visa
+
+from configs import demo as demo_config
+from softpatch_jax import data, discriminators, methods
+from softpatch_jax.data import demo
+from softpatch_jax.experiment import driver
+from tests.conftest import dataset_options
+
+TINY = demo.DemoSpec(size=32, num_train=8, num_test_good=3, num_per_defect=1, categories=("pill",))
+
+
+def _config(root):
+    c = demo_config.get_config()
+    c.dataset.layout = "mvtec"
+    c.dataset.root = root
+    c.dataset.resize = c.dataset.crop = 32
+    c.dataset.batch_size = 8
+    c.backbone.arch = "resnet_tiny"
+    c.backbone.allow_random_init = True
+    c.embedding.pretrain_dim = c.embedding.target_dim = 32
+    c.softpatch.projection_dim = 8
+    c.softpatch.lof_k = 3
+    c.softpatch.discriminators = ",".join(discriminators.NAMES)  # SoftPatch+ fuses all of them
+    c.coreset.ratio = 0.25
+    c.coreset.num_starts = 4
+    c.noise.ratios = "0.0,0.25"
+    c.noise.overlap = True
+    c.methods = ",".join(methods.names())
+    c.eval.metrics = "image_auroc,pixel_auroc"
+    c.eval.save_maps = 0
+    return c
+
+
+@pytest.mark.slow
+def test_every_registered_method_fits_predicts_and_evaluates_deterministically(tmp_path):
+    root = demo.write(str(tmp_path / "tiny"), TINY)
+    runs = [driver.run(_config(root), str(tmp_path / f"run{i}")) for i in range(2)]
+    rows = runs[0]
+    assert {r["method"] for r in rows} == set(methods.names())
+    assert len(rows) == len(methods.names()) * 2  # x noise ratios
+    for r in rows:
+        for m in ("image_auroc", "pixel_auroc"):
+            assert np.isfinite(r[m]) and 0.0 <= r[m] <= 1.0, (r["method"], m, r[m])
+        assert r["bank_cls"] > 0 and r["bank_seg"] > 0
+    again = {(r["method"], r["noise_ratio"]): r for r in runs[1]}
+    for r in rows:
+        other = again[r["method"], r["noise_ratio"]]
+        for m in ("image_auroc", "pixel_auroc", "bank_cls", "bank_seg"):
+            assert r[m] == other[m], (r["method"], m)
+
+
+def _layout_tree(layout, tmp_path):
+    """(root, extra dataset fields) of a miniature tree in `layout`'s format."""
+    rng = np.random.default_rng(0)
+    root = str(tmp_path / layout)
+    if layout == "demo":
+        return demo.write(root, TINY), {}
+    if layout == "realiad":
+        return make_realiad(root, rng), {"split": "fuiad_0.2", "resolution": "256"}
+    makers = {"mvtec": make_mvtec, "visa": make_visa, "btad": make_btad}
+    if layout not in makers:
+        pytest.fail(f"layout {layout!r} is registered but has no test tree here")
+    return makers[layout](root, rng).root, {}
+
+
+@pytest.mark.parametrize("layout", sorted(data.LAYOUTS))
+def test_every_registered_layout_lists_reads_and_loads(layout, tmp_path):
+    root, extra = _layout_tree(layout, tmp_path)
+    opts = dataset_options(layout=layout, root=root, resize=16, crop=12, **extra)
+    cats = data.categories(opts)
+    assert cats
+    splits = data.read(opts, cats[0])
+    assert splits.train and splits.test
+    assert {r.label for r in splits.test} == {0, 1}  # normal and anomalous test images
+    images, masks = data.loader(opts, cats[0])(splits.test)
+    assert images.shape == (len(splits.test), 12, 12, 3) and images.dtype == np.uint8
+    assert masks.shape == (len(splits.test), 12, 12) and masks.dtype == bool
