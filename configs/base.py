@@ -5,6 +5,7 @@ Any value can be overridden on the command line, e.g. --config.noise.ratios=0.0,
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -60,8 +61,13 @@ def get_config() -> ml_collections.ConfigDict:
         "gaussian,lof"  # SoftPatch+ fusion (any subset of nearest,gaussian,lof)
     )
     c.softpatch.lof_k = 6
-    c.softpatch.tau = 0.15  # SoftPatch, and SoftPatch+'s classification bank (tau_cls)
-    c.softpatch.tau_seg = 0.50  # SoftPatch+'s segmentation bank
+    # tau: a fraction, or "auto" (estimated per training set from the discriminator scores; soft
+    # weights fade to 1 on images that look clean: README "Unknown contamination"), or "oracle"
+    # (the true contaminated patch fraction; experiments with injected noise only). Typed `object`
+    # so a float field also takes the words.
+    c.softpatch.tau = _tau(0.15)  # SoftPatch, and SoftPatch+'s classification bank (tau_cls)
+    c.softpatch.tau_seg = _tau(0.50)  # SoftPatch+'s segmentation bank
+    c.softpatch.auto_estimator = "image"  # tau "auto": contamination.ESTIMATORS (image, tail, lof)
     c.softpatch.soft_weight = "lof"  # SoftPatch+: lof | nearest | gaussian | fused | none
     c.softpatch.rank_scope = "all"  # SoftPatch+ rank normalisation: "all" patches or "position"
     c.softpatch.projection_dim = 128  # R; 0 = discriminators and coreset on the full D
@@ -111,3 +117,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval.save_maps = 0
     c.eval.map_images = ""
     return c
+
+
+def _tau(value: float) -> config_dict.FieldReference:
+    return config_dict.FieldReference(value, field_type=object)

@@ -9,10 +9,14 @@ import dataclasses
 
 import ml_collections
 
-from softpatch_jax import discriminators
+from softpatch_jax import contamination, discriminators
 from softpatch_jax.io_utils import split_list
 
 SOFT_WEIGHTS = ("none", "fused", *discriminators.NAMES)
+# tau policies besides a fixed quantile: "auto" estimates it per training set (contamination.py);
+# "oracle" is the true contaminated patch fraction, which only an experiment with injected noise
+# knows (the driver resolves it to a number before fitting).
+TAU_POLICIES = ("auto", "oracle")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,17 +25,26 @@ class BankSpec:
 
     removal: discriminators whose (rank-fused, if several) score ranks the patches; () = no removal.
     granularity: "patch" removes patches; "image" removes whole images by their max patch score.
+    tau: a fraction in [0, 1), or "auto": estimated from the scores by `estimator`
+      (`contamination.ESTIMATORS`), the soft weights then fading to 1 on images that look clean.
     """
 
     removal: tuple[str, ...] = ()
-    tau: float = 0.0
+    tau: float | str = 0.0
     granularity: str = "patch"
     soft_weight: str = "none"
     rank_scope: str = "all"
+    estimator: str = contamination.DEFAULT
 
     def __post_init__(self):
-        if not 0.0 <= self.tau < 1.0:
+        if isinstance(self.tau, str):
+            if self.tau not in TAU_POLICIES:
+                raise ValueError(
+                    f"tau must be a fraction or one of {TAU_POLICIES}, got {self.tau!r}"
+                )
+        elif not 0.0 <= self.tau < 1.0:
             raise ValueError(f"tau must be in [0, 1), got {self.tau}")
+        contamination.check(self.estimator)
         if self.granularity not in ("patch", "image"):
             raise ValueError(f"granularity must be 'patch' or 'image', got {self.granularity!r}")
         if self.soft_weight not in SOFT_WEIGHTS:
@@ -43,7 +56,8 @@ class BankSpec:
         """Banks that remove the same patches share one coreset run."""
         if not self.removal or self.tau == 0.0:
             return ("all",)
-        return (self.removal, self.tau, self.granularity, self.rank_scope)
+        policy = (self.tau, self.estimator) if self.tau == "auto" else self.tau
+        return (self.removal, policy, self.granularity, self.rank_scope)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,7 +75,11 @@ class MethodSpec:
 
 def _softpatch(name: str, disc: str, sp: ml_collections.ConfigDict) -> MethodSpec:
     discriminators.check_names([disc])
-    return MethodSpec(name, BankSpec((disc,), sp.tau, "patch", disc))
+    return MethodSpec(name, BankSpec((disc,), sp.tau, "patch", disc, estimator=_estimator(sp)))
+
+
+def _estimator(sp: ml_collections.ConfigDict) -> str:
+    return sp.get("auto_estimator", contamination.DEFAULT)
 
 
 def spec(name: str, sp: ml_collections.ConfigDict) -> MethodSpec:
@@ -76,12 +94,13 @@ def spec(name: str, sp: ml_collections.ConfigDict) -> MethodSpec:
         names = discriminators.check_names(split_list(sp.discriminators))
 
         def bank(tau: float) -> BankSpec:
-            return BankSpec(names, tau, "patch", sp.soft_weight, sp.rank_scope)
+            return BankSpec(names, tau, "patch", sp.soft_weight, sp.rank_scope, _estimator(sp))
 
         return MethodSpec(name, bank(sp.tau), bank(sp.tau_seg))
     if name == "image_denoise":
         discriminators.check_names([sp.discriminator])
-        return MethodSpec(name, BankSpec((sp.discriminator,), sp.tau, "image", "none"))
+        disc = (sp.discriminator,)
+        return MethodSpec(name, BankSpec(disc, sp.tau, "image", "none", estimator=_estimator(sp)))
     raise ValueError(
         f"unknown method {name!r}; valid: patchcore, softpatch, "
         + ", ".join(f"softpatch_{n}" for n in discriminators.NAMES)
