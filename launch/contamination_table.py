@@ -1,0 +1,157 @@
+"""The README's "Unknown contamination" table from a contamination sweep's results.jsonl
+(configs/sweeps/contamination.py): per noise ratio and method, mean image / pixel AUROC at the
+authors' tau 0.15, at `auto`, at the best fixed tau and at the oracle tau; the estimate against
+the truth; and the issue's goals, met or missed by how much.
+
+  python -m launch.contamination_table --workdir=/tmp/sw_cont [--workdir=...] [--name=demo]
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+
+import numpy as np
+from absl import app, flags
+
+METHODS = (("softpatch_lof", "SoftPatch-LOF"), ("softpatch_plus", "SoftPatch+"))
+
+
+def read(workdir: str) -> list[dict]:
+    with open(os.path.join(workdir, "results.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _policy(r: dict):
+    tau, seg = r.get("softpatch.tau"), r.get("softpatch.tau_seg")
+    if r["method"] == "softpatch_plus":
+        if tau in ("auto", "oracle"):
+            return tau if seg == tau else None
+        return tau if seg == 0.5 else None
+    return tau
+
+
+def cells(rows: list[dict]) -> dict:
+    """{(noise, method, policy): {category: row}}; PatchCore under policy None."""
+    out: dict = collections.defaultdict(dict)
+    for r in rows:
+        pol = None if r["method"] == "patchcore" else _policy(r)
+        if r["method"] != "patchcore" and pol is None:
+            continue
+        out[(r["noise_ratio"], r["method"], pol)][r["category"]] = r
+    return out
+
+
+def mean(d: dict, key: str, cats) -> float:
+    return float(np.mean([d[c][key] for c in cats]))
+
+
+def analyse(rows: list[dict]) -> tuple[list[str], list[str], list[str]]:
+    """(table lines, goal lines, estimate lines) in markdown."""
+    by = cells(rows)
+    noises = sorted({k[0] for k in by})
+    cats = sorted({r["category"] for r in rows})
+    table = [
+        "| noise | method | tau 0.15 I / P | auto I / P | best fixed tau: I / P | oracle I / P |",
+        "|---|---|---|---|---|---|",
+    ]
+    goals, est = [], []
+    for noise in noises:
+        pc = by.get((noise, "patchcore", None), {})
+        done = [c for c in cats if c in pc]
+        if not done:
+            continue
+        table.append(
+            f"| {noise:.1f} | PatchCore | {mean(pc, 'image_auroc', done):.4f} / "
+            f"{mean(pc, 'pixel_auroc', done):.4f} | | | |"
+        )
+        for method, label in METHODS:
+            fixed = {
+                k[2]: v
+                for k, v in by.items()
+                if k[0] == noise and k[1] == method and not isinstance(k[2], str | None)
+            }
+            auto = by.get((noise, method, "auto"), {})
+            oracle = by.get((noise, method, "oracle"), {})
+            here = [c for c in done if c in auto and all(c in v for v in fixed.values())]
+            if not here or not fixed:
+                continue
+
+            def cell(d, here=here):
+                if not all(c in d for c in here):
+                    return "-"
+                return f"{mean(d, 'image_auroc', here):.4f} / {mean(d, 'pixel_auroc', here):.4f}"
+
+            best_i = max(fixed, key=lambda t: mean(fixed[t], "image_auroc", here))
+            best_p = max(fixed, key=lambda t: mean(fixed[t], "pixel_auroc", here))
+            bi, bp = (
+                mean(fixed[best_i], "image_auroc", here),
+                mean(fixed[best_p], "pixel_auroc", here),
+            )
+            ai, ap = mean(auto, "image_auroc", here), mean(auto, "pixel_auroc", here)
+            t15 = fixed.get(0.15)
+            table.append(
+                f"| {noise:.1f} | {label} | {cell(t15) if t15 else '-'} | {cell(auto)} | "
+                f"{best_i:g}: {bi:.4f} / {best_p:g}: {bp:.4f} | {cell(oracle) if oracle else '-'} |"
+            )
+            n = f"{len(here)}/{len(cats)} categories"
+            if noise == 0.0:
+                pi, pp = mean(pc, "image_auroc", here), mean(pc, "pixel_auroc", here)
+                worst = min(auto[c]["image_auroc"] - pc[c]["image_auroc"] for c in here)
+                ok = abs(ai - pi) <= 0.002 and worst >= -0.01
+                goals.append(
+                    f"- noise 0, {label} ({n}): auto - PatchCore = {ai - pi:+.4f} image, "
+                    f"{ap - pp:+.4f} pixel; worst category {worst:+.4f} image: "
+                    f"{'met' if ok else 'MISSED'}"
+                )
+            else:
+                ti = mean(t15, "image_auroc", here) if t15 else float("nan")
+                tp = mean(t15, "pixel_auroc", here) if t15 else float("nan")
+                ok_i = ai >= bi - 0.005 and ai >= ti
+                ok_p = ap >= bp - 0.005 and ap >= tp
+                goals.append(
+                    f"- noise {noise:.1f}, {label} ({n}): image auto - best fixed ({best_i:g}) = "
+                    f"{ai - bi:+.4f}, auto - tau 0.15 = {ai - ti:+.4f}: "
+                    f"{'met' if ok_i else 'MISSED'}; pixel auto - best ({best_p:g}) = "
+                    f"{ap - bp:+.4f}, auto - 0.15 = {ap - tp:+.4f}: {'met' if ok_p else 'MISSED'}"
+                )
+            if method == "softpatch_lof":
+                rs = [auto[c] for c in here]
+                img_err = [
+                    abs(r["image_fraction_estimated"] - r["train_anomalous_fraction"]) for r in rs
+                ]
+                tau_err = [
+                    abs(r["tau_estimated"] - r["tau_true"]) for r in rs if r["tau_true"] is not None
+                ]
+                est.append(
+                    f"| {noise:.1f} | {np.mean([r['train_anomalous_fraction'] for r in rs]):.3f} | "
+                    f"{np.mean([r['image_fraction_estimated'] for r in rs]):.3f} | {np.mean(img_err):.3f} | "
+                    f"{np.mean([r['tau_true'] for r in rs]):.4f} | "
+                    f"{np.mean([r['tau_estimated'] for r in rs]):.4f} | {np.mean(tau_err):.4f} |"
+                )
+    est = [
+        "| noise | true anomalous image fraction | estimated | MAE | true contaminated patch "
+        "fraction | estimated tau | MAE |",
+        "|---|---|---|---|---|---|---|",
+        *est,
+    ]
+    return table, goals, est
+
+
+_WORKDIRS = flags.DEFINE_multi_string("workdir", [], "Sweep workdirs (results.jsonl).")
+_NAME = flags.DEFINE_string("name", "", "A title for the output.")
+
+
+def main(argv):
+    del argv
+    rows = [r for w in _WORKDIRS.value for r in read(w)]
+    table, goals, est = analyse(rows)
+    print(f"### {_NAME.value}\n")
+    print("\n".join(table), "\n")
+    print("\n".join(goals), "\n")
+    print("\n".join(est))
+
+
+if __name__ == "__main__":
+    app.run(main)
