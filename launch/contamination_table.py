@@ -23,8 +23,10 @@ def read(workdir: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def _policy(r: dict):
+def _policy(r: dict, estimator: str):
     tau, seg = r.get("softpatch.tau"), r.get("softpatch.tau_seg")
+    if tau == "auto" and r.get("softpatch.auto_estimator", "image") != estimator:
+        return None
     if r["method"] == "softpatch_plus":
         if tau in ("auto", "oracle"):
             return tau if seg == tau else None
@@ -32,11 +34,12 @@ def _policy(r: dict):
     return tau
 
 
-def cells(rows: list[dict]) -> dict:
-    """{(noise, method, policy): {category: row}}; PatchCore under policy None."""
+def cells(rows: list[dict], estimator: str) -> dict:
+    """{(noise, method, policy): {category: row}}; PatchCore under policy None; `auto` rows of
+    the estimator `estimator` only."""
     out: dict = collections.defaultdict(dict)
     for r in rows:
-        pol = None if r["method"] == "patchcore" else _policy(r)
+        pol = None if r["method"] == "patchcore" else _policy(r, estimator)
         if r["method"] != "patchcore" and pol is None:
             continue
         out[(r["noise_ratio"], r["method"], pol)][r["category"]] = r
@@ -47,9 +50,9 @@ def mean(d: dict, key: str, cats) -> float:
     return float(np.mean([d[c][key] for c in cats]))
 
 
-def analyse(rows: list[dict]) -> tuple[list[str], list[str], list[str]]:
+def analyse(rows: list[dict], estimator: str) -> tuple[list[str], list[str], list[str]]:
     """(table lines, goal lines, estimate lines) in markdown."""
-    by = cells(rows)
+    by = cells(rows, estimator)
     noises = sorted({k[0] for k in by})
     cats = sorted({r["category"] for r in rows})
     table = [
@@ -139,15 +142,43 @@ def analyse(rows: list[dict]) -> tuple[list[str], list[str], list[str]]:
     return table, goals, est
 
 
+def ablation(rows: list[dict]) -> list[str]:
+    """The clean-data ablation (a `DATASET_ablation` workdir): removal x soft weights."""
+    by: dict = collections.defaultdict(dict)
+    for r in rows:
+        if r["softpatch.tau"] == r["softpatch.tau_seg"]:
+            by[(r["softpatch.tau"], r["softpatch.soft_weight"])][r["category"]] = r
+    cats = sorted({c for d in by.values() for c in d})
+    base = by.get((0.0, "none"), {})
+    out = [
+        "| removal (tau) | soft weights | image AUROC | pixel AUROC | worst category vs PatchCore |",
+        "|---|---|---|---|---|",
+    ]
+    for (tau, w), d in sorted(by.items()):
+        worst = min(cats, key=lambda c: d[c]["image_auroc"] - base[c]["image_auroc"])
+        out.append(
+            f"| {tau:g} | {w} | {mean(d, 'image_auroc', cats):.4f} | "
+            f"{mean(d, 'pixel_auroc', cats):.4f} | {worst} "
+            f"{d[worst]['image_auroc'] - base[worst]['image_auroc']:+.4f} |"
+        )
+    return out
+
+
 _WORKDIRS = flags.DEFINE_multi_string("workdir", [], "Sweep workdirs (results.jsonl).")
 _NAME = flags.DEFINE_string("name", "", "A title for the output.")
+_ABLATION = flags.DEFINE_bool("ablation", False, "The workdirs are ablation sweeps.")
+_ESTIMATOR = flags.DEFINE_string("estimator", "image", "Whose `auto` rows (auto_estimator).")
 
 
 def main(argv):
     del argv
     rows = [r for w in _WORKDIRS.value for r in read(w)]
-    table, goals, est = analyse(rows)
-    print(f"### {_NAME.value}\n")
+    if _ABLATION.value:
+        print(f"### {_NAME.value}: what costs on clean data\n")
+        print("\n".join(ablation(rows)))
+        return
+    table, goals, est = analyse(rows, _ESTIMATOR.value)
+    print(f"### {_NAME.value} (auto: {_ESTIMATOR.value})\n")
     print("\n".join(table), "\n")
     print("\n".join(goals), "\n")
     print("\n".join(est))

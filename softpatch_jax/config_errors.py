@@ -66,7 +66,9 @@ def _each(check_text):
 RULES = {
     "softpatch.tau": _tau(),
     "softpatch.tau_seg": _tau(),
-    "softpatch.auto_estimator": _choices("image", "tail", "lof"),
+    "softpatch.auto_estimator": _choices(
+        "image", "image_share", "image_share_global", "tail", "lof"
+    ),
     "softpatch.lof_k": _at_least(1),
     "softpatch.projection_dim": _at_least(0),
     "softpatch.soft_weight": _choices("lof", "nearest", "gaussian", "fused", "none"),

@@ -98,6 +98,23 @@ def image_gate(scores_NxP: jax.Array, cutoff: float | None = None, share: float 
     )
 
 
+def image_share(scores_NxP: jax.Array, cutoff: float | None = None) -> Estimate:
+    """`image_gate`'s flagged images, with tau = their share of the images: a defect contaminates
+    far more patches than its mask (the 3x3 aggregation and the backbone's receptive field spread
+    it; the oracle mask fraction removes too little, README "Unknown contamination"), so remove
+    as many top patches as a flagged image's share. Weights fade per image as `image_gate`'s."""
+    est = image_gate(scores_NxP, cutoff)
+    return est.replace(tau=est.image_fraction)
+
+
+def image_share_global(scores_NxP: jax.Array, cutoff: float | None = None) -> Estimate:
+    """`image_share`, with the authors' soft weights on every image once any image is flagged (a
+    set found contaminated is treated as the papers treat it; a clean one is PatchCore)."""
+    est = image_share(scores_NxP, cutoff)
+    dirty = (est.image_fraction > 0).astype(jnp.float32)
+    return est.replace(suspicion_N=jnp.full_like(est.suspicion_N, 1.0) * dirty)
+
+
 def tail(scores_NxP: jax.Array, cutoff: float = 3.5) -> Estimate:
     """The share of patches whose robust z (log scores, over all patches) exceeds `cutoff`; an
     image is anomalous if any of its patches is, its suspicion the share of its patches flagged
@@ -126,6 +143,8 @@ def lof_scale(scores_NxP: jax.Array, ratio: float = 2.0) -> Estimate:
 
 ESTIMATORS: dict[str, Callable[[jax.Array], Estimate]] = {
     "image": image_gate,
+    "image_share": image_share,
+    "image_share_global": image_share_global,
     "tail": tail,
     "lof": lof_scale,
 }
