@@ -67,7 +67,8 @@ def get_config() -> ml_collections.ConfigDict:
     # so a float field also takes the words.
     c.softpatch.tau = _tau(0.15)  # SoftPatch, and SoftPatch+'s classification bank (tau_cls)
     c.softpatch.tau_seg = _tau(0.50)  # SoftPatch+'s segmentation bank
-    c.softpatch.auto_estimator = "image"  # tau "auto": contamination.ESTIMATORS (image, tail, lof)
+    # tau "auto": contamination.ESTIMATORS (image_share, image_share_global, image, tail, lof)
+    c.softpatch.auto_estimator = "image_share"
     c.softpatch.soft_weight = "lof"  # SoftPatch+: lof | nearest | gaussian | fused | none
     c.softpatch.rank_scope = "all"  # SoftPatch+ rank normalisation: "all" patches or "position"
     c.softpatch.projection_dim = 128  # R; 0 = discriminators and coreset on the full D

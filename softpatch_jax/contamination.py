@@ -15,6 +15,11 @@ scores become scale-free) against the bulk's median and MAD (1.4826 MAD = sigma 
          above the normal images' typical maximum. Rare normal patterns spread over many images do
          not flag an image; a defect makes one image unlike the rest (TailedCore's tail-vs-noise
          question, asked at the image level).
+  image_share  (the default) the image gate's flagged images, tau = their share: a defect
+         contaminates far more patches than its mask, and removing only the mask fraction
+         (`image`, or the oracle) leaves most of it in the bank (README "Unknown contamination").
+  image_share_global  as image_share, with the authors' soft weights on every image of a set
+         found contaminated.
   tail   patch-level: the share of patches whose robust z exceeds a cutoff (no image structure).
   lof    LOF's natural scale: the share of patches with LOF above a fixed ratio (2: twice as
          sparse as its neighbours), less the share a clean set has, ~0.
@@ -148,7 +153,7 @@ ESTIMATORS: dict[str, Callable[[jax.Array], Estimate]] = {
     "tail": tail,
     "lof": lof_scale,
 }
-DEFAULT = "image"
+DEFAULT = "image_share"
 # The discriminators an estimate prefers, in order: LOF has the natural scale (inliers ~1).
 PREFERRED = ("lof", "gaussian", "nearest")
 

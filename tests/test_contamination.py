@@ -190,7 +190,9 @@ def test_auto_on_a_clean_set_is_patchcore_and_removes_on_a_dirty_one():
     dirty[:3, 5] += 8.0  # three images with a defect patch at position 5
     out = memory_bank.fit_many(key, jnp.asarray(dirty), cfg, specs)
     keep = np.asarray(out.keep_NxP["softpatch_lof"])
-    assert not keep[:3, 5].any() and (~keep).sum() <= 12
+    # image_share: as many top patches as the flagged images' share (3 of 30), defects first.
+    assert not keep[:3, 5].any()
+    assert (~keep).sum() == pytest.approx(0.1 * n * p, abs=1)
 
 
 def test_auto_image_denoise_drops_the_flagged_images():
@@ -270,3 +272,19 @@ def test_bank_spec_policy_keys():
         memory_bank.keep_mask(
             methods.BankSpec(("lof",), "oracle"), {"lof": jnp.ones((2, 2))}, (2, 2)
         )
+
+
+def test_image_share_estimators():
+    """tau = the flagged images' share; the global variant gives every image the authors' weights
+    once any image is flagged, none on a clean set."""
+    rng = np.random.default_rng(9)
+    s = contaminate(rng, clean_lof(rng), images=6, patches=10)
+    gate = contamination.image_gate(jnp.asarray(s))
+    share = contamination.image_share(jnp.asarray(s))
+    assert float(share.tau) == pytest.approx(6 / 40) == float(gate.image_fraction)
+    np.testing.assert_array_equal(share.suspicion_N, gate.suspicion_N)
+    glob = contamination.image_share_global(jnp.asarray(s))
+    np.testing.assert_array_equal(glob.suspicion_N, np.ones(40))
+    clean = contamination.image_share_global(jnp.asarray(clean_lof(rng)))
+    assert float(clean.tau) == 0.0
+    np.testing.assert_array_equal(clean.suspicion_N, np.zeros(40))
