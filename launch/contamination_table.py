@@ -23,10 +23,24 @@ def read(workdir: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+# Estimators built on the image gate: where it flags no image (tau 0, every suspicion 0) they all
+# give PatchCore's bank, so a clean set's `image` rows stand for the others when every one of them
+# flagged nothing.
+IMAGE_FAMILY = ("image", "image_share", "image_share_global")
+
+
 def _policy(r: dict, estimator: str):
     tau, seg = r.get("softpatch.tau"), r.get("softpatch.tau_seg")
-    if tau == "auto" and r.get("softpatch.auto_estimator", "image") != estimator:
-        return None
+    used = r.get("softpatch.auto_estimator", "image")
+    if tau == "auto" and used != estimator:
+        stands_in = (
+            used == "image"
+            and estimator in IMAGE_FAMILY
+            and r["noise_ratio"] == 0.0
+            and r["image_fraction_estimated"] == 0.0
+        )
+        if not stands_in:
+            return None
     if r["method"] == "softpatch_plus":
         if tau in ("auto", "oracle"):
             return tau if seg == tau else None
@@ -38,7 +52,8 @@ def cells(rows: list[dict], estimator: str) -> dict:
     """{(noise, method, policy): {category: row}}; PatchCore under policy None; `auto` rows of
     the estimator `estimator` only."""
     out: dict = collections.defaultdict(dict)
-    for r in rows:
+    own_last = sorted(rows, key=lambda r: r.get("softpatch.auto_estimator", "image") == estimator)
+    for r in own_last:
         pol = None if r["method"] == "patchcore" else _policy(r, estimator)
         if r["method"] != "patchcore" and pol is None:
             continue
