@@ -5,8 +5,9 @@ SoftPatch removes the top tau of the training patches (METHOD.md section 4) with
 a production line knows neither whether its folder holds defects nor how many. Every estimator here
 maps raw discriminator scores [N, P] to an `Estimate`: the contaminated patch fraction (the tau to
 remove), the anomalous image fraction, and a per-image suspicion in [0, 1] by which the soft weights
-fade to 1 (`fade_weights`): on a clean set every suspicion is 0, nothing is removed, every weight is
-1, and the bank is PatchCore's.
+fade to 1 (`fade_weights`): on a clean set nothing is removed and the weights are 1 except on images
+within 1 z below the cutoff, which keep part of theirs: the bank is (nearly always exactly)
+PatchCore's.
 
 The estimators work on log scores (LOF's inliers sit near log 1 = 0 whatever the texture; distance
 scores become scale-free) against the bulk's median and MAD (1.4826 MAD = sigma for a Gaussian):
