@@ -5,6 +5,7 @@ Any value can be overridden on the command line, e.g. --config.noise.ratios=0.0,
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 from softpatch_jax import discriminators
 
@@ -62,8 +63,14 @@ def get_config() -> ml_collections.ConfigDict:
     c.softpatch = ml_collections.ConfigDict()
     c.softpatch.discriminator = "lof"  # for `softpatch` and `image_denoise`
     c.softpatch.discriminators = "gaussian,lof"  # SoftPatch+ fusion (any registered subset)
-    c.softpatch.tau = 0.15  # SoftPatch, and SoftPatch+'s classification bank (tau_cls)
-    c.softpatch.tau_seg = 0.50  # SoftPatch+'s segmentation bank
+    # tau: a fraction, or "auto" (estimated per training set from the discriminator scores; soft
+    # weights fade to 1 on images that look clean: README "Unknown contamination"), or "oracle"
+    # (the true contaminated patch fraction; experiments with injected noise only). Typed `object`
+    # so a float field also takes the words.
+    c.softpatch.tau = _tau(0.15)  # SoftPatch, and SoftPatch+'s classification bank (tau_cls)
+    c.softpatch.tau_seg = _tau(0.50)  # SoftPatch+'s segmentation bank
+    # tau "auto": contamination.ESTIMATORS (image_share, image_share_global, image, tail, lof)
+    c.softpatch.auto_estimator = "image_share"
     c.softpatch.soft_weight = "lof"  # SoftPatch+: lof | nearest | gaussian | fused | none
     c.softpatch.rank_scope = "all"  # SoftPatch+ rank normalisation: "all" patches or "position"
     c.softpatch.projection_dim = 128  # R; 0 = discriminators and coreset on the full D
@@ -130,3 +137,7 @@ def get_config() -> ml_collections.ConfigDict:
     # (maps in the resized frame: T x resized H x W float32), for `python -m adeval`.
     c.eval.adeval_pickle = False
     return c
+
+
+def _tau(value: float) -> config_dict.FieldReference:
+    return config_dict.FieldReference(value, field_type=object)

@@ -19,7 +19,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from softpatch_jax import coreset, discriminators, inreach, methods, pool, progress
+from softpatch_jax import contamination, coreset, discriminators, inreach, methods, pool, progress
 from softpatch_jax import parallel as parallel_lib
 
 
@@ -114,7 +114,9 @@ def keep_mask(
     pool_NxPxR: jax.Array | None = None,
 ) -> jax.Array:
     """bool [N, P]: False for the top-tau patches (or all patches of the top-tau images); for a
-    bank kept by InReaCh's channels, the channels' patches of the projected pool (square grid)."""
+    bank kept by InReaCh's channels, the channels'
+    patches of the projected pool (square grid). Tau "auto" is the training set's estimated
+    contamination (`tau_of`)."""
     if bank.channels is not None:
         p = shape[1]
         side = math.isqrt(p)
@@ -123,24 +125,43 @@ def keep_mask(
         return inreach.keep_mask(pool_NxPxR, (side, side), bank.channels)
     if not bank.removal or bank.tau == 0.0:
         return jnp.ones(shape, bool)
+    tau = tau_of(bank, scores_NxP)
     s = removal_score(bank, scores_NxP)
     if bank.granularity == "image":
         per_image = jnp.max(s, axis=1)
-        keep_n = per_image <= jnp.quantile(per_image, 1.0 - bank.tau)
+        keep_n = per_image <= jnp.quantile(per_image, 1.0 - tau)
         return jnp.broadcast_to(keep_n[:, None], shape)
-    return s <= jnp.quantile(s, 1.0 - bank.tau)
+    return s <= jnp.quantile(s, 1.0 - tau)
+
+
+def tau_of(bank: methods.BankSpec, scores_NxP: dict[str, jax.Array]):
+    """The bank's removal fraction: its fixed tau, or for "auto" the estimate from the raw scores
+    (the patch fraction; the image fraction for image-level removal), on device."""
+    if bank.tau == "oracle":
+        raise ValueError("tau='oracle' must be resolved to the true fraction before fitting")
+    if bank.tau != "auto":
+        return bank.tau
+    est = contamination.estimate(scores_NxP, bank.estimator)
+    return est.image_fraction if bank.granularity == "image" else est.tau
 
 
 def soft_weights(
     bank: methods.BankSpec, scores_NxP: dict[str, jax.Array], shape: tuple
 ) -> jax.Array:
-    """float [N, P]: the weight each training patch carries into the memory bank."""
+    """float [N, P]: the weight each training patch carries into the memory bank; under tau "auto"
+    faded to 1 on the images the estimate finds clean (`contamination.fade_weights`)."""
     if bank.soft_weight == "none":
         return jnp.ones(shape, jnp.float32)
     if bank.soft_weight == "fused":
         # 1 + fused rank in (0, 1]: ordered like the raw scores, bounded like the distance weights.
-        return 1.0 + removal_score(dataclasses.replace(bank, granularity="patch"), scores_NxP)
-    return discriminators.soft_weight(bank.soft_weight, scores_NxP[bank.soft_weight])
+        w = 1.0 + removal_score(dataclasses.replace(bank, granularity="patch"), scores_NxP)
+    else:
+        w = discriminators.soft_weight(bank.soft_weight, scores_NxP[bank.soft_weight])
+    if bank.tau == "auto":
+        w = contamination.fade_weights(
+            w, contamination.estimate(scores_NxP, bank.estimator).suspicion_N
+        )
+    return w
 
 
 def coreset_sizes(ratio: float, num_patches: int, keep_KxQ: jax.Array) -> list[int]:

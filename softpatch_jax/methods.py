@@ -10,10 +10,14 @@ import dataclasses
 import difflib
 from collections.abc import Sequence
 
-from softpatch_jax import discriminators, inreach
+from softpatch_jax import contamination, discriminators, inreach
 from softpatch_jax.io_utils import split_list
 
 SOFT_WEIGHTS = ("none", "fused", *discriminators.NAMES)
+# tau policies besides a fixed quantile: "auto" estimates it per training set (contamination.py);
+# "oracle" is the true contaminated patch fraction, which only an experiment with injected noise
+# knows (the driver resolves it to a number before fitting).
+TAU_POLICIES = ("auto", "oracle")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,18 +28,27 @@ class BankSpec:
     granularity: "patch" removes patches; "image" removes whole images by their max patch score.
     channels: keep only the patches of InReaCh's long, tight channels (`inreach.keep_mask`)
       instead of a removal by scores.
+    tau: a fraction in [0, 1), or "auto": estimated from the scores by `estimator`
+      (`contamination.ESTIMATORS`), the soft weights then fading to 1 on images that look clean.
     """
 
     removal: tuple[str, ...] = ()
-    tau: float = 0.0
+    tau: float | str = 0.0
     granularity: str = "patch"
     soft_weight: str = "none"
     rank_scope: str = "all"
     channels: inreach.Options | None = None
+    estimator: str = contamination.DEFAULT
 
     def __post_init__(self):
-        if not 0.0 <= self.tau < 1.0:
+        if isinstance(self.tau, str):
+            if self.tau not in TAU_POLICIES:
+                raise ValueError(
+                    f"tau must be a fraction or one of {TAU_POLICIES}, got {self.tau!r}"
+                )
+        elif not 0.0 <= self.tau < 1.0:
             raise ValueError(f"tau must be in [0, 1), got {self.tau}")
+        contamination.check(self.estimator)
         if self.granularity not in ("patch", "image"):
             raise ValueError(f"granularity must be 'patch' or 'image', got {self.granularity!r}")
         if self.soft_weight not in SOFT_WEIGHTS:
@@ -49,7 +62,8 @@ class BankSpec:
             return ("inreach", self.channels)
         if not self.removal or self.tau == 0.0:
             return ("all",)
-        return (self.removal, self.tau, self.granularity, self.rank_scope)
+        policy = (self.tau, self.estimator) if self.tau == "auto" else self.tau
+        return (self.removal, policy, self.granularity, self.rank_scope)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,11 +73,12 @@ class Options:
 
     discriminator: str  # for `softpatch` and `image_denoise`
     discriminators: str  # SoftPatch+'s fused discriminators, a comma list
-    tau: float
-    tau_seg: float
+    tau: float | str  # a fraction, "auto" or "oracle"
+    tau_seg: float | str
     soft_weight: str
     rank_scope: str
     inreach: inreach.Options  # the `inreach` method's channel selection
+    auto_estimator: str = contamination.DEFAULT  # tau "auto": `contamination.ESTIMATORS`
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +96,11 @@ class MethodSpec:
 
 def _softpatch(name: str, disc: str, sp: Options) -> MethodSpec:
     discriminators.check_names([disc])
-    return MethodSpec(name, BankSpec((disc,), sp.tau, "patch", disc))
+    return MethodSpec(name, BankSpec((disc,), sp.tau, "patch", disc, estimator=_estimator(sp)))
+
+
+def _estimator(sp: Options) -> str:
+    return sp.auto_estimator
 
 
 def spec(name: str, sp: Options) -> MethodSpec:
@@ -96,14 +115,17 @@ def spec(name: str, sp: Options) -> MethodSpec:
         fused = discriminators.check_names(split_list(sp.discriminators))
 
         def bank(tau: float) -> BankSpec:
-            return BankSpec(fused, tau, "patch", sp.soft_weight, sp.rank_scope)
+            return BankSpec(
+                fused, tau, "patch", sp.soft_weight, sp.rank_scope, estimator=_estimator(sp)
+            )
 
         return MethodSpec(name, bank(sp.tau), bank(sp.tau_seg))
     if name == "inreach":
         return MethodSpec(name, BankSpec(channels=sp.inreach))
     if name == "image_denoise":
         discriminators.check_names([sp.discriminator])
-        return MethodSpec(name, BankSpec((sp.discriminator,), sp.tau, "image", "none"))
+        disc = (sp.discriminator,)
+        return MethodSpec(name, BankSpec(disc, sp.tau, "image", "none", estimator=_estimator(sp)))
     valid = names()
     close = difflib.get_close_matches(str(name), valid, n=1, cutoff=0.6)
     hint = f"; did you mean {close[0]!r}?" if close else ""

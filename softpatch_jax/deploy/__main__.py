@@ -111,8 +111,13 @@ def run(command: str, extra: list[str]) -> None:
         )
         if _CONFIG.value is None:
             raise app.UsageError("no configs/base.py found: pass --config=PATH")
+        # A production line never knows its contamination: tau "auto" unless set on the command
+        # line (README "Unknown contamination"); the fit logs and saves which it used.
+        for key in ("tau", "tau_seg"):
+            if f"config.softpatch.{key}" not in flags.FLAGS:
+                _CONFIG.value.softpatch[key] = "auto"
         config_errors.validate(_CONFIG.value)
-        commands.fit_and_save(
+        fitted = commands.fit_and_save(
             _CONFIG.value,
             sources,
             _need(_MODEL, "model", command),
@@ -120,6 +125,11 @@ def run(command: str, extra: list[str]) -> None:
             overwrite=_OVERWRITE.value,
             truth_csv=_TRUTH.value,
             top=_TOP.value,
+        )
+        est = fitted.meta["contamination"]
+        print(
+            f"tau={est['tau']} ({est['estimator']} estimate: {est['tau_estimated']:.4f} of "
+            f"patches, {est['image_fraction_estimated']:.3f} of images look contaminated)"
         )
     elif command == "predict":
         if not sources:

@@ -154,8 +154,10 @@ def write(
     tau: float = 0.15,
     truth_N: np.ndarray | None = None,
     note: str = "",
+    contamination: dict | None = None,
 ) -> dict:
-    """audit.csv, audit.json (definitions, precision/recall if truth is given), contact_sheet.png of
+    """audit.csv, audit.json (definitions, precision/recall if truth is given, the fit's
+    contamination estimate `contamination`: contamination.py), contact_sheet.png of
     the `top` suspects with their fusion patch-rank maps. load_image(i) gives training image i's
     picture (centre crop or whole frame), or None when it can no longer be read; rank_map(ranks_P,
     (H, W)) draws an image's patch ranks at that size (default: a `grid` map upsampled)."""
@@ -172,6 +174,8 @@ def write(
         "top": [r["image"] for r in table[:top]],
         "note": note,
     }
+    if contamination is not None:
+        summary["contamination"] = contamination
     if truth_N is not None:
         summary["precision_recall"] = precision_recall(audit, truth_N)
         with io_utils.atomic_open(os.path.join(folder, "precision_recall.md")) as f:

@@ -126,7 +126,8 @@ def write_audit(
         grid=grid,
         rank_map=rank_map,
         top=top,
-        tau=cfg.softpatch.tau,
+        tau=fitting.audit_tau(model),
+        contamination=model.meta.get("contamination"),
         truth_N=truth,
         note=note,
     )

@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from softpatch_jax import discriminators, features, memory_bank, methods
+from softpatch_jax import contamination, discriminators, features, memory_bank, methods
 from softpatch_jax.data import folder, images
 from softpatch_jax.deploy import audit as audit_lib
 from softpatch_jax.deploy import model as model_lib
@@ -180,6 +180,14 @@ def fit(
     )
     banks = out.banks[opts.method]
     projection = out.projection_DxR
+    estimate = contamination_info(spec, out.scores_NxP)
+    logging.info(
+        "fit: tau=%s tau_seg=%s; estimated contamination %.4f of patches, %.3f of images",
+        config.softpatch.tau,
+        config.softpatch.tau_seg,
+        estimate["tau_estimated"],
+        estimate["image_fraction_estimated"],
+    )
     logging.info("fit: held-out training scores (%d folds)", opts.threshold_folds)
     fold_N = threshold_lib.fold_of(n, opts.threshold_folds, config.seed)
     train_patch = threshold_lib.heldout_patch_scores(
@@ -243,6 +251,7 @@ def fit(
             "seg": int(banks.seg.feats_MxD.shape[0]),
         },
         "audit": {"fusion": fusion, "rank_scope": config.softpatch.rank_scope},
+        "contamination": estimate,
         "random_init": ex.random_init,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -250,6 +259,24 @@ def fit(
         banks, None if projection is None else np.asarray(projection), arrays, meta
     )
     return model, audit_of(model), listing
+
+
+def contamination_info(spec, scores_NxP) -> dict:
+    """The training set's contamination estimate (contamination.py) and the tau policy used."""
+    name = spec.cls.estimator if spec.cls.tau == "auto" else contamination.DEFAULT
+    return {
+        "tau": spec.cls.tau,
+        "estimator": name,
+        **contamination.summary(contamination.estimate(scores_NxP, name)),
+    }
+
+
+def audit_tau(model: model_lib.Model) -> float:
+    """The removal fraction the audit marks: the fixed tau, or the fit's estimate under "auto"."""
+    tau = model.config.softpatch.tau
+    if tau == "auto":
+        return float(model.meta.get("contamination", {}).get("tau_estimated", 0.0))
+    return float(tau)
 
 
 def audit_of(model: model_lib.Model) -> audit_lib.Audit:
@@ -260,6 +287,6 @@ def audit_of(model: model_lib.Model) -> audit_lib.Audit:
         scores,
         model.meta["audit"]["fusion"],
         model.meta["audit"]["rank_scope"],
-        model.config.softpatch.tau,
+        audit_tau(model),
         model.arrays["keep"],
     )

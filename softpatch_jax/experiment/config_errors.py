@@ -34,6 +34,17 @@ def _fraction(lo_open: bool, hi_open: bool):
     return check, f"a number in {text}"
 
 
+def _tau():
+    fraction, text = _fraction(False, True)
+
+    def check(v):
+        if isinstance(v, str):
+            return v in ("auto", "oracle")
+        return isinstance(v, int | float) and not isinstance(v, bool) and fraction(v)
+
+    return check, f"{text}, 'auto' or 'oracle'"
+
+
 def _at_least(n):
     return (lambda v: v >= n), f"an integer >= {n}"
 
@@ -65,8 +76,11 @@ def _each(check_text):
 
 # key -> (predicate, what is expected). Keys absent from a config are not checked.
 RULES = {
-    "softpatch.tau": _fraction(False, True),
-    "softpatch.tau_seg": _fraction(False, True),
+    "softpatch.tau": _tau(),
+    "softpatch.tau_seg": _tau(),
+    "softpatch.auto_estimator": _choices(
+        "image", "image_share", "image_share_global", "tail", "lof"
+    ),
     "softpatch.projection_dim": _at_least(0),
     "softpatch.soft_weight": _choices(*discriminators.NAMES, "fused", "none"),
     "softpatch.rank_scope": _choices("all", "position"),

@@ -28,7 +28,15 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from softpatch_jax import discriminators, features, metrics, official_eval, parallel, progress
+from softpatch_jax import (
+    contamination,
+    discriminators,
+    features,
+    metrics,
+    official_eval,
+    parallel,
+    progress,
+)
 from softpatch_jax.experiment import cache, grid, jsonl, options, outputs, plan, stages
 from softpatch_jax.io_utils import check_writable, write_json
 
@@ -217,9 +225,16 @@ def _run_setting(ctx: _Context, setting: plan.Setting) -> None:
             100 * anomalous / feats.shape[0],
             len(keep),
         )
+        # The oracle tau: the injected images' test masks (their augmentation moves them by a few
+        # pixels at most); unknown where the source's own training list holds anomalies.
+        truth = None
+        if not noisy.train_anomalous:
+            idx = [test_pos[r.path] for r in injected]
+            masks = base["test_masks"][idx] if idx else np.zeros((0, 1, 1), bool)
+            truth = contamination.true_patch_fraction(masks, ex.grid, int(feats.shape[0]))
         for gcells in grid.group(ncells, lambda c: c.fit_key).values():
             _run_fit_group(
-                ctx, ex, category, feats, feats_key, evalset, gcells, injected, times, noisy
+                ctx, ex, category, feats, feats_key, evalset, gcells, injected, times, noisy, truth
             )
 
 
@@ -228,21 +243,58 @@ def _spec_key(spec) -> str:
     return grid.digest(dataclasses.asdict(dataclasses.replace(spec, name="")))
 
 
+def _share_equal_banks(banks: dict) -> dict:
+    """Banks with equal contents become one object, so scoring runs once for them: e.g. tau "auto"
+    on a set it finds clean is PatchCore's bank (nothing removed, weights 1). The features follow
+    from the indices, so indices and weights decide."""
+    seen: dict = {}
+
+    def one(bank):
+        idx, w = jax.device_get((bank.index_M, bank.weights_M))
+        return seen.setdefault((idx.tobytes(), w.tobytes()), bank)
+
+    return {k: dataclasses.replace(b, cls=one(b.cls), seg=one(b.seg)) for k, b in banks.items()}
+
+
+def _resolve_oracle(spec, truth: float | None):
+    """The spec with tau "oracle" replaced by the true contaminated patch fraction."""
+
+    def bank(b):
+        if b is None or b.tau != "oracle":
+            return b
+        if truth is None:
+            raise ValueError("tau='oracle' needs the injected images' masks (a noisy experiment)")
+        return dataclasses.replace(b, tau=min(truth, 0.999))
+
+    return dataclasses.replace(spec, cls=bank(spec.cls), seg=bank(spec.seg))
+
+
+def _contamination_fields(spec, scores, truth: float | None) -> dict:
+    """The row's contamination fields: the estimate (the spec's estimator under "auto", else the
+    default) from the training set's raw scores, and the true patch fraction where known."""
+    out: dict = {"tau_true": None if truth is None else round(truth, 6)}
+    if contamination.source(scores) is None:
+        return {**out, "tau_estimated": None, "image_fraction_estimated": None}
+    auto = spec.cls.tau == "auto"
+    name = spec.cls.estimator if auto else contamination.DEFAULT
+    return {**out, **contamination.summary(contamination.estimate(scores, name))}
+
+
 def _run_fit_group(
-    ctx, ex, category, feats, feats_key, evalset, cells, injected, times, noisy
+    ctx, ex, category, feats, feats_key, evalset, cells, injected, times, noisy, truth=None
 ) -> None:
     cfg = cells[0].config
     key = plan.category_key(cfg.seed, category)
     specs = {}
     for c in cells:
         specs.setdefault(_spec_key(c.spec()), c.spec())
-    named = [dataclasses.replace(s, name=k) for k, s in specs.items()]
+    named = [dataclasses.replace(_resolve_oracle(s, truth), name=k) for k, s in specs.items()]
     names = tuple(n for n in discriminators.NAMES if any(n in s.discriminators() for s in named))
     timer = stages.Timer()
     with timer("discriminators"):
         prepared = stages.prepare(ctx.store, key, feats, feats_key, cfg, names)
     with timer("fit"):
-        banks = jax.block_until_ready(stages.fit(prepared, feats, cfg, named))
+        banks = _share_equal_banks(jax.block_until_ready(stages.fit(prepared, feats, cfg, named)))
     ctx.stats.add("banks_fitted", len(named))
     by_scoring = grid.group(cells, lambda c: grid.digest(c.config.scoring.to_dict()))
     for scells in by_scoring.values():
@@ -289,6 +341,7 @@ def _run_fit_group(
                 source_anomalous=len(noisy.train_anomalous),
                 source_samples=(noisy.train_anomalous_samples, noisy.train_samples),
             )
+            row.update(_contamination_fields(c.spec(), prepared.scores_NxP, truth))
             outputs.save_cell_maps(ctx.workdir, c, row, predicted[k][1], evalset)
             if c.config.eval.get("adeval_pickle", False):
                 path = official_eval.pickle_path(ctx.workdir, c.id)

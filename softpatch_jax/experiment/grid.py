@@ -49,6 +49,7 @@ BANK_ONLY = (
     "methods",
     "softpatch.tau",
     "softpatch.tau_seg",
+    "softpatch.auto_estimator",
     "softpatch.discriminator",
     "softpatch.discriminators",
     "softpatch.soft_weight",
@@ -60,6 +61,7 @@ AFTER_FIT = ("scoring", "eval")
 ROW_FIELDS = (
     "softpatch.tau",
     "softpatch.tau_seg",
+    "softpatch.auto_estimator",
     "softpatch.lof_k",
     "softpatch.discriminators",
     "softpatch.soft_weight",

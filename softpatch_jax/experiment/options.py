@@ -28,6 +28,7 @@ def method_options(config: ml_collections.ConfigDict) -> methods.Options:
         tau_seg=sp.tau_seg,
         soft_weight=sp.soft_weight,
         rank_scope=sp.rank_scope,
+        auto_estimator=sp.auto_estimator,
         inreach=inreach.Options(
             window=config.inreach.window,
             min_length=config.inreach.min_length,

@@ -1,0 +1,293 @@
+"""Contamination estimates (softpatch_jax/contamination.py) against numpy/scipy oracles and hand-built
+score distributions, tau="auto" through the fitting path and a sweep end to end, and the config's
+validation of "auto"."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.stats
+from test_sweep import fake_backbone, sweep_config, tiny_root  # noqa: F401 (fixtures)
+
+from configs import base
+from softpatch_jax import contamination, memory_bank, methods
+from softpatch_jax.experiment import config_errors, driver, jsonl, options
+
+# ----------------------------------------------------------------------------- numpy oracles
+
+
+def np_robust_z(x):
+    mad = scipy.stats.median_abs_deviation(x, axis=None, scale="normal")
+    return (x - np.median(x)) / mad
+
+
+def np_image_gate(s, cutoff, share=0.01):
+    p = s.shape[1]
+    v = np.log(np.maximum(s, contamination.TINY))
+    k = max(1, int(np.ceil(share * p)))
+    stat = np.sort(v, axis=1)[:, -k:].mean(axis=1)
+    z = np_robust_z(stat)
+    flagged = z > cutoff
+    theta = np.median(v.max(axis=1)[~flagged])
+    tau = ((v > theta) & flagged[:, None]).mean()
+    return tau, flagged.mean(), np.clip((z - cutoff + 1) / 2, 0, 1)
+
+
+def clean_lof(rng, n=40, p=400, spread=0.12):
+    """LOF-like scores of a clean set: log-normal around 1 (LOF's inliers), each image with its own
+    spread (some textures vary more than others)."""
+    per_image = spread * rng.uniform(0.8, 1.25, size=(n, 1))
+    return np.exp(per_image * rng.standard_normal((n, p))).astype(np.float32)
+
+
+def contaminate(rng, s, images, patches, level=(2.5, 6.0)):
+    """Defect patches (LOF far above 1) in the first `images` images, `patches` each."""
+    s = s.copy()
+    for i in range(images):
+        idx = rng.choice(s.shape[1], patches, replace=False)
+        s[i, idx] = rng.uniform(*level, size=patches)
+    return s
+
+
+# ----------------------------------------------------------------------------- primitives
+
+
+def test_robust_z_matches_scipy():
+    x = np.random.default_rng(0).gamma(2.0, size=(7, 13)).astype(np.float32)
+    np.testing.assert_allclose(contamination.robust_z(jnp.asarray(x)), np_robust_z(x), rtol=1e-5)
+
+
+def test_null_cutoff_is_the_bonferroni_normal_quantile_plus_margin():
+    for n in (10, 60, 500):
+        want = scipy.stats.norm.ppf(1 - 0.05 / n) + 1.0
+        assert contamination.null_cutoff(n) == pytest.approx(want, rel=1e-6)
+    # Its promise: the largest of n null z-scores stays under it (margin 0) ~95% of the time.
+    rng = np.random.default_rng(1)
+    maxima = rng.standard_normal((4000, 50)).max(axis=1)
+    assert np.mean(maxima > contamination.null_cutoff(50, margin=0.0)) == pytest.approx(
+        0.05, abs=0.015
+    )
+
+
+def test_top_mean_matches_a_sort():
+    x = np.random.default_rng(2).normal(size=(5, 31)).astype(np.float32)
+    want = np.sort(x, axis=1)[:, -4:].mean(axis=1)
+    np.testing.assert_allclose(contamination.top_mean(jnp.asarray(x), 4), want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_image_gate_matches_numpy(jit):
+    rng = np.random.default_rng(3)
+    s = contaminate(rng, clean_lof(rng), images=6, patches=12)
+    fn = jax.jit(contamination.image_gate) if jit else contamination.image_gate
+    cutoff = contamination.null_cutoff(s.shape[0])
+    est = fn(jnp.asarray(s))
+    tau, frac, susp = np_image_gate(s, cutoff)
+    assert float(est.tau) == pytest.approx(tau, abs=1e-7)
+    assert float(est.image_fraction) == pytest.approx(frac, abs=1e-7)
+    np.testing.assert_allclose(est.suspicion_N, susp, atol=1e-5)
+
+
+def test_tail_and_lof_scale_match_numpy():
+    rng = np.random.default_rng(4)
+    s = contaminate(rng, clean_lof(rng), images=5, patches=10)
+    z = np_robust_z(np.log(s))
+    est = contamination.tail(jnp.asarray(s), 3.5)
+    assert float(est.tau) == pytest.approx((z > 3.5).mean(), abs=1e-7)
+    assert float(est.image_fraction) == pytest.approx((z > 3.5).any(axis=1).mean(), abs=1e-7)
+    est = contamination.lof_scale(jnp.asarray(s), 2.0)
+    assert float(est.tau) == pytest.approx((s > 2.0).mean(), abs=1e-7)
+
+
+# ----------------------------------------------------------------------------- behaviour
+
+
+@pytest.mark.parametrize("spread", [0.05, 0.12, 0.3])
+def test_clean_sets_estimate_zero(spread):
+    """Clean scores, tight or highly variable (heavy-tailed): ~0. The image cutoff is a 5% test
+    over all N images plus a margin, so over 5 sets at most one stray image is flagged, and an
+    image that is not flagged keeps weight 1."""
+    flagged = 0
+    for seed in range(5):
+        s = clean_lof(np.random.default_rng(seed), spread=spread)
+        est = contamination.image_gate(jnp.asarray(s))
+        assert float(est.tau) <= 5e-4
+        flagged += round(float(est.image_fraction) * s.shape[0])
+        w = np.asarray(contamination.fade_weights(jnp.asarray(s), est.suspicion_N))
+        clean_rows = np.asarray(est.suspicion_N) == 0.0
+        np.testing.assert_array_equal(w[clean_rows], 1.0)
+    assert flagged <= 1
+
+
+@pytest.mark.parametrize("images,patches", [(4, 8), (8, 20), (16, 40)])
+def test_known_contamination_is_recovered(images, patches):
+    """Known contaminated images and patches (10%-40% of 40 images): the image fraction exactly,
+    the patch fraction within 25% (a flagged image's normal patches above a normal image's typical
+    maximum count too)."""
+    rng = np.random.default_rng(images)
+    s = contaminate(rng, clean_lof(rng), images, patches)
+    est = contamination.image_gate(jnp.asarray(s))
+    n, p = s.shape
+    assert float(est.image_fraction) == pytest.approx(images / n)
+    assert float(est.tau) == pytest.approx(images * patches / (n * p), rel=0.25)
+    assert np.all(np.asarray(est.suspicion_N)[:images] == 1.0)
+    assert np.all(np.asarray(est.suspicion_N)[images:] == 0.0)
+
+
+def test_fade_weights():
+    w = jnp.array([[3.0, 0.5], [2.0, 1.0]])
+    got = contamination.fade_weights(w, jnp.array([0.0, 0.5]))
+    np.testing.assert_allclose(got, [[1.0, 1.0], [1.5, 1.0]])
+
+
+def test_true_patch_fraction_matches_a_loop():
+    rng = np.random.default_rng(5)
+    masks = rng.random((3, 24, 24)) > 0.995
+    h, w = 6, 6
+    touched = 0
+    for m in masks:
+        for y in range(h):
+            for x in range(w):
+                touched += m[y * 4 : (y + 1) * 4, x * 4 : (x + 1) * 4].any()
+    assert contamination.true_patch_fraction(masks, (h, w), 10) == touched / (10 * h * w)
+
+
+def test_unknown_estimator_is_named():
+    with pytest.raises(ValueError, match=r"unknown contamination estimator 'nope'.*image"):
+        methods.BankSpec(("lof",), "auto", estimator="nope")
+    with pytest.raises(ValueError, match="'auto'"):
+        methods.BankSpec(("lof",), "automatic")
+
+
+# ----------------------------------------------------------------------------- fitting path
+
+
+def small_config(**softpatch):
+    c = base.get_config()
+    c.softpatch.projection_dim = 8
+    c.softpatch.update(softpatch)
+    return c
+
+
+def test_auto_on_a_clean_set_is_patchcore_and_removes_on_a_dirty_one():
+    rng = np.random.default_rng(6)
+    n, p, d = 30, 16, 12
+    feats = (rng.normal(size=(1, p, d)) + 0.3 * rng.normal(size=(n, p, d))).astype(np.float32)
+    key = jax.random.key(0)
+    cfg = small_config(tau="auto", tau_seg="auto")
+    specs = [
+        methods.spec(m, options.method_options(cfg))
+        for m in ("patchcore", "softpatch_lof", "softpatch_plus")
+    ]
+    out = memory_bank.fit_many(key, jnp.asarray(feats), options.fit_options(cfg), specs)
+    pc = out.banks["patchcore"].cls
+    for name in ("softpatch_lof", "softpatch_plus"):
+        for b in (out.banks[name].cls, out.banks[name].seg):
+            np.testing.assert_array_equal(b.index_M, pc.index_M)
+            np.testing.assert_array_equal(b.weights_M, np.ones_like(b.weights_M))
+    dirty = feats.copy()
+    dirty[:3, 5] += 8.0  # three images with a defect patch at position 5
+    out = memory_bank.fit_many(key, jnp.asarray(dirty), options.fit_options(cfg), specs)
+    keep = np.asarray(out.keep_NxP["softpatch_lof"])
+    # image_share: as many top patches as the flagged images' share (3 of 30), defects first.
+    assert not keep[:3, 5].any()
+    assert (~keep).sum() == pytest.approx(0.1 * n * p, abs=1)
+
+
+def test_auto_image_denoise_drops_the_flagged_images():
+    rng = np.random.default_rng(7)
+    n, p, d = 30, 16, 12
+    feats = (rng.normal(size=(1, p, d)) + 0.3 * rng.normal(size=(n, p, d))).astype(np.float32)
+    feats[:2, 3] += 8.0
+    cfg = small_config(tau="auto")
+    spec = methods.spec("image_denoise", options.method_options(cfg))
+    out = memory_bank.fit_many(
+        jax.random.key(0), jnp.asarray(feats), options.fit_options(cfg), [spec]
+    )
+    keep = np.asarray(out.keep_NxP["image_denoise"])
+    assert not keep[:2].any() and keep[2:].all()
+
+
+def test_fixed_tau_is_unchanged_by_the_policy_code():
+    """A fixed tau keeps the bank the quantile gives (the authors' profile is untouched)."""
+    rng = np.random.default_rng(8)
+    s = {"lof": jnp.asarray(rng.random((10, 9)).astype(np.float32) + 0.5)}
+    bank = methods.BankSpec(("lof",), 0.2, "patch", "lof")
+    keep = memory_bank.keep_mask(bank, s, (10, 9))
+    want = np.asarray(s["lof"]) <= np.quantile(np.asarray(s["lof"]), 0.8)
+    np.testing.assert_array_equal(keep, want)
+    w = memory_bank.soft_weights(bank, s, (10, 9))
+    np.testing.assert_allclose(w, np.maximum(np.asarray(s["lof"]), 0))
+
+
+# ----------------------------------------------------------------------------- config and sweep
+
+
+def test_config_accepts_auto_and_oracle_and_names_bad_taus():
+    c = base.get_config()
+    for v in ("auto", "oracle", 0.0, 0.3):
+        c.softpatch.tau = v
+        c.softpatch.tau_seg = v
+        config_errors.validate(c)
+    for bad in ("automatic", 1.0, -0.1, True):
+        c.softpatch.tau = bad
+        with pytest.raises(config_errors.ConfigError, match=r"softpatch\.tau="):
+            config_errors.validate(c)
+    c.softpatch.tau = 0.15
+    c.softpatch.auto_estimator = "nope"
+    with pytest.raises(config_errors.ConfigError, match="auto_estimator"):
+        config_errors.validate(c)
+
+
+def test_config_estimator_choices_are_the_registry():
+    check, _ = config_errors.RULES["softpatch.auto_estimator"]
+    assert all(check(n) for n in contamination.ESTIMATORS)
+    assert not check("x")
+
+
+def test_auto_and_oracle_end_to_end(tiny_root, tmp_path, fake_backbone):  # noqa: F811
+    c = sweep_config(tiny_root, softpatch__tau=(0.15, "auto", "oracle"), noise__ratios=(0.0, 0.25))
+    c.methods = "patchcore,softpatch_lof,softpatch_plus"
+    work = str(tmp_path / "w")
+    driver.sweep(c, work)
+    rows = list(jsonl.read(f"{work}/{driver.RESULTS}"))
+    assert len(rows) == 2 * 3 * 3
+    for r in rows:
+        assert 0.0 <= r["tau_estimated"] < 1.0 and 0.0 <= r["image_fraction_estimated"] <= 1.0
+        if r["noise_ratio"] == 0.0:
+            assert r["tau_true"] == 0.0
+        else:
+            assert r["tau_true"] > 0.0
+    # On the clean set, auto's estimate is a number, and with it 0 the bank is PatchCore's.
+    clean = {(r["method"], r["softpatch.tau"]): r for r in rows if r["noise_ratio"] == 0.0}
+    if clean[("softpatch_lof", "auto")]["tau_estimated"] == 0.0:
+        pc = clean[("patchcore", "auto")]["image_auroc"]
+        assert clean[("softpatch_lof", "auto")]["image_auroc"] == pc
+
+
+def test_bank_spec_policy_keys():
+    a = methods.BankSpec(("lof",), "auto", "patch", "lof")
+    assert a.coreset_key() != methods.BankSpec(("lof",), 0.15).coreset_key()
+    assert a.coreset_key() != dataclasses.replace(a, estimator="tail").coreset_key()
+    with pytest.raises(ValueError, match="oracle"):
+        memory_bank.keep_mask(
+            methods.BankSpec(("lof",), "oracle"), {"lof": jnp.ones((2, 2))}, (2, 2)
+        )
+
+
+def test_image_share_estimators():
+    """tau = the flagged images' share; the global variant gives every image the authors' weights
+    once any image is flagged, none on a clean set."""
+    rng = np.random.default_rng(9)
+    s = contaminate(rng, clean_lof(rng), images=6, patches=10)
+    gate = contamination.image_gate(jnp.asarray(s))
+    share = contamination.image_share(jnp.asarray(s))
+    assert float(share.tau) == pytest.approx(6 / 40) == float(gate.image_fraction)
+    np.testing.assert_array_equal(share.suspicion_N, gate.suspicion_N)
+    glob = contamination.image_share_global(jnp.asarray(s))
+    np.testing.assert_array_equal(glob.suspicion_N, np.ones(40))
+    clean = contamination.image_share_global(jnp.asarray(clean_lof(rng)))
+    assert float(clean.tau) == 0.0
+    np.testing.assert_array_equal(clean.suspicion_N, np.zeros(40))
