@@ -9,6 +9,8 @@
   python -m softpatch_jax.deploy audit --model=MODEL --out=DIR [--truth=truth.csv] [--top=16]
   python -m softpatch_jax.deploy make_demo --out=DIR [--category=pill] [--noise_ratio=0.2]
       [--overwrite]
+  python -m softpatch_jax.deploy export --model=MODEL --out=FILE.onnx [--format=onnx]
+      [--bank_dtype=float32|float16] [--region=full|center] [--overwrite]   # deploy/export.py
 
 Image files may also follow the command as positional arguments (shell globs). Errors about the
 input (bad image, empty folder, incompatible or damaged model, unwritable or foreign output folder,
@@ -40,7 +42,7 @@ def _default_config() -> str | None:
     return path if os.path.isfile(path) else None
 
 
-COMMANDS = ("fit", "predict", "audit", "make_demo")
+COMMANDS = ("fit", "predict", "audit", "make_demo", "export")
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
     _default_config(),
@@ -83,6 +85,10 @@ _CATEGORY = flags.DEFINE_string("category", "pill", "make_demo: demo category.")
 _NOISE = flags.DEFINE_float("noise_ratio", 0.2, "make_demo: injected defective share.")
 _DEMO_SIZE = flags.DEFINE_integer("demo_size", 256, "make_demo: image size.")
 _DEMO_TRAIN = flags.DEFINE_integer("demo_train", 30, "make_demo: normal training images.")
+_FORMAT = flags.DEFINE_enum("format", "onnx", ["onnx"], "export: the file format.")
+_BANK_DTYPE = flags.DEFINE_enum(
+    "bank_dtype", "float32", ["float32", "float16"], "export: how the memory banks are stored."
+)
 _DEBUG = flags.DEFINE_bool("debug", False, "Show tracebacks instead of one-line errors.")
 
 # Errors that describe bad input rather than a bug: shown as one message (softpatch_jax/cli.py).
@@ -160,6 +166,18 @@ def run(command: str, extra: list[str]) -> None:
             from softpatch_jax.deploy import audit
 
             print(audit.markdown_table(summary["precision_recall"]))
+    elif command == "export":
+        from softpatch_jax.deploy import export
+
+        export.export(
+            _need(_MODEL, "model", command),
+            _need(_OUT, "out", command),
+            fmt=_FORMAT.value,
+            overwrite=_OVERWRITE.value,
+            bank_dtype=_BANK_DTYPE.value,
+            region=_REGION.value,
+        )
+        print(_OUT.value)
     else:
         spec = demo.DemoSpec(
             size=_DEMO_SIZE.value, num_train=_DEMO_TRAIN.value, num_test_good=6, num_per_defect=4
