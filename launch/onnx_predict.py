@@ -200,7 +200,15 @@ def save_png(path: str, arr: np.ndarray) -> None:
 
 
 def png_name(rel: str) -> str:
-    return rel if rel.lower().endswith(".png") else rel + ".png"
+    """The input's whole name plus .png, as `deploy predict` names its maps (unique per input)."""
+    return rel + ".png"
+
+
+def csv_guard(value):
+    """A text cell no spreadsheet runs as a formula, as `deploy predict` writes its CSV."""
+    if isinstance(value, str) and value.startswith(("=", "+", "-", "@", "\t", "\r", "'")):
+        return "'" + value
+    return value
 
 
 # ---------------------------------------------------------------- model
@@ -297,7 +305,7 @@ def run(args) -> list[dict]:
         with open(os.path.join(stage, "predictions.csv"), "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()
-            writer.writerows(rows)
+            writer.writerows({k: csv_guard(v) for k, v in row.items()} for row in rows)
         summary = {
             "model": os.path.abspath(args.model),
             "model_sha256": meta["model_sha256"],
