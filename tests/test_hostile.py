@@ -19,14 +19,14 @@ from PIL import Image
 from softpatch_jax import cli, features, io_utils, outdir
 from softpatch_jax.data import demo, folder, images
 from softpatch_jax.deploy import commands, fitting, model, predicting, region, threshold
-from softpatch_jax.experiment import config_errors
+from softpatch_jax.experiment import config_errors, options
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
 def ex():
-    return features.build(tiny_config())
+    return features.build(options.extractor_options(tiny_config()))
 
 
 @pytest.fixture(scope="module")
@@ -320,15 +320,16 @@ def test_bad_numbers_are_refused_before_any_work(key, value, expected, tmp_path,
     assert not os.path.exists(tmp_path / "m")
 
 
-# 12. The same key twice: the bad value is the one reported.
+# 12. The same key twice: the bad value is the one reported. (A float-typed key: softpatch.tau
+# also takes the words "auto" and "oracle", so any string parses there and is judged by its rule.)
 def test_a_key_given_twice_reports_the_bad_value():
     for args in (("0.1", "abc"), ("abc", "0.1")):
         res = _main(
             "-m", "softpatch_jax.main", "--config=configs/demo.py", "--workdir=/nonexistent/x",
-            *(f"--config.softpatch.tau={a}" for a in args),
+            *(f"--config.coreset.ratio={a}" for a in args),
         )  # fmt: skip
         line = _one_line(res)
-        assert "softpatch.tau='abc' is invalid" in line and "given 2 times" in line
+        assert "coreset.ratio='abc' is invalid" in line and "given 2 times" in line
 
 
 # 13. A missing truth file fails before the fit.

@@ -225,7 +225,7 @@ def test_deploy_style_fit_prepares_once_for_banks_and_heldout_folds(expensive_st
 
     cfg = deploy_helpers.tiny_config()
     deploy_helpers.write_folder(str(tmp_path))
-    fitting.fit(cfg, str(tmp_path), extractor=fake_build(cfg))
+    fitting.fit(cfg, str(tmp_path), extractor=fake_build(options.extractor_options(cfg)))
     assert expensive_steps == {"project_pool": 1, "score_pool": 1, "coreset_prepare": 1}
 
 

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from softpatch_jax import parallel
+from softpatch_jax import discriminators, parallel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -182,12 +182,9 @@ def test_child_sees_eight_devices(child_result):
 
 
 def test_discriminators_bitwise_equal(child_result):
-    assert child_result["discriminators"] == {"nearest": True, "gaussian": True, "lof": True}
-    assert child_result["discriminators_n_below_r"] == {
-        "nearest": True,
-        "gaussian": True,
-        "lof": True,
-    }
+    every = {name: True for name in discriminators.NAMES}  # each registered one, bootstrap too
+    assert child_result["discriminators"] == every
+    assert child_result["discriminators_n_below_r"] == every
 
 
 def test_coreset_indices_bitwise_equal_including_ties(child_result):
