@@ -10,6 +10,9 @@ import numpy as np
 from PIL import Image
 
 from configs import demo as demo_config
+from softpatch_jax import features
+from softpatch_jax.deploy import commands
+from softpatch_jax.experiment import options
 
 SIZE = 32
 
@@ -93,3 +96,18 @@ def write_folder(
         if is_defect:
             defective.append(rel)
     return sorted(defective)
+
+
+def tiny_extractor() -> features.Extractor:
+    """The tiny config's feature extractor, built once per test module by its fixture."""
+    return features.build(options.extractor_options(tiny_config()))
+
+
+def fit_tiny_model(tmp_path_factory, ex) -> tuple:
+    """(model, its folder, its training folder): the tiny config fitted on 10 normal images and 1
+    planted defect, the deployment tests' shared fixture."""
+    root = tmp_path_factory.mktemp("train")
+    write_folder(str(root), 10, 1)
+    path = str(tmp_path_factory.mktemp("models") / "m")
+    m = commands.fit_and_save(tiny_config(), str(root), path, extractor=ex)
+    return m, path, str(root)

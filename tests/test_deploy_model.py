@@ -13,17 +13,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from deploy_helpers import tiny_config, write_folder
+from deploy_helpers import tiny_config, tiny_extractor, write_folder
 
 from softpatch_jax import features, io_utils, outdir, scoring
 from softpatch_jax.data import folder, images
 from softpatch_jax.deploy import commands, fitting, model, predicting
-from softpatch_jax.experiment import options
 
 
 @pytest.fixture(scope="module")
 def ex():
-    return features.build(options.extractor_options(tiny_config()))
+    return tiny_extractor()
 
 
 @pytest.fixture(scope="module")

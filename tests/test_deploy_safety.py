@@ -11,27 +11,30 @@ import stat
 
 import numpy as np
 import pytest
-from deploy_helpers import defective_image, normal_image, tiny_config, write_folder
+from deploy_helpers import (
+    defective_image,
+    fit_tiny_model,
+    normal_image,
+    tiny_config,
+    tiny_extractor,
+    write_folder,
+)
 from PIL import Image
 
-from softpatch_jax import features, io_utils, weights
+from softpatch_jax import io_utils, weights
 from softpatch_jax.data import folder
 from softpatch_jax.deploy import commands, model, outdir, predicting, region, threshold
-from softpatch_jax.experiment import config_errors, options
+from softpatch_jax.experiment import config_errors
 
 
 @pytest.fixture(scope="module")
 def ex():
-    return features.build(options.extractor_options(tiny_config()))
+    return tiny_extractor()
 
 
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory, ex):
-    root = tmp_path_factory.mktemp("train")
-    write_folder(str(root), 10, 1)
-    path = str(tmp_path_factory.mktemp("models") / "m")
-    m = commands.fit_and_save(tiny_config(), str(root), path, extractor=ex)
-    return m, path, str(root)
+    return fit_tiny_model(tmp_path_factory, ex)
 
 
 def _copy_model(path, tmp_path):

@@ -13,29 +13,25 @@ import sys
 
 import numpy as np
 import pytest
-from deploy_helpers import normal_image, tiny_config, write_folder
+from deploy_helpers import fit_tiny_model, normal_image, tiny_config, tiny_extractor
 from PIL import Image
 
 from softpatch_jax import cli, features, io_utils, outdir
 from softpatch_jax.data import demo, folder, images
 from softpatch_jax.deploy import commands, fitting, model, predicting, region, threshold
-from softpatch_jax.experiment import config_errors, options
+from softpatch_jax.experiment import config_errors
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
 def ex():
-    return features.build(options.extractor_options(tiny_config()))
+    return tiny_extractor()
 
 
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory, ex):
-    root = tmp_path_factory.mktemp("train")
-    write_folder(str(root), 10, 1)
-    path = str(tmp_path_factory.mktemp("models") / "m")
-    m = commands.fit_and_save(tiny_config(), str(root), path, extractor=ex)
-    return m, path, str(root)
+    return fit_tiny_model(tmp_path_factory, ex)
 
 
 def _tree(root) -> dict[str, str]:
