@@ -7,7 +7,7 @@ Any value can be overridden on the command line, e.g. --config.noise.ratios=0.0,
 import ml_collections
 from ml_collections import config_dict
 
-from softpatch_jax import discriminators
+from softpatch_jax import contamination, discriminators
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -69,8 +69,13 @@ def get_config() -> ml_collections.ConfigDict:
     # so a float field also takes the words.
     c.softpatch.tau = _tau(0.15)  # SoftPatch, and SoftPatch+'s classification bank (tau_cls)
     c.softpatch.tau_seg = _tau(0.50)  # SoftPatch+'s segmentation bank
-    # tau "auto": contamination.ESTIMATORS (image_share, image_share_global, image, tail, lof)
-    c.softpatch.auto_estimator = "image_share"
+    # tau "auto": contamination.ESTIMATORS (image_floor, image_share, image_share_global, image,
+    # tail, lof)
+    c.softpatch.auto_estimator = contamination.DEFAULT
+    # tau "auto" on a set found contaminated removes at least these (the authors' tau, tau_seg);
+    # a set found clean removes nothing. 0 = the estimate alone.
+    c.softpatch.auto_floor = contamination.FLOOR  # 0.15
+    c.softpatch.auto_floor_seg = contamination.FLOOR_SEG  # 0.5
     c.softpatch.soft_weight = "lof"  # SoftPatch+: lof | nearest | gaussian | fused | none
     c.softpatch.rank_scope = "all"  # SoftPatch+ rank normalisation: "all" patches or "position"
     c.softpatch.projection_dim = 128  # R; 0 = discriminators and coreset on the full D

@@ -15,6 +15,8 @@ import os
 import numpy as np
 from absl import app, flags
 
+from softpatch_jax import contamination
+
 METHODS = (("softpatch_lof", "SoftPatch-LOF"), ("softpatch_plus", "SoftPatch+"))
 
 
@@ -26,15 +28,17 @@ def read(workdir: str) -> list[dict]:
 # Estimators built on the image gate: where it flags no image (tau 0, every suspicion 0) they all
 # give PatchCore's bank, so a clean set's `image` rows stand for the others when every one of them
 # flagged nothing.
-IMAGE_FAMILY = ("image", "image_share", "image_share_global")
+IMAGE_FAMILY = ("image", "image_share", "image_share_global", "image_floor")
 
 
-def _policy(r: dict, estimator: str):
+def _policy(r: dict, estimator: str, floor: float):
     tau, seg = r.get("softpatch.tau"), r.get("softpatch.tau_seg")
     used = r.get("softpatch.auto_estimator", "image")
-    if tau == "auto" and used != estimator:
+    # Rows from before the floor existed carry no auto_floor: they ran without one.
+    own = used == estimator and r.get("softpatch.auto_floor", 0.0) == floor
+    if tau == "auto" and not own:
         stands_in = (
-            used == "image"
+            used in IMAGE_FAMILY
             and estimator in IMAGE_FAMILY
             and r["noise_ratio"] == 0.0
             and r["image_fraction_estimated"] == 0.0
@@ -48,13 +52,19 @@ def _policy(r: dict, estimator: str):
     return tau
 
 
-def cells(rows: list[dict], estimator: str) -> dict:
+def cells(rows: list[dict], estimator: str, floor: float = contamination.FLOOR) -> dict:
     """{(noise, method, policy): {category: row}}; PatchCore under policy None; `auto` rows of
-    the estimator `estimator` only."""
+    the estimator `estimator` with the floor `floor` only."""
     out: dict = collections.defaultdict(dict)
-    own_last = sorted(rows, key=lambda r: r.get("softpatch.auto_estimator", "image") == estimator)
-    for r in own_last:
-        pol = None if r["method"] == "patchcore" else _policy(r, estimator)
+
+    def own(r):
+        return (
+            r.get("softpatch.auto_estimator", "image") == estimator
+            and r.get("softpatch.auto_floor", 0.0) == floor
+        )
+
+    for r in sorted(rows, key=own):
+        pol = None if r["method"] == "patchcore" else _policy(r, estimator, floor)
         if r["method"] != "patchcore" and pol is None:
             continue
         out[(r["noise_ratio"], r["method"], pol)][r["category"]] = r
@@ -65,9 +75,11 @@ def mean(d: dict, key: str, cats) -> float:
     return float(np.mean([d[c][key] for c in cats]))
 
 
-def analyse(rows: list[dict], estimator: str) -> tuple[list[str], list[str], list[str]]:
+def analyse(
+    rows: list[dict], estimator: str, floor: float = contamination.FLOOR
+) -> tuple[list[str], list[str], list[str]]:
     """(table lines, goal lines, estimate lines) in markdown."""
-    by = cells(rows, estimator)
+    by = cells(rows, estimator, floor)
     noises = sorted({k[0] for k in by})
     cats = sorted({r["category"] for r in rows})
     table = [
@@ -142,16 +154,19 @@ def analyse(rows: list[dict], estimator: str) -> tuple[list[str], list[str], lis
                 tau_err = [
                     abs(r["tau_estimated"] - r["tau_true"]) for r in rs if r["tau_true"] is not None
                 ]
+                applied = [r.get("tau_applied") for r in rs]
+                applied = "-" if None in applied else f"{np.mean(applied):.4f}"
                 est.append(
                     f"| {noise:.1f} | {np.mean([r['train_anomalous_fraction'] for r in rs]):.3f} | "
                     f"{np.mean([r['image_fraction_estimated'] for r in rs]):.3f} | {np.mean(img_err):.3f} | "
                     f"{np.mean([r['tau_true'] for r in rs]):.4f} | "
-                    f"{np.mean([r['tau_estimated'] for r in rs]):.4f} | {np.mean(tau_err):.4f} |"
+                    f"{np.mean([r['tau_estimated'] for r in rs]):.4f} | {np.mean(tau_err):.4f} | "
+                    f"{applied} |"
                 )
     est = [
         "| noise | true anomalous image fraction | estimated | MAE | true contaminated patch "
-        "fraction | estimated tau | MAE |",
-        "|---|---|---|---|---|---|---|",
+        "fraction | estimated tau | MAE | tau applied (floor) |",
+        "|---|---|---|---|---|---|---|---|",
         *est,
     ]
     return table, goals, est
@@ -182,7 +197,12 @@ def ablation(rows: list[dict]) -> list[str]:
 _WORKDIRS = flags.DEFINE_multi_string("workdir", [], "Sweep workdirs (results.jsonl).")
 _NAME = flags.DEFINE_string("name", "", "A title for the output.")
 _ABLATION = flags.DEFINE_bool("ablation", False, "The workdirs are ablation sweeps.")
-_ESTIMATOR = flags.DEFINE_string("estimator", "image", "Whose `auto` rows (auto_estimator).")
+_ESTIMATOR = flags.DEFINE_string(
+    "estimator", contamination.DEFAULT, "Whose `auto` rows (auto_estimator)."
+)
+_FLOOR = flags.DEFINE_float(
+    "floor", contamination.FLOOR, "Whose `auto` rows (softpatch.auto_floor; 0: none)."
+)
 
 
 def main(argv):
@@ -192,8 +212,8 @@ def main(argv):
         print(f"### {_NAME.value}: what costs on clean data\n")
         print("\n".join(ablation(rows)))
         return
-    table, goals, est = analyse(rows, _ESTIMATOR.value)
-    print(f"### {_NAME.value} (auto: {_ESTIMATOR.value})\n")
+    table, goals, est = analyse(rows, _ESTIMATOR.value, _FLOOR.value)
+    print(f"### {_NAME.value} (auto: {_ESTIMATOR.value}, floor {_FLOOR.value:g})\n")
     print("\n".join(table), "\n")
     print("\n".join(goals), "\n")
     print("\n".join(est))

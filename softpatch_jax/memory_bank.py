@@ -136,13 +136,14 @@ def keep_mask(
 
 def tau_of(bank: methods.BankSpec, scores_NxP: dict[str, jax.Array]):
     """The bank's removal fraction: its fixed tau, or for "auto" the estimate from the raw scores
-    (the patch fraction; the image fraction for image-level removal), on device."""
+    (the patch fraction; the image fraction for image-level removal) raised to the bank's floor
+    on a set found contaminated (`contamination.policy_tau`), on device."""
     if bank.tau == "oracle":
         raise ValueError("tau='oracle' must be resolved to the true fraction before fitting")
     if bank.tau != "auto":
         return bank.tau
     est = contamination.estimate(scores_NxP, bank.estimator)
-    return est.image_fraction if bank.granularity == "image" else est.tau
+    return contamination.policy_tau(est, bank.floor, bank.granularity)
 
 
 def soft_weights(

@@ -30,6 +30,7 @@ class BankSpec:
       instead of a removal by scores.
     tau: a fraction in [0, 1), or "auto": estimated from the scores by `estimator`
       (`contamination.ESTIMATORS`), the soft weights then fading to 1 on images that look clean.
+    floor: under "auto", the least tau of a set found contaminated (`contamination.policy_tau`).
     """
 
     removal: tuple[str, ...] = ()
@@ -39,6 +40,7 @@ class BankSpec:
     rank_scope: str = "all"
     channels: inreach.Options | None = None
     estimator: str = contamination.DEFAULT
+    floor: float = 0.0
 
     def __post_init__(self):
         if isinstance(self.tau, str):
@@ -49,6 +51,8 @@ class BankSpec:
         elif not 0.0 <= self.tau < 1.0:
             raise ValueError(f"tau must be in [0, 1), got {self.tau}")
         contamination.check(self.estimator)
+        if not 0.0 <= self.floor < 1.0:
+            raise ValueError(f"floor must be in [0, 1), got {self.floor}")
         if self.granularity not in ("patch", "image"):
             raise ValueError(f"granularity must be 'patch' or 'image', got {self.granularity!r}")
         if self.soft_weight not in SOFT_WEIGHTS:
@@ -62,7 +66,7 @@ class BankSpec:
             return ("inreach", self.channels)
         if not self.removal or self.tau == 0.0:
             return ("all",)
-        policy = (self.tau, self.estimator) if self.tau == "auto" else self.tau
+        policy = (self.tau, self.estimator, self.floor) if self.tau == "auto" else self.tau
         return (self.removal, policy, self.granularity, self.rank_scope)
 
 
@@ -79,6 +83,8 @@ class Options:
     rank_scope: str
     inreach: inreach.Options  # the `inreach` method's channel selection
     auto_estimator: str = contamination.DEFAULT  # tau "auto": `contamination.ESTIMATORS`
+    auto_floor: float = contamination.FLOOR  # "auto": least tau of a contaminated set (tau_cls)
+    auto_floor_seg: float = contamination.FLOOR_SEG  # the same for SoftPatch+'s seg bank
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +102,10 @@ class MethodSpec:
 
 def _softpatch(name: str, disc: str, sp: Options) -> MethodSpec:
     discriminators.check_names([disc])
-    return MethodSpec(name, BankSpec((disc,), sp.tau, "patch", disc, estimator=_estimator(sp)))
+    return MethodSpec(
+        name,
+        BankSpec((disc,), sp.tau, "patch", disc, estimator=_estimator(sp), floor=sp.auto_floor),
+    )
 
 
 def _estimator(sp: Options) -> str:
@@ -114,18 +123,27 @@ def spec(name: str, sp: Options) -> MethodSpec:
     if name == "softpatch_plus":
         fused = discriminators.check_names(split_list(sp.discriminators))
 
-        def bank(tau: float) -> BankSpec:
+        def bank(tau: float, floor: float) -> BankSpec:
             return BankSpec(
-                fused, tau, "patch", sp.soft_weight, sp.rank_scope, estimator=_estimator(sp)
+                fused,
+                tau,
+                "patch",
+                sp.soft_weight,
+                sp.rank_scope,
+                estimator=_estimator(sp),
+                floor=floor,
             )
 
-        return MethodSpec(name, bank(sp.tau), bank(sp.tau_seg))
+        return MethodSpec(name, bank(sp.tau, sp.auto_floor), bank(sp.tau_seg, sp.auto_floor_seg))
     if name == "inreach":
         return MethodSpec(name, BankSpec(channels=sp.inreach))
     if name == "image_denoise":
         discriminators.check_names([sp.discriminator])
         disc = (sp.discriminator,)
-        return MethodSpec(name, BankSpec(disc, sp.tau, "image", "none", estimator=_estimator(sp)))
+        return MethodSpec(
+            name,
+            BankSpec(disc, sp.tau, "image", "none", estimator=_estimator(sp), floor=sp.auto_floor),
+        )
     valid = names()
     close = difflib.get_close_matches(str(name), valid, n=1, cutoff=0.6)
     hint = f"; did you mean {close[0]!r}?" if close else ""

@@ -291,3 +291,102 @@ def test_image_share_estimators():
     clean = contamination.image_share_global(jnp.asarray(clean_lof(rng)))
     assert float(clean.tau) == 0.0
     np.testing.assert_array_equal(clean.suspicion_N, np.zeros(40))
+
+
+# ----------------------------------------------------------------------------- image_floor
+
+
+def np_gate_z(x, cutoff, rounds):
+    """Iterated robust z with scipy's MAD on the images not yet flagged (the oracle of gate_z)."""
+    flagged = np.zeros(x.shape, bool)
+    for _ in range(rounds):
+        rest = x[~flagged]
+        mad = scipy.stats.median_abs_deviation(rest, scale="normal")
+        z = (x - np.median(rest)) / mad
+        flagged = z > cutoff
+    return z
+
+
+@pytest.mark.parametrize("rounds", [1, 2, 3])
+def test_gate_z_matches_an_iterated_scipy_mad(rounds):
+    rng = np.random.default_rng(11)
+    x = np.concatenate([rng.normal(size=30), rng.normal(8.0, 3.0, size=14)]).astype(np.float32)
+    got = jax.jit(contamination.gate_z, static_argnums=(1, 2))(jnp.asarray(x), 4.0, rounds)
+    np.testing.assert_allclose(got, np_gate_z(x.astype(np.float64), 4.0, rounds), rtol=2e-5)
+
+
+def test_gate_rounds_find_what_an_inflated_mad_hides():
+    """At 42% contamination of unequal strength the strong defects inflate a one-pass MAD so much
+    that the weak ones stay below the cutoff; re-estimating on the unflagged images finds them
+    (the 40% rows of README "Unknown contamination"), and a clean set is unchanged by rounds."""
+    rng = np.random.default_rng(12)
+    s = clean_lof(rng, n=40, spread=0.12)
+    s = contaminate(rng, s, images=12, patches=12, level=(6.0, 9.0))
+    s[12:17] = contaminate(rng, s[12:17], images=5, patches=12, level=(1.8, 2.2))
+    one = contamination.image_gate(jnp.asarray(s), rounds=1)
+    more = contamination.image_gate(jnp.asarray(s), rounds=contamination.GATE_ROUNDS)
+    assert float(more.image_fraction) > float(one.image_fraction)
+    assert float(one.image_fraction) == pytest.approx(12 / 40)
+    assert float(more.image_fraction) == pytest.approx(17 / 40)
+    clean = jnp.asarray(clean_lof(np.random.default_rng(13)))
+    a = contamination.image_gate(clean, rounds=1)
+    b = contamination.image_gate(clean, rounds=contamination.GATE_ROUNDS)
+    assert float(a.image_fraction) == float(b.image_fraction) == 0.0
+
+
+def test_image_floor_and_the_policy_floor():
+    """image_floor: the flagged share, the authors' weights on every image of a set found dirty,
+    none on a clean one; policy_tau raises a dirty set's tau to the floor, keeps a larger
+    estimate, and leaves a clean set at 0 whatever the floor."""
+    rng = np.random.default_rng(14)
+    dirty = contamination.image_floor(jnp.asarray(contaminate(rng, clean_lof(rng), 4, 10)))
+    assert float(dirty.image_fraction) == pytest.approx(4 / 40) == float(dirty.tau)
+    np.testing.assert_array_equal(dirty.suspicion_N, np.ones(40))
+    assert float(contamination.policy_tau(dirty, 0.15)) == pytest.approx(0.15)
+    assert float(contamination.policy_tau(dirty, 0.05)) == pytest.approx(0.1)
+    assert float(contamination.policy_tau(dirty, 0.0)) == pytest.approx(0.1)
+    heavy = contamination.image_floor(jnp.asarray(contaminate(rng, clean_lof(rng), 12, 10)))
+    assert float(contamination.policy_tau(heavy, 0.15)) == pytest.approx(12 / 40)
+    clean = contamination.image_floor(jnp.asarray(clean_lof(rng)))
+    assert float(contamination.policy_tau(clean, 0.5)) == 0.0
+    np.testing.assert_array_equal(clean.suspicion_N, np.zeros(40))
+
+
+def test_auto_floor_reaches_both_banks():
+    """SoftPatch+ under auto with floors 0.15 / 0.5 on a dirty set removes what the fixed
+    0.15 / 0.5 banks remove (the estimate is below both floors), and the authors' weights: the
+    same keep masks and soft weights as the fixed taus; on a clean set, PatchCore's."""
+    rng = np.random.default_rng(15)
+    s = contaminate(rng, clean_lof(rng, n=30, p=64), images=2, patches=3)
+    scores = {"lof": jnp.asarray(s), "gaussian": jnp.asarray(s[::-1].copy())}
+    opts = dict(discriminator="lof", discriminators="gaussian,lof", soft_weight="lof")
+    auto = methods.spec(
+        "softpatch_plus",
+        methods.Options(
+            tau="auto",
+            tau_seg="auto",
+            rank_scope="all",
+            inreach=None,
+            auto_estimator="image_floor",
+            auto_floor=0.15,
+            auto_floor_seg=0.5,
+            **opts,
+        ),
+    )
+    fixed = methods.spec(
+        "softpatch_plus",
+        methods.Options(tau=0.15, tau_seg=0.5, rank_scope="all", inreach=None, **opts),
+    )
+    for a, f in ((auto.cls, fixed.cls), (auto.seg, fixed.seg)):
+        np.testing.assert_array_equal(
+            memory_bank.keep_mask(a, scores, s.shape), memory_bank.keep_mask(f, scores, s.shape)
+        )
+        np.testing.assert_array_equal(
+            memory_bank.soft_weights(a, scores, s.shape),
+            memory_bank.soft_weights(f, scores, s.shape),
+        )
+    clean = {"lof": jnp.asarray(clean_lof(rng, n=30, p=64))}
+    clean["gaussian"] = clean["lof"]
+    for b in (auto.cls, auto.seg):
+        assert memory_bank.keep_mask(b, clean, (30, 64)).all()
+        np.testing.assert_array_equal(memory_bank.soft_weights(b, clean, (30, 64)), 1.0)

@@ -16,6 +16,8 @@ Variants (one workdir; the cache shares features and scores between them):
   DATASET          the fixed taus; SoftPatch+'s tau_seg held at the authors' 0.5 (journal Fig. 5)
   DATASET_auto     tau = tau_seg = "auto"
   DATASET_oracle   tau = tau_seg = "oracle" (noisy ratios only: a clean set's oracle is 0)
+  DATASET_estimators  tau = tau_seg = "auto" with every registered estimator (the README's
+                   comparison; the floors at their defaults)
   DATASET_ablation what costs on clean data, on the same features: SoftPatch driven by LOF alone
                    (softpatch_plus with discriminators=lof: softpatch_lof's removal order) with
                    removal on or off (tau, tau_seg in {0, 0.15}) x soft weights on or off; the rows
@@ -23,6 +25,7 @@ Variants (one workdir; the cache shares features and scores between them):
 """
 
 from configs.sweeps import common
+from softpatch_jax import contamination
 
 FIXED_TAUS = (0.05, 0.10, 0.15, 0.20, 0.30, 0.40)
 RATIOS = (0.0, 0.1, 0.2, 0.4)
@@ -40,6 +43,9 @@ def get_config(arg: str = "demo"):
         c.softpatch.tau = c.softpatch.tau_seg = variant
         if variant == "oracle":
             common.axis(c, "noise.ratios", tuple(r for r in RATIOS if r > 0))
+    elif variant == "estimators":
+        c.softpatch.tau = c.softpatch.tau_seg = "auto"
+        common.axis(c, "softpatch.auto_estimator", tuple(contamination.ESTIMATORS))
     elif variant == "ablation":
         c.methods = "softpatch_plus"
         c.softpatch.discriminators = "lof"
@@ -50,6 +56,6 @@ def get_config(arg: str = "demo"):
     else:
         raise ValueError(
             f"unknown variant {variant!r} of {arg!r}; valid: DATASET, DATASET_auto, "
-            "DATASET_oracle, DATASET_ablation"
+            "DATASET_oracle, DATASET_estimators, DATASET_ablation"
         )
     return c

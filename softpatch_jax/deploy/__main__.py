@@ -131,9 +131,10 @@ def run(command: str, extra: list[str]) -> None:
             top=_TOP.value,
         )
         est = fitted.meta["contamination"]
+        used = f" -> removed {est['tau_applied']:.4f}" if "tau_applied" in est else ""
         print(
-            f"tau={est['tau']} ({est['estimator']} estimate: {est['tau_estimated']:.4f} of "
-            f"patches, {est['image_fraction_estimated']:.3f} of images look contaminated)"
+            f"tau={est['tau']}{used} ({est['estimator']} estimate: {est['tau_estimated']:.4f} "
+            f"of patches, {est['image_fraction_estimated']:.3f} of images look contaminated)"
         )
     elif command == "predict":
         if not sources:

@@ -263,11 +263,13 @@ def fit(
 
 def contamination_info(spec, scores_NxP) -> dict:
     """The training set's contamination estimate (contamination.py) and the tau policy used."""
-    name = spec.cls.estimator if spec.cls.tau == "auto" else contamination.DEFAULT
+    auto = spec.cls.tau == "auto"
+    name = spec.cls.estimator if auto else contamination.DEFAULT
+    applied = memory_bank.tau_of(spec.cls, scores_NxP) if auto else None
     return {
         "tau": spec.cls.tau,
         "estimator": name,
-        **contamination.summary(contamination.estimate(scores_NxP, name)),
+        **contamination.summary(contamination.estimate(scores_NxP, name), applied),
     }
 
 
@@ -275,7 +277,8 @@ def audit_tau(model: model_lib.Model) -> float:
     """The removal fraction the audit marks: the fixed tau, or the fit's estimate under "auto"."""
     tau = model.config.softpatch.tau
     if tau == "auto":
-        return float(model.meta.get("contamination", {}).get("tau_estimated", 0.0))
+        est = model.meta.get("contamination", {})
+        return float(est.get("tau_applied", est.get("tau_estimated", 0.0)))
     return float(tau)
 
 

@@ -79,8 +79,10 @@ RULES = {
     "softpatch.tau": _tau(),
     "softpatch.tau_seg": _tau(),
     "softpatch.auto_estimator": _choices(
-        "image", "image_share", "image_share_global", "tail", "lof"
+        "image", "image_share", "image_share_global", "image_floor", "tail", "lof"
     ),
+    "softpatch.auto_floor": _fraction(False, True),
+    "softpatch.auto_floor_seg": _fraction(False, True),
     "softpatch.projection_dim": _at_least(0),
     "softpatch.soft_weight": _choices(*discriminators.NAMES, "fused", "none"),
     "softpatch.rank_scope": _choices("all", "position"),

@@ -32,6 +32,7 @@ from softpatch_jax import (
     contamination,
     discriminators,
     features,
+    memory_bank,
     metrics,
     official_eval,
     parallel,
@@ -277,7 +278,9 @@ def _contamination_fields(spec, scores, truth: float | None) -> dict:
         return {**out, "tau_estimated": None, "image_fraction_estimated": None}
     auto = spec.cls.tau == "auto"
     name = spec.cls.estimator if auto else contamination.DEFAULT
-    return {**out, **contamination.summary(contamination.estimate(scores, name))}
+    est = contamination.estimate(scores, name)
+    applied = memory_bank.tau_of(spec.cls, scores) if auto else None
+    return {**out, **contamination.summary(est, applied)}
 
 
 def _run_fit_group(

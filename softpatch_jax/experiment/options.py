@@ -29,6 +29,8 @@ def method_options(config: ml_collections.ConfigDict) -> methods.Options:
         soft_weight=sp.soft_weight,
         rank_scope=sp.rank_scope,
         auto_estimator=sp.auto_estimator,
+        auto_floor=sp.auto_floor,
+        auto_floor_seg=sp.auto_floor_seg,
         inreach=inreach.Options(
             window=config.inreach.window,
             min_length=config.inreach.min_length,
