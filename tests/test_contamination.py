@@ -191,7 +191,14 @@ def test_auto_on_a_clean_set_is_patchcore_and_removes_on_a_dirty_one():
     dirty[:3, 5] += 8.0  # three images with a defect patch at position 5
     out = memory_bank.fit_many(key, jnp.asarray(dirty), options.fit_options(cfg), specs)
     keep = np.asarray(out.keep_NxP["softpatch_lof"])
-    # image_share: as many top patches as the flagged images' share (3 of 30), defects first.
+    # The default (image_floor, floor 0.15): the flagged share (3 of 30) raised to the floor.
+    assert not keep[:3, 5].any()
+    assert (~keep).sum() == pytest.approx(0.15 * n * p, abs=1)
+    # Without a floor, image_share removes as many top patches as the flagged images' share.
+    cfg = small_config(tau="auto", tau_seg="auto", auto_estimator="image_share", auto_floor=0.0)
+    spec = methods.spec("softpatch_lof", options.method_options(cfg))
+    out = memory_bank.fit_many(key, jnp.asarray(dirty), options.fit_options(cfg), [spec])
+    keep = np.asarray(out.keep_NxP["softpatch_lof"])
     assert not keep[:3, 5].any()
     assert (~keep).sum() == pytest.approx(0.1 * n * p, abs=1)
 
@@ -201,13 +208,18 @@ def test_auto_image_denoise_drops_the_flagged_images():
     n, p, d = 30, 16, 12
     feats = (rng.normal(size=(1, p, d)) + 0.3 * rng.normal(size=(n, p, d))).astype(np.float32)
     feats[:2, 3] += 8.0
-    cfg = small_config(tau="auto")
-    spec = methods.spec("image_denoise", options.method_options(cfg))
-    out = memory_bank.fit_many(
-        jax.random.key(0), jnp.asarray(feats), options.fit_options(cfg), [spec]
-    )
-    keep = np.asarray(out.keep_NxP["image_denoise"])
-    assert not keep[:2].any() and keep[2:].all()
+    # Without a floor exactly the flagged images go; with the default floor (0.15) the flagged
+    # ones and then the next by their max patch score: those above the 0.85 quantile of 30.
+    for floor, dropped in ((0.0, {2}), (0.15, {4, 5})):
+        cfg = small_config(tau="auto", auto_floor=floor)
+        spec = methods.spec("image_denoise", options.method_options(cfg))
+        out = memory_bank.fit_many(
+            jax.random.key(0), jnp.asarray(feats), options.fit_options(cfg), [spec]
+        )
+        keep = np.asarray(out.keep_NxP["image_denoise"])
+        kept_n = keep.all(axis=1)
+        assert not keep[:2].any() and (kept_n | ~keep.any(axis=1)).all()
+        assert int((~kept_n).sum()) in dropped
 
 
 def test_fixed_tau_is_unchanged_by_the_policy_code():
