@@ -268,6 +268,13 @@ def test_auto_and_oracle_end_to_end(tiny_root, tmp_path, fake_backbone):  # noqa
     assert len(rows) == 2 * 3 * 3
     for r in rows:
         assert 0.0 <= r["tau_estimated"] < 1.0 and 0.0 <= r["image_fraction_estimated"] <= 1.0
+        if r["softpatch.tau"] == "auto" and r["method"] != "patchcore":
+            # What auto removed: 0 on a set found clean, else at least the floor (0.15).
+            dirty = r["image_fraction_estimated"] > 0
+            want = max(r["tau_estimated"], 0.15) if dirty else 0.0
+            assert r["tau_applied"] == pytest.approx(want, abs=1e-6)
+        else:
+            assert "tau_applied" not in r
         if r["noise_ratio"] == 0.0:
             assert r["tau_true"] == 0.0
         else:
