@@ -117,9 +117,10 @@ def run(command: str, extra: list[str]) -> None:
         )
         if _CONFIG.value is None:
             raise app.UsageError("no configs/base.py found: pass --config=PATH")
-        # tau stays the config's (the authors' 0.15 / 0.5): "auto" did not beat it on noisy sets
-        # (README "Unknown contamination"), so it is opt-in (--config.softpatch.tau=auto). The fit
-        # prints the estimate either way and saves it in model.json.
+        # tau stays the config's (the authors' 0.15 / 0.5): "auto" equals it on the noisy sets it
+        # detects but leaves a set whose defects it cannot see with PatchCore's bank (README
+        # "Unknown contamination"), so it is opt-in (--config.softpatch.tau=auto). The fit prints
+        # the estimate (and under auto the tau it removed) and saves it in model.json.
         config_errors.validate(_CONFIG.value)
         fitted = commands.fit_and_save(
             _CONFIG.value,
