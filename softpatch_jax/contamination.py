@@ -5,9 +5,10 @@ SoftPatch removes the top tau of the training patches (METHOD.md section 4) with
 a production line knows neither whether its folder holds defects nor how many. Every estimator here
 maps raw discriminator scores [N, P] to an `Estimate`: the contaminated patch fraction (the tau to
 remove), the anomalous image fraction, and a per-image suspicion in [0, 1] by which the soft weights
-fade to 1 (`fade_weights`): on a clean set nothing is removed and the weights are 1 except on images
-within 1 z below the cutoff, which keep part of theirs: the bank is (nearly always exactly)
-PatchCore's.
+fade to 1 (`fade_weights`). `policy_tau` turns an estimate into the tau removed: a set found clean
+removes nothing, a contaminated one at least the bank's floor (the authors' tau). With the default
+`image_floor` a clean set's bank is exactly PatchCore's and a contaminated one's the authors'
+SoftPatch bank (or one removing more, where more images look defective).
 
 The estimators work on log scores (LOF's inliers sit near log 1 = 0 whatever the texture; distance
 scores become scale-free) against the bulk's median and MAD (1.4826 MAD = sigma for a Gaussian):
