@@ -6,10 +6,11 @@ import os
 import subprocess
 import sys
 
+import deploy_helpers
 import numpy as np
 import pytest
 
-from softpatch_jax.deploy import audit, commands, threshold
+from softpatch_jax.deploy import audit, commands, fitting, threshold
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -122,3 +123,20 @@ def test_cli_reports_bad_input_in_one_line_with_status_2(tmp_path):
     assert "Traceback" not in res.stderr
     res = _cli("train")
     assert res.returncode != 0 and "fit" in res.stderr
+
+
+def test_fit_under_auto_reports_and_applies_the_policy(tmp_path):
+    """deploy fit with tau=auto on a folder with a planted defect: the saved estimate finds it
+    (flagged share > 0), the tau removed is the floor (the authors' 0.15) or the share if larger,
+    as `contamination.policy_tau` computes it, and the audit marks that tau."""
+    deploy_helpers.write_folder(str(tmp_path / "train"), 10, 1)
+    c = deploy_helpers.tiny_config()
+    c.softpatch.tau = c.softpatch.tau_seg = "auto"
+    model = commands.fit_and_save(
+        c, str(tmp_path / "train"), str(tmp_path / "m"), extractor=deploy_helpers.tiny_extractor()
+    )
+    est = model.meta["contamination"]
+    assert est["tau"] == "auto" and est["estimator"] == "image_floor"
+    assert est["image_fraction_estimated"] > 0  # the planted defect image is flagged
+    assert est["tau_applied"] == pytest.approx(max(est["tau_estimated"], 0.15), abs=1e-6)
+    assert fitting.audit_tau(model) == pytest.approx(est["tau_applied"])
