@@ -1,7 +1,7 @@
 """Parity of an exported model's predictions with `deploy predict`'s, image by image, whichever
 runtime ran the export (ONNX Runtime or OpenVINO).
 
-  python launch/onnx_parity.py --model=MODEL --deploy_out=PRED_DIR --onnx_out=ONNX_PRED_DIR
+  python -m launch.onnx_parity --model=MODEL --deploy_out=PRED_DIR --onnx_out=ONNX_PRED_DIR
 
 PRED_DIR: `python -m softpatch_jax.deploy predict --model=MODEL --images=DIR --out=PRED_DIR`;
 ONNX_PRED_DIR: `launch/onnx_predict.py --model=FILE.onnx --images=DIR --out=ONNX_PRED_DIR
