@@ -241,12 +241,17 @@ def _import(runtime: str):
         ) from None
 
 
+def _brief(e: Exception) -> str:
+    """A runtime's exception text on one line, shortened."""
+    return " ".join(str(e).split())[:300]
+
+
 def _onnxruntime_session(path: str, provider: str) -> Session:
     ort = _import("onnxruntime")
     try:
         sess = ort.InferenceSession(path, providers=[provider])
     except Exception as e:
-        raise InputError(f"{path!r} cannot be loaded by onnxruntime ({str(e)[:200]})") from None
+        raise InputError(f"{path!r} cannot be loaded by onnxruntime ({_brief(e)})") from None
     props = sess.get_modelmeta().custom_metadata_map
     meta = _metadata(path, props.get("softpatch_jax"))
     names = meta["output_names"]
@@ -260,10 +265,11 @@ def _onnxruntime_session(path: str, provider: str) -> Session:
 def _openvino_session(path: str, device: str, precision: str) -> Session:
     ov = _import("openvino")
     core = ov.Core()
-    try:
-        model = core.read_model(path)
+    try:  # its ONNX frontend only: core.read_model would also try other formats on a bad file
+        frontend = ov.frontend.FrontEndManager().load_by_framework("onnx")
+        model = frontend.convert(frontend.load(path))
     except Exception as e:
-        raise InputError(f"{path!r} cannot be read by OpenVINO ({str(e)[:200]})") from None
+        raise InputError(f"{path!r} cannot be read by OpenVINO as ONNX ({_brief(e)})") from None
     key = ["framework", "softpatch_jax"]  # OpenVINO keeps ONNX metadata_props under "framework"
     meta = _metadata(path, model.get_rt_info(key).astype(str) if model.has_rt_info(key) else None)
     try:
@@ -271,7 +277,7 @@ def _openvino_session(path: str, device: str, precision: str) -> Session:
     except Exception as e:
         raise InputError(
             f"OpenVINO cannot compile {path!r} for device {device!r} at precision {precision!r} "
-            f"({str(e)[:200]})"
+            f"({_brief(e)})"
         ) from None
     request = compiled.create_infer_request()
     outputs = [compiled.output(n) for n in meta["output_names"]]

@@ -191,6 +191,13 @@ def test_float16_bank_with_external_data(line, tmp_path):
     assert _run(path, line["test"], out, "--nowrite_maps") == 0
     for r, g in zip(_csv(line["pred"]), _csv(out)):
         assert float(g["score"]) == pytest.approx(float(r["score"]), rel=1e-2)
+    # OpenVINO reads the external data beside the file too, and computes what ONNX Runtime does
+    pytest.importorskip("openvino", reason="the OpenVINO runner path needs openvino")
+    out_ov = str(tmp_path / "p16_ov")
+    assert _run(path, line["test"], out_ov, "--nowrite_maps", "--runtime=openvino") == 0
+    for r, g in zip(_csv(out), _csv(out_ov)):
+        assert float(g["score"]) == pytest.approx(float(r["score"]), rel=1e-4), r["image"]
+        assert g["anomalous"] == r["anomalous"]
 
 
 def _no_leftovers(folder_path):
