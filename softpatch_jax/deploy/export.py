@@ -1,6 +1,6 @@
 """`export`: a fitted model -> one ONNX file that scores images without this package or JAX
 (ONNX Runtime, OpenVINO, a C++/C# program; `launch/onnx_predict.py` is a runner needing only numpy,
-Pillow and onnxruntime).
+Pillow and one of onnxruntime or openvino).
 
   python -m softpatch_jax.deploy export --model=MODEL --out=FILE.onnx [--format=onnx]
       [--bank_dtype=float32|float16] [--region=full|center] [--overwrite]
