@@ -1,9 +1,18 @@
 """Score a folder of images with a model exported by `python -m softpatch_jax.deploy export`,
-using only numpy, Pillow and onnxruntime (no JAX, no softpatch_jax): runs from any folder.
+using only numpy, Pillow and one runtime, ONNX Runtime or OpenVINO (no JAX, no softpatch_jax): runs
+from any folder.
 
   python onnx_predict.py --model=FILE.onnx --images=DIR_OR_FILE [--images=...] --out=DIR
-      [--threshold=NUMBER] [--nowrite_maps] [--save_maps_npy] [--skip_bad_images]
-      [--allow_upscale] [--overwrite] [--provider=CPUExecutionProvider]
+      [--runtime=onnxruntime|openvino] [--threshold=NUMBER] [--nowrite_maps] [--save_maps_npy]
+      [--skip_bad_images] [--allow_upscale] [--overwrite]
+      [--provider=CPUExecutionProvider]                     # onnxruntime's execution provider
+      [--openvino_device=CPU] [--openvino_precision=f32]    # OpenVINO's device and precision
+
+--runtime=onnxruntime (the default) needs `pip install onnxruntime`; --runtime=openvino needs
+`pip install openvino` (it reads the .onnx file itself, external data included; no conversion
+step). Only the chosen runtime is imported. OpenVINO's CPU plugin computes in bfloat16 by default
+on CPUs that have it (AVX512-BF16, AMX); this runner asks for --openvino_precision=f32, the
+precision the model was fitted and checked in (bf16 / f16 trade accuracy for speed).
 
 Writes OUT/predictions.csv with the columns of `deploy predict` (image, path, score, threshold,
 anomalous, map_max, region, heatmap, overlay; names relative to the images' common folder and
@@ -19,15 +28,17 @@ BILINEAR filter (longer side int(side * long / short), none when already that le
 models then centre-crop. The frame must have the size the model was exported for (one camera):
 another size is a bad image naming the file and both sizes. Everything after that is in the graph.
 
-Exit status 2 with one line on stderr for bad input (model not an export of this tool, unreadable
-image without --skip_bad_images, existing OUT without --overwrite, unwritable OUT); OUT is built
-under a hidden staging name beside it and renamed into place only when complete.
+Exit status 2 with one line on stderr for bad input (the chosen runtime not installed, a model
+that is not an export of this tool or that the runtime cannot load, unreadable image without
+--skip_bad_images, existing OUT without --overwrite, unwritable OUT); OUT is built under a hidden
+staging name beside it and renamed into place only when complete.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import importlib
 import io
 import json
 import os
@@ -37,9 +48,10 @@ import tempfile
 import time
 
 import numpy as np
-import onnxruntime as ort
 from PIL import Image, ImageOps
 
+RUNTIMES = ("onnxruntime", "openvino")
+OPENVINO_PRECISIONS = ("f32", "bf16", "f16")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 MARKER = "predictions.json"
@@ -212,24 +224,99 @@ def csv_guard(value):
 
 
 # ---------------------------------------------------------------- model
-def load_model(path: str, provider: str):
-    if not os.path.isfile(path):
-        raise InputError(f"model {path!r} does not exist")
+class Session:
+    """One loaded model: `meta` (the export's metadata), `runtime` (name, version, device) and
+    `run(frame_1xHxWx3) -> (score [1], anomaly_map [1, H, W])`."""
+
+    def __init__(self, meta: dict, runtime: str, run):
+        self.meta, self.runtime, self.run = meta, runtime, run
+
+
+def _import(runtime: str):
+    try:
+        return importlib.import_module(runtime)
+    except ImportError as e:
+        raise InputError(
+            f"--runtime={runtime} needs the {runtime} package (pip install {runtime}): {e}"
+        ) from None
+
+
+def _brief(e: Exception) -> str:
+    """A runtime's exception text on one line, shortened."""
+    return " ".join(str(e).split())[:300]
+
+
+def _onnxruntime_session(path: str, provider: str) -> Session:
+    ort = _import("onnxruntime")
     try:
         sess = ort.InferenceSession(path, providers=[provider])
     except Exception as e:
-        raise InputError(f"{path!r} cannot be loaded by onnxruntime ({str(e)[:200]})") from None
+        raise InputError(f"{path!r} cannot be loaded by onnxruntime ({_brief(e)})") from None
     props = sess.get_modelmeta().custom_metadata_map
-    if "softpatch_jax" not in props:
+    meta = _metadata(path, props.get("softpatch_jax"))
+    names = meta["output_names"]
+
+    def run(frame):
+        return sess.run(names, {meta["input_name"]: frame})
+
+    return Session(meta, f"onnxruntime {ort.__version__} ({provider})", run)
+
+
+def _openvino_session(path: str, device: str, precision: str) -> Session:
+    ov = _import("openvino")
+    core = ov.Core()
+    try:  # its ONNX frontend only: core.read_model would also try other formats on a bad file
+        frontend = ov.frontend.FrontEndManager().load_by_framework("onnx")
+        model = frontend.convert(frontend.load(path))
+    except Exception as e:
+        raise InputError(f"{path!r} cannot be read by OpenVINO as ONNX ({_brief(e)})") from None
+    key = ["framework", "softpatch_jax"]  # OpenVINO keeps ONNX metadata_props under "framework"
+    meta = _metadata(path, model.get_rt_info(key).astype(str) if model.has_rt_info(key) else None)
+    try:
+        compiled = core.compile_model(model, device, {"INFERENCE_PRECISION_HINT": precision})
+    except Exception as e:
+        raise InputError(
+            f"OpenVINO cannot compile {path!r} for device {device!r} at precision {precision!r} "
+            f"({_brief(e)})"
+        ) from None
+    request = compiled.create_infer_request()
+    outputs = [compiled.output(n) for n in meta["output_names"]]
+
+    def run(frame):
+        result = request.infer({meta["input_name"]: frame})
+        return [np.array(result[o]) for o in outputs]  # copies: the request reuses its buffers
+
+    return Session(meta, f"openvino {ov.__version__} ({device}, {precision})", run)
+
+
+def _metadata(path: str, text: str | None) -> dict:
+    if text is None:
         raise InputError(
             f"{path!r} is not a model exported by softpatch_jax (no 'softpatch_jax' metadata)"
         )
-    meta = json.loads(props["softpatch_jax"])
+    meta = json.loads(text)
     if meta.get("export_format") != 1:
         raise InputError(
             f"{path!r} has export format {meta.get('export_format')!r}; this runner reads 1"
         )
-    return sess, meta
+    return meta
+
+
+def load_model(
+    path: str,
+    runtime: str = "onnxruntime",
+    provider: str = "CPUExecutionProvider",
+    openvino_device: str = "CPU",
+    openvino_precision: str = "f32",
+) -> Session:
+    """The exported model at `path` in `runtime`, its metadata checked (InputError otherwise)."""
+    if not os.path.isfile(path):
+        raise InputError(f"model {path!r} does not exist")
+    if runtime == "onnxruntime":
+        return _onnxruntime_session(path, provider)
+    if runtime == "openvino":
+        return _openvino_session(path, openvino_device, openvino_precision)
+    raise InputError(f"--runtime={runtime!r}: choose one of {', '.join(RUNTIMES)}")
 
 
 def check_out(out: str, overwrite: bool, sources: list[str]) -> None:
@@ -247,7 +334,10 @@ def check_out(out: str, overwrite: bool, sources: list[str]) -> None:
 
 
 def run(args) -> list[dict]:
-    sess, meta = load_model(args.model, args.provider)
+    sess = load_model(
+        args.model, args.runtime, args.provider, args.openvino_device, args.openvino_precision
+    )
+    meta = sess.meta
     thr = float(meta["threshold"]) if args.threshold is None else float(args.threshold)
     if not np.isfinite(thr):
         raise InputError(f"--threshold={args.threshold!r} is not a finite number")
@@ -273,7 +363,7 @@ def run(args) -> list[dict]:
                     raise InputError(f"{e}; pass --skip_bad_images to skip and list them") from None
                 bad.append({"path": escape(e.path), "reason": e.reason})
                 continue
-            score, amap = sess.run(meta["output_names"], {meta["input_name"]: frame[None]})
+            score, amap = sess.run(frame[None])
             score, amap = float(score[0]), amap[0]
             if not (np.isfinite(score) and np.isfinite(amap).all()):
                 raise InputError(f"model {args.model!r} gives a non-finite score for {path!r}")
@@ -317,7 +407,7 @@ def run(args) -> list[dict]:
             "num_images": len(rows),
             "num_anomalous": sum(r["anomalous"] for r in rows),
             "skipped_bad": bad,
-            "runtime": f"onnxruntime {ort.__version__} ({args.provider})",
+            "runtime": sess.runtime,
             "seconds": time.perf_counter() - t0,
             "rows": rows,
         }
@@ -346,7 +436,15 @@ def main(argv=None) -> int:
     p.add_argument("--skip_bad_images", action="store_true")
     p.add_argument("--allow_upscale", action="store_true")
     p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--provider", default="CPUExecutionProvider")
+    p.add_argument("--runtime", default="onnxruntime", choices=RUNTIMES)
+    p.add_argument("--provider", default="CPUExecutionProvider", help="onnxruntime's provider")
+    p.add_argument("--openvino_device", default="CPU", help="OpenVINO's device")
+    p.add_argument(
+        "--openvino_precision",
+        default="f32",
+        choices=OPENVINO_PRECISIONS,
+        help="OpenVINO's inference precision (its CPU default is bf16 where the CPU has it)",
+    )
     args = p.parse_args(argv)
     try:
         rows = run(args)

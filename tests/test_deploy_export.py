@@ -1,8 +1,8 @@
 """`deploy export` (issue 23): a tiny random-init model exported to ONNX scores a folder in ONNX
-Runtime through the standalone runner (launch/onnx_predict.py) as `deploy predict` does: the same
-rows and columns, scores to 1e-4 relative, the same decisions, the same maps; its metadata says
-how to use it; bad inputs are one-line errors that write nothing. The oracle is ONNX Runtime
-running the file against the package's own predict. Random-init features: plumbing only.
+Runtime and in OpenVINO through the standalone runner (launch/onnx_predict.py) as `deploy predict`
+does: the same rows and columns, scores to 1e-4 relative, the same decisions, the same maps; its
+metadata says how to use it; bad inputs are one-line errors that write nothing. The oracle is the
+runtime running the file against the package's own predict. Random-init features: plumbing only.
 """
 
 import hashlib
@@ -81,9 +81,21 @@ def _run(onnx_path, images, out, *extra):
     return _runner().main([f"--model={onnx_path}", f"--images={images}", f"--out={out}", *extra])
 
 
-def test_runner_matches_deploy_predict_rows_scores_decisions_and_maps(line, tmp_path):
-    out = str(tmp_path / "onnx_pred")
-    assert _run(line["onnx"], line["test"], out, "--save_maps_npy") == 0
+def _blocked_run(argv, cwd, blocked):
+    """The runner as a script from `cwd`, with the modules `blocked` made unimportable."""
+    block = (
+        "import sys, runpy; "
+        f"[sys.modules.__setitem__(n, None) for n in {tuple(blocked)!r}]; "
+        f"sys.argv = ['onnx_predict.py', *{list(argv)!r}]; "
+        f"runpy.run_path({RUNNER!r}, run_name='__main__')"
+    )
+    return subprocess.run([sys.executable, "-c", block], cwd=cwd, capture_output=True, text=True)
+
+
+def _assert_matches_deploy_predict(line, out):
+    """The runner's folder `out` against deploy predict's: the same columns and rows, scores to 1e-4
+    relative, the same decisions, and maps within 1e-4 of their peak of the package's own maps
+    (recomputed here as predict computes them)."""
     ref, got = _csv(line["pred"]), _csv(out)
     assert list(ref[0]) == list(got[0])  # the same columns, in order
     assert [r["image"] for r in ref] == [g["image"] for g in got]
@@ -105,6 +117,12 @@ def test_runner_matches_deploy_predict_rows_scores_decisions_and_maps(line, tmp_
         np.testing.assert_allclose(have, want, rtol=0, atol=1e-4 * float(np.abs(want).max()))
         assert float(g["map_max"]) == pytest.approx(float(r["map_max"]), rel=1e-4)
         assert os.path.isfile(os.path.join(out, g["heatmap"]))
+
+
+def test_runner_matches_deploy_predict_rows_scores_decisions_and_maps(line, tmp_path):
+    out = str(tmp_path / "onnx_pred")
+    assert _run(line["onnx"], line["test"], out, "--save_maps_npy") == 0
+    _assert_matches_deploy_predict(line, out)
 
 
 def test_metadata_says_how_to_use_the_file(line):
@@ -130,17 +148,34 @@ def test_metadata_says_how_to_use_the_file(line):
 
 def test_runner_runs_without_jax_or_the_package(line, tmp_path):
     out = str(tmp_path / "p")
-    block = (
-        "import sys, runpy; "
-        "[sys.modules.__setitem__(n, None) for n in ('jax', 'jaxlib', 'flax', 'softpatch_jax')]; "
-        f"sys.argv = ['onnx_predict.py', '--model={line['onnx']}', '--images={line['test']}', "
-        f"'--out={out}']; runpy.run_path({RUNNER!r}, run_name='__main__')"
-    )
-    res = subprocess.run(
-        [sys.executable, "-c", block], cwd=str(tmp_path), capture_output=True, text=True
-    )
+    argv = [f"--model={line['onnx']}", f"--images={line['test']}", f"--out={out}"]
+    blocked = ("jax", "jaxlib", "flax", "softpatch_jax", "openvino")
+    res = _blocked_run(argv, str(tmp_path), blocked)
     assert res.returncode == 0, res.stderr
     assert [r["score"] for r in _csv(out)] != []
+
+
+def test_openvino_runner_matches_deploy_predict(line, tmp_path):
+    """--runtime=openvino: OpenVINO reads the .onnx file itself; scores, decisions and maps equal
+    deploy predict's (the package recomputes the maps), with jax, the package and onnxruntime
+    unimportable (only the chosen runtime is imported)."""
+    pytest.importorskip("openvino", reason="the OpenVINO runner path needs openvino")
+    out = str(tmp_path / "ov")
+    argv = [f"--model={line['onnx']}", f"--images={line['test']}", f"--out={out}"]
+    no_jax = ("jax", "jaxlib", "flax", "softpatch_jax", "onnxruntime")
+    res = _blocked_run([*argv, "--runtime=openvino", "--save_maps_npy"], str(tmp_path), no_jax)
+    assert res.returncode == 0, res.stderr
+    summary = io_utils.read_json(os.path.join(out, predicting.MARKER))
+    assert summary["runtime"].startswith("openvino ") and "f32" in summary["runtime"]
+    _assert_matches_deploy_predict(line, out)
+    # the chosen runtime missing: one line, exit status 2, nothing written
+    res = _blocked_run(
+        [*argv[:2], f"--out={tmp_path / 'none'}", "--runtime=openvino"],
+        str(tmp_path),
+        ("openvino",),
+    )
+    assert res.returncode == 2 and not os.path.exists(tmp_path / "none")
+    assert res.stderr.count("\n") == 1 and "needs the openvino package" in res.stderr
 
 
 def test_float16_bank_with_external_data(line, tmp_path):
@@ -151,6 +186,13 @@ def test_float16_bank_with_external_data(line, tmp_path):
     assert _run(path, line["test"], out, "--nowrite_maps") == 0
     for r, g in zip(_csv(line["pred"]), _csv(out)):
         assert float(g["score"]) == pytest.approx(float(r["score"]), rel=1e-2)
+    # OpenVINO reads the external data beside the file too, and computes what ONNX Runtime does
+    pytest.importorskip("openvino", reason="the OpenVINO runner path needs openvino")
+    out_ov = str(tmp_path / "p16_ov")
+    assert _run(path, line["test"], out_ov, "--nowrite_maps", "--runtime=openvino") == 0
+    for r, g in zip(_csv(out), _csv(out_ov)):
+        assert float(g["score"]) == pytest.approx(float(r["score"]), rel=1e-4), r["image"]
+        assert g["anomalous"] == r["anomalous"]
 
 
 def _no_leftovers(folder_path):

@@ -1,6 +1,6 @@
 """`export`: a fitted model -> one ONNX file that scores images without this package or JAX
 (ONNX Runtime, OpenVINO, a C++/C# program; `launch/onnx_predict.py` is a runner needing only numpy,
-Pillow and onnxruntime).
+Pillow and one of onnxruntime or openvino).
 
   python -m softpatch_jax.deploy export --model=MODEL --out=FILE.onnx [--format=onnx]
       [--bank_dtype=float32|float16] [--region=full|center] [--overwrite]
@@ -61,8 +61,6 @@ import softpatch_jax
 from softpatch_jax import io_utils
 from softpatch_jax.deploy import model as model_lib
 from softpatch_jax.deploy import onnx_graph, outdir, predicting, render
-from softpatch_jax.deploy import region as region_lib
-from softpatch_jax.deploy import threshold as threshold_lib
 
 FORMATS = ("onnx",)
 EXPORT_FORMAT = 1  # of the graph's inputs, outputs and metadata keys
@@ -289,16 +287,8 @@ def export(
     jax2onnx, onnx = _converter()
     model = model_lib.load(model_dir)
     ex = predicting.build_extractor(model)
-    mode = region_lib.check_mode(region or model.meta["region"]["mode"])
-    if mode != model.meta["region"]["mode"]:
-        logging.warning(
-            "--region=%s but the model was fitted on region=%s: its threshold comes from training "
-            "scores of that region",
-            mode,
-            model.meta["region"]["mode"],
-        )
-    rule = model.meta["threshold"]["rule"]
-    thr = threshold_lib.value(rule, model.arrays["train_scores"])
+    mode = predicting.inspected_region(model, region)
+    rule, thr = predicting.decision_threshold(model)
     lay = onnx_graph.layout(model, ex, mode)
     fn = onnx_graph.scoring_function(model, ex, lay, bank_dtype=bank_dtype, bank_block=bank_block)
     spec = jax.ShapeDtypeStruct((1, *lay.frame_hw, 3), jnp.uint8)

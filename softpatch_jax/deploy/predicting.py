@@ -64,6 +64,29 @@ def build_extractor(
     return ex
 
 
+def decision_threshold(model: model_lib.Model, threshold: str | None = None) -> tuple[str, float]:
+    """(rule, value) of the accept/reject threshold: `threshold` (a number, `quantile:Q`, `mad:K`)
+    or, when None, the rule the model was fitted with, applied to its held-out training scores."""
+    rule = threshold or model.meta["threshold"]["rule"]
+    return rule, threshold_lib.value(rule, model.arrays["train_scores"])
+
+
+def inspected_region(model: model_lib.Model, region: str | None = None) -> str:
+    """The region mode to inspect ("full" or "center", deploy/region.py): `region`, or the one the
+    model was fitted on when None; a warning when they differ (the threshold then comes from
+    training scores of another region)."""
+    fitted = model.meta["region"]["mode"]
+    mode = region_lib.check_mode(region or fitted)
+    if mode != fitted:
+        logging.warning(
+            "--region=%s but the model was fitted on region=%s: its threshold comes from training "
+            "scores of that region, so scores are not on the same footing",
+            mode,
+            fitted,
+        )
+    return mode
+
+
 def scoring_options(scoring_cfg) -> scoring.Options:
     """The model's `config.scoring` section as the scoring composition's options (a model saved
     before `scoring.search` existed searches exactly: every search gives the same values)."""
@@ -127,18 +150,10 @@ def predict(
     region: "full" or "center" (deploy/region.py); default the one the model was fitted with.
     overwrite: replace an OUT that holds an earlier prediction (anything else there is an error).
     """
-    rule = threshold or model.meta["threshold"]["rule"]
-    thr = threshold_lib.value(rule, model.arrays["train_scores"])
+    rule, thr = decision_threshold(model, threshold)
     if warning := threshold_lib.spread_warning(model.arrays["train_scores"]):
         logging.warning("model %s: %s", model.path, warning)
-    mode = region_lib.check_mode(region or model.meta["region"]["mode"])
-    if mode != model.meta["region"]["mode"]:
-        logging.warning(
-            "--region=%s but the model was fitted on region=%s: its threshold comes from training "
-            "scores of that region, so scores are not on the same footing",
-            mode,
-            model.meta["region"]["mode"],
-        )
+    mode = inspected_region(model, region)
     listing = folder.list_images(sources)
     inputs = (sources,) if isinstance(sources, str) else tuple(sources)
     outdir.check_target(out_dir, MARKER, "prediction", overwrite=overwrite, inputs=inputs)
