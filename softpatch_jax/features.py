@@ -62,7 +62,7 @@ def build(options: Options) -> Extractor:
     dtype = weights.compute_dtype(bb.dtype)
     spec = models.get_spec(bb.arch)
     layers = models.split_layers(bb.layers) or spec.feature_layers
-    module = models.build(bb.arch, layers, dtype)
+    module = models.build(bb.arch, layers, dtype, depthwise=bb.depthwise)
     variables, info = weights.resolve(bb)
     mean = jnp.asarray(spec.mean, jnp.float32).reshape(1, 1, 1, 3) * 255.0
     std = jnp.asarray(spec.std, jnp.float32).reshape(1, 1, 1, 3) * 255.0

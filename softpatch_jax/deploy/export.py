@@ -288,7 +288,9 @@ def export(
     io_utils.check_writable(os.path.dirname(out))
     jax2onnx, onnx = _converter()
     model = model_lib.load(model_dir)
-    ex = predicting.build_extractor(model)
+    # ONNX runtimes have their own fast grouped convolution; the CPU lowering's k*k slices would
+    # only add nodes to the graph.
+    ex = predicting.build_extractor(model, depthwise="conv")
     mode = region_lib.check_mode(region or model.meta["region"]["mode"])
     if mode != model.meta["region"]["mode"]:
         logging.warning(

@@ -22,6 +22,7 @@ file names): OUT/heatmaps/<rel>.png, OUT/overlays/<rel>.png; in the CSV/JSON the
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Sequence
@@ -55,9 +56,19 @@ def build_extractor(
     model: model_lib.Model,
     strict_version: bool = True,
     extractor: features.Extractor | None = None,
+    depthwise: str | None = None,
 ) -> features.Extractor:
-    """The model's backbone, checked against what it was fitted with."""
-    ex = extractor or features.build(options_lib.extractor_options(model.config))
+    """The model's backbone, checked against what it was fitted with.
+
+    depthwise: overrides the config's depthwise lowering (export uses "conv", which ONNX runtimes
+    run as their own grouped convolution); any lowering gives the same features to float32 rounding.
+    """
+    opts = options_lib.extractor_options(model.config)
+    if depthwise is not None:
+        opts = dataclasses.replace(
+            opts, backbone=dataclasses.replace(opts.backbone, depthwise=depthwise)
+        )
+    ex = extractor or features.build(opts)
     for note in model_lib.check_compatible(model, ex, strict_version=strict_version):
         logging.info("model vs install (tolerated): %s", note)
     if ex.random_init:
