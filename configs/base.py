@@ -110,7 +110,9 @@ def get_config() -> ml_collections.ConfigDict:
     # code (faiss IndexFlatL2) and its published numbers; "l2" is the paper's eq. 10.
     c.scoring.distance = "squared"
     c.scoring.blur_sigma = 4.0
-    c.scoring.chunk_size = 0  # test patches per nearest-neighbour chunk; 0 = sized from memory
+    # test patches per nearest-neighbour chunk; 0 = sized from memory (on CPU: from a cache-sized
+    # block, scoring.CPU_BLOCK_BYTES)
+    c.scoring.chunk_size = 0
     # Nearest-neighbour search (scoring.SEARCHES), every choice with the exact search's results:
     # "auto" = "exact" on CPU (a bfloat16 product does not pay there), "bfloat16" on accelerators
     # (tensor-core candidates, certified or searched again exactly).

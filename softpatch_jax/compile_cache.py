@@ -33,7 +33,7 @@ FLAG = flags.DEFINE_string(
     f"${ENV} if set, else $SOFTPATCH_CACHE/jax_compile (~/.cache/softpatch_jax/jax_compile).",
 )
 
-_counts = {"compiled": 0, "compile_s": 0.0, "cache_hits": 0}
+_counts = {"programs": 0, "seconds": 0.0, "cache_hits": 0}
 _lock = threading.Lock()
 _state = {"dir": None, "listening": False}
 
@@ -65,25 +65,27 @@ def _on_event(event: str, **_) -> None:
 
 
 def _on_duration(event: str, duration: float, **_) -> None:
+    # Timed around compile-or-load: a persistent cache hit counts here too.
     if event == "/jax/core/compile/backend_compile_duration":
         with _lock:
-            _counts["compiled"] += 1
-            _counts["compile_s"] += duration
+            _counts["programs"] += 1
+            _counts["seconds"] += duration
 
 
 def counts() -> dict:
-    """{"compiled", "compile_s", "cache_hits"} since `enable` (XLA backend compiles, their seconds,
-    executables loaded from the persistent cache)."""
+    """Since `enable`: "programs" (executables obtained), "cache_hits" (of them, loaded from the
+    persistent cache), "compiled" (the rest: compiled by XLA), "seconds" (spent obtaining them)."""
     with _lock:
-        return dict(_counts)
+        c = dict(_counts)
+    return {**c, "compiled": c["programs"] - c["cache_hits"]}
 
 
 def summary() -> str:
     c = counts()
     where = _state["dir"] or "off"
     return (
-        f"jax compilation: {c['compiled']} compiled ({c['compile_s']:.1f} s), "
-        f"{c['cache_hits']} loaded from the persistent cache ({where})"
+        f"jax compilation: {c['compiled']} compiled, {c['cache_hits']} loaded from the persistent "
+        f"cache ({where}); {c['seconds']:.1f} s obtaining {c['programs']} programs"
     )
 
 
