@@ -22,7 +22,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.dataset.categories = "all"  # "all" or a comma-separated list
     c.dataset.resize = 256  # shorter side, bilinear (METHOD.md section 2)
     c.dataset.crop = 224  # center crop
-    c.dataset.batch_size = 32  # images per backbone call (padded to this size, so compiled once)
+    # the largest batch per backbone call; the rest runs in power-of-two batches (1 image costs 1)
+    c.dataset.batch_size = 32
     # True: decode once into a TFDS array_record store (resized, uncropped), re-read from it after.
     c.dataset.prepared = False
     c.dataset.data_dir = ""  # the store's folder; "" = $TFDS_DATA_DIR or ~/tensorflow_datasets
