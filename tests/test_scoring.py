@@ -189,12 +189,25 @@ def test_chunk_size_keeps_indices_and_bits():
     bank = jnp.asarray(rng.normal(size=(600, 64)).astype(np.float32))
     query = jnp.asarray(rng.normal(size=(1500, 64)).astype(np.float32))
     centre = ops.mean_row(bank)
-    runs = {c: scoring._nearest(query, bank, c, centre) for c in (256, 512, 2048)}
+    runs = {c: scoring._nearest(query, bank, c, centre) for c in (256, 300, 512, 2048)}
     d64 = np.linalg.norm(
         np.asarray(query, np.float64)[:, None] - np.asarray(bank, np.float64)[None], axis=-1
     )
     np.testing.assert_array_equal(np.asarray(runs[256][1]), d64.argmin(1))
-    for c in (512, 2048):
+    for c in (300, 512, 2048):
         np.testing.assert_array_equal(np.asarray(runs[c][1]), np.asarray(runs[256][1]))
-    assert np.asarray(runs[512][0]).tobytes() == np.asarray(runs[256][0]).tobytes()
+    for c in (300, 512):
+        assert np.asarray(runs[c][0]).tobytes() == np.asarray(runs[256][0]).tobytes()
     np.testing.assert_allclose(np.asarray(runs[2048][0]), np.asarray(runs[256][0]), rtol=2e-6)
+
+
+@pytest.mark.parametrize(
+    "chunk, queries, want",
+    [(512, 784, 392), (512, 100, 512), (512, 1024, 512), (256, 1568, 224), (1000, 3001, 751)],
+)
+def test_balanced_chunks_split_evenly(chunk, queries, want):
+    got = scoring.balanced(chunk, queries)
+    assert got == want and got <= chunk
+    # As many chunks as `chunk` gives, none of them larger than needed.
+    assert -(-queries // got) == -(-queries // chunk)
+    assert queries <= chunk or -(-queries // got) * got - queries < -(-queries // got)
