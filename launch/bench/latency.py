@@ -132,6 +132,9 @@ def _torch_batch(tiles_BxHxWx3: np.ndarray, mean, std):
 
 
 def deploy_latency(args, key) -> dict:
+    """The stage (module docstring): {"images_1": ..., "images_<n>": ..., "table": ...}, each with
+    median seconds per candidate, every repeat's seconds and the ratios. `key` is unused (the
+    stage signature of `kernels.features`): the synthetic batches draw from --seed."""
     if not (args.deploy_model and args.deploy_images):
         raise SystemExit("deploy_latency needs --deploy_model=MODEL and --deploy_images=DIR")
     model = model_lib.load(args.deploy_model)
@@ -222,11 +225,11 @@ def deploy_latency(args, key) -> dict:
                 ("onnx_center", "theirs_predict_center"),
             ],
         )
-    report["table"] = _table_rows(args, model, ex, their, spec, layers, key)
+    report["table"] = _table_rows(args, model, ex, their, spec, layers)
     return report
 
 
-def _table_rows(args, model, ex, their, spec, layers, key) -> dict:
+def _table_rows(args, model, ex, their, spec, layers) -> dict:
     """The issue's table: backbone and features at batch 16, nearest search vs faiss."""
     import torch
 
