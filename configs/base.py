@@ -22,7 +22,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.dataset.categories = "all"  # "all" or a comma-separated list
     c.dataset.resize = 256  # shorter side, bilinear (METHOD.md section 2)
     c.dataset.crop = 224  # center crop
-    c.dataset.batch_size = 32  # images per backbone call (padded to this size, so compiled once)
+    # the largest batch per backbone call; the rest runs in power-of-two batches (1 image costs 1)
+    c.dataset.batch_size = 32
     # True: decode once into a TFDS array_record store (resized, uncropped), re-read from it after.
     c.dataset.prepared = False
     c.dataset.data_dir = ""  # the store's folder; "" = $TFDS_DATA_DIR or ~/tensorflow_datasets
@@ -46,6 +47,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.backbone.cache_dir = ""  # orbax cache of converted weights; "" = ~/.cache/softpatch_jax
     c.backbone.allow_random_init = False  # only for smoke tests: random features are near-useless
     c.backbone.dtype = "float32"  # or "bfloat16" (parameters stay float32)
+    # EfficientNet-Lite's depthwise convolutions: "auto" = "shifted" (a fused sum of shifted
+    # multiplies, 4-18x faster than XLA's grouped conv on CPU) on CPU, "conv" on GPU/TPU; the two
+    # agree to float32 rounding (models/efficientnet_lite.py).
+    c.backbone.depthwise = "auto"
 
     # Patch embedding (METHOD.md section 2).
     c.embedding = ml_collections.ConfigDict()
@@ -111,7 +116,9 @@ def get_config() -> ml_collections.ConfigDict:
     # code (faiss IndexFlatL2) and its published numbers; "l2" is the paper's eq. 10.
     c.scoring.distance = "squared"
     c.scoring.blur_sigma = 4.0
-    c.scoring.chunk_size = 0  # test patches per nearest-neighbour chunk; 0 = sized from memory
+    # test patches per nearest-neighbour chunk; 0 = sized from memory (on CPU: from a cache-sized
+    # block, scoring.CPU_BLOCK_BYTES)
+    c.scoring.chunk_size = 0
     # Nearest-neighbour search (scoring.SEARCHES), every choice with the exact search's results:
     # "auto" = "exact" on CPU (a bfloat16 product does not pay there), "bfloat16" on accelerators
     # (tensor-core candidates, certified or searched again exactly).

@@ -9,6 +9,7 @@ Re-running the same command skips finished cells; then `python -m softpatch_jax.
 from absl import app, flags
 from ml_collections import config_flags
 
+from softpatch_jax import compile_cache
 from softpatch_jax.experiment import config_errors, driver
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -30,6 +31,7 @@ def main(argv):
         config_errors.validate(_CONFIG.value)
     except config_errors.ConfigError as e:
         raise app.UsageError(str(e)) from None
+    compile_cache.enable(compile_cache.FLAG.value)
     driver.sweep(_CONFIG.value, _WORKDIR.value)
 
 

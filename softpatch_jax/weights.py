@@ -201,6 +201,9 @@ class Backbone:
     cache_dir: str  # orbax cache of converted weights; "" = the default cache
     allow_random_init: bool
     dtype: str  # compute dtype (`compute_dtype`)
+    # Depthwise convolution lowering (EfficientNet-Lite): "auto" (CPU: "shifted"), "conv",
+    # "shifted"; equal to float32 rounding, so not part of any identity or cache key.
+    depthwise: str = "auto"
 
 
 def _layers(backbone_cfg: Backbone, arch: str) -> tuple[str, ...]:

@@ -1,5 +1,5 @@
 """Test-wide settings: CPU unless JAX_PLATFORMS says otherwise, float32, and implicit rank promotion
-is an error (nanodo's habit).
+is an error (nanodo's habit); the persistent compilation cache is off (SOFTPATCH_COMPILE_CACHE).
 
 On an accelerator (`JAX_PLATFORMS=cuda python -m pytest -q tests`): float32 matmuls and convolutions
 default to full precision, as on a CPU (GPUs default to TF32, ~1e-3 relative, and the tests compare
@@ -11,6 +11,9 @@ their children on the CPU whatever the parent uses.
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The command lines cache compiled programs under the user's cache folder (compile_cache.py); the
+# tests (and the command lines they start) never write there.
+os.environ["SOFTPATCH_COMPILE_CACHE"] = "off"
 
 import jax
 import pytest

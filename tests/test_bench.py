@@ -115,3 +115,26 @@ def test_reference_lof_runs_the_authors_method_without_importing_their_module(tm
     (tmp_path / "src" / "softpatch.py").write_text("class SoftPatch:\n    pass\n")
     with pytest.raises(ValueError, match=r"softpatch\.py: no method SoftPatch\._compute_lof"):
         reference.lof(args, pool, ours)
+
+
+def test_latency_interleaves_and_takes_medians_of_per_repeat_ratios():
+    from launch.bench import latency
+
+    calls = []
+    fake = {name: (lambda name=name: calls.append(name)) for name in ("a", "b", "c")}
+    times = latency.interleaved(fake, repeats=3)
+    # One warm-up each, then the order reversed every other round.
+    assert calls == ["a", "b", "c", "a", "b", "c", "c", "b", "a", "a", "b", "c"]
+    assert all(len(v) == 3 for v in times.values())
+    times = {"x": [2.0, 10.0, 3.0], "y": [1.0, 1.0, 2.0]}
+    assert latency.ratio(times, "x", "y") == 2.0  # median of 2, 10, 1.5 (not 15 / 4)
+
+
+def test_deploy_latency_needs_a_model(tmp_path):
+    res = subprocess.run(
+        [sys.executable, "-m", "launch.bench", "--stages=deploy_latency", f"--out={tmp_path}/b"],
+        capture_output=True,
+        text=True,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
+    assert res.returncode != 0 and "--deploy_model" in res.stderr + res.stdout

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from deploy_helpers import tiny_config, tiny_extractor, write_folder
 
-from softpatch_jax import features, io_utils, outdir, scoring
+from softpatch_jax import features, io_utils, outdir, scoring, weights
 from softpatch_jax.data import folder, images
 from softpatch_jax.deploy import commands, fitting, model, predicting
 
@@ -255,3 +255,18 @@ def test_predict_honours_scoring_search_with_the_exact_searchs_results(
     for search in ("auto", "emulated"):
         for key in ("score", "map_max"):
             assert [r[key] for r in rows[search]] == [r[key] for r in rows["exact"]], (search, key)
+
+
+def test_params_hash_is_remembered_only_for_the_same_leaves(ex):
+    """The compatibility check's parameter hash (weights.variables_sha256 the oracle) is reused
+    for the very same jax leaves and recomputed for any other tree."""
+    want = weights.variables_sha256(ex.variables)
+    assert model._params_sha256(ex.variables) == want
+    assert model._params_sha256(ex.variables) == want  # remembered
+    changed = jax.tree.map(lambda a: a + 1, ex.variables)
+    assert model._params_sha256(changed) == weights.variables_sha256(changed) != want
+    host = jax.tree.map(np.asarray, ex.variables)  # numpy leaves may change in place: never kept
+    assert model._params_sha256(host) == want
+    host_leaf = jax.tree.leaves(host)[0]
+    host_leaf += 1
+    assert model._params_sha256(host) != want

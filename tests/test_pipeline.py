@@ -138,14 +138,16 @@ def test_too_much_noise_states_the_maximum(tiny_root, tmp_path):
         driver.run(cfg, str(tmp_path))
 
 
-def test_feature_extraction_compiles_once_for_ragged_batches(tiny_root):
+def test_feature_extraction_compiles_once_per_batch_shape(tiny_root):
     cfg = tiny_config(tiny_root)
     ex = features.build(options.extractor_options(cfg))
     images = np.random.default_rng(0).integers(0, 255, (19, 64, 64, 3), dtype=np.uint8)
-    out = features.extract(ex, images)  # batches of 8, 8, 3 (padded)
+    out = features.extract(ex, images)  # batches of 8, 8, 2, 1 (features.batch_plan)
     assert out.shape == (19, *ex.grid, 1024)
-    assert ex.apply._cache_size() == 1
-    # Padding never leaks into the real rows: the last image alone gives the same features.
+    assert ex.apply._cache_size() == 3
+    features.extract(ex, images[:17])  # 8, 8, 1: no new shape
+    assert ex.apply._cache_size() == 3
+    # A batch's other rows never leak into an image: the last image alone gives the same features.
     np.testing.assert_allclose(
         np.asarray(features.extract(ex, images[-1:]))[0], np.asarray(out[-1]), atol=1e-5
     )

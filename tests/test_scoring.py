@@ -6,6 +6,7 @@ from scipy import ndimage
 from softpatch_jax import ops, scoring
 from softpatch_jax.experiment import stages
 from softpatch_jax.memory_bank import Banks, MemoryBank
+from tests.conftest import cpu_only
 
 
 @pytest.mark.parametrize("distance,power", [("squared", 2), ("l2", 1)])
@@ -166,3 +167,47 @@ def test_vmapped_scoring_with_progress_equals_one_call():
     for name in banks:
         for x, y in zip(whole[name], parts[name]):
             np.testing.assert_array_equal(np.asarray(y), np.asarray(x))
+
+
+def test_cpu_chunk_is_a_cache_sized_block():
+    # M=10,000: an 8 MB block holds 209 rows -> the 256-row floor; M=2,000: 1,048 -> 1,024.
+    assert scoring.chunk_size_for(10_000, platform="cpu") == 256
+    assert scoring.chunk_size_for(2_000, platform="cpu") == 1024
+    assert scoring.chunk_size_for(100, platform="cpu") == 16384
+    for m in (100, 2_000, 10_000, 100_000):
+        cpu = scoring.chunk_size_for(m, platform="cpu")
+        assert cpu <= scoring.chunk_size_for(m, platform="gpu")
+        assert cpu == 256 or cpu * 4 * m <= scoring.CPU_BLOCK_BYTES
+        assert cpu & (cpu - 1) == 0
+
+
+@cpu_only("chunk-size independence of the bits is a property of XLA's CPU kernels")
+def test_chunk_size_keeps_indices_and_bits():
+    """The nearest rows against a float64 brute force; chunked runs bitwise equal to each other
+    and within float32 rounding of one unchunked call, with the same indices."""
+    rng = np.random.default_rng(3)
+    bank = jnp.asarray(rng.normal(size=(600, 64)).astype(np.float32))
+    query = jnp.asarray(rng.normal(size=(1500, 64)).astype(np.float32))
+    centre = ops.mean_row(bank)
+    runs = {c: scoring._nearest(query, bank, c, centre) for c in (256, 300, 512, 2048)}
+    d64 = np.linalg.norm(
+        np.asarray(query, np.float64)[:, None] - np.asarray(bank, np.float64)[None], axis=-1
+    )
+    np.testing.assert_array_equal(np.asarray(runs[256][1]), d64.argmin(1))
+    for c in (300, 512, 2048):
+        np.testing.assert_array_equal(np.asarray(runs[c][1]), np.asarray(runs[256][1]))
+    for c in (300, 512):
+        assert np.asarray(runs[c][0]).tobytes() == np.asarray(runs[256][0]).tobytes()
+    np.testing.assert_allclose(np.asarray(runs[2048][0]), np.asarray(runs[256][0]), rtol=2e-6)
+
+
+@pytest.mark.parametrize(
+    "chunk, queries, want",
+    [(512, 784, 392), (512, 100, 512), (512, 1024, 512), (256, 1568, 224), (1000, 3001, 751)],
+)
+def test_balanced_chunks_split_evenly(chunk, queries, want):
+    got = scoring.balanced(chunk, queries)
+    assert got == want and got <= chunk
+    # As many chunks as `chunk` gives, none of them larger than needed.
+    assert -(-queries // got) == -(-queries // chunk)
+    assert queries <= chunk or -(-queries // got) * got - queries < -(-queries // got)

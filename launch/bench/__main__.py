@@ -13,6 +13,11 @@ CPU, the device's peak_bytes_in_use on accelerators. A table goes to stdout, eve
   python -m launch.bench --host_devices=8 --stages=parallel
   python -m launch.bench --n=5000 --stages=end_to_end --source=lazy --coreset_steps=200
   python -m launch.bench --n=1000 --p=4096 --stages=end_to_end --source=lazy   # scale, on device
+  python -m launch.bench --stages=deploy_latency --deploy_model=MODEL --deploy_images=DIR \
+      --reference_path=CHECKOUT        # one part at a time: launch/bench/latency.py
+
+Compiled programs are cached across runs (softpatch_jax/compile_cache.py), so "first call s" is
+compile + run only for programs not compiled before; --compile_cache=off restores that meaning.
 
 The coreset stage times one mask and --coreset_masks masks in one pass (a tau sweep's: tau 0 to 0.4).
 The end_to_end stage breaks its time down by stage: host generation of the synthetic features
@@ -38,6 +43,8 @@ import argparse
 import os
 
 from absl import app, flags
+
+from softpatch_jax import compile_cache
 
 # In this order in the report's "args".
 _FLAGS = [
@@ -70,6 +77,10 @@ _FLAGS = [
     flags.DEFINE_integer("reference_coreset_steps", 200, "steps of the reference coreset loop"),
     flags.DEFINE_integer("host_devices", 0, "CPU: split the host into devices"),
     flags.DEFINE_integer("bandwidth_mib", 512, "array size of the bandwidth kernels"),
+    flags.DEFINE_string("deploy_model", "", "deploy_latency: a `deploy fit` model folder"),
+    flags.DEFINE_string("deploy_images", "", "deploy_latency: its test images"),
+    flags.DEFINE_integer("latency_images", 20, "deploy_latency: images of the larger set"),
+    flags.DEFINE_bool("onnx", True, "deploy_latency: also time onnxruntime on the exported model"),
     flags.DEFINE_string("out", "/tmp/softpatch_bench.json", "the JSON report"),
     flags.DEFINE_integer("seed", 0, "root of every random input"),
 ]
@@ -79,6 +90,7 @@ def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     args = argparse.Namespace(**{f.name: f.value for f in _FLAGS})
+    args.compile_cache = compile_cache.FLAG.value
     if args.host_devices:
         os.environ["XLA_FLAGS"] = (
             os.environ.get("XLA_FLAGS", "")
@@ -86,6 +98,8 @@ def main(argv) -> None:
         )
     # JAX fixes its device count when it starts: the stages (and jax) are imported only now.
     from launch.bench import driver
+
+    compile_cache.enable(compile_cache.FLAG.value)  # the first call's time then excludes compiling
 
     driver.run(args)
 

@@ -9,8 +9,9 @@ softpatch_jax/outdir.py), threshold (training scores and rules), audit (training
 (PNG heat maps, contact sheets).
 
 Determinism: all randomness (projection, coreset starts, threshold folds) derives from
-config.seed, files are read in sorted path order, and batches have a fixed padded size, so the
-same seed, images, code and device give bit-identical banks, scores and maps run to run (tested).
+config.seed, files are read in sorted path order, and batch shapes follow the image count
+(features.batch_plan), so the same seed, images, code and device give bit-identical banks,
+scores and maps run to run (tested).
 Across devices or XLA versions results agree only to float tolerance: GPU and TPU reductions sum in
 a different order, convolutions pick different algorithms, and bfloat16 backbones round
 differently. Distance matmuls are pinned to full float32 (ops.PRECISION), so TF32 on recent NVIDIA

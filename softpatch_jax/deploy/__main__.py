@@ -18,6 +18,8 @@ bad config key or value) print one message naming the file or value and exit wit
 --debug shows the traceback instead. Output folders (MODEL, OUT) are written whole or not at all;
 --overwrite replaces only an earlier output of the same kind holding nothing but what this
 tool wrote there; anything foreign is a refusal naming it (softpatch_jax/outdir.py).
+Compiled programs are cached across runs, so a second predict compiles nothing
+(softpatch_jax/compile_cache.py; --compile_cache=off or a folder).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from softpatch_jax import cli
+from softpatch_jax import cli, compile_cache
 from softpatch_jax.data import demo
 from softpatch_jax.deploy import commands, fitting, region, threshold
 from softpatch_jax.experiment import config_errors
@@ -195,6 +197,7 @@ def run(command: str, extra: list[str]) -> None:
 def main(argv: list[str]) -> None:
     if len(argv) < 2 or argv[1] not in COMMANDS:
         raise app.UsageError(f"first argument must be one of {COMMANDS}, got {argv[1:2]}")
+    compile_cache.enable(compile_cache.FLAG.value)
     cli.one_line_errors(run, argv[1], argv[2:], debug=_DEBUG.value)
 
 

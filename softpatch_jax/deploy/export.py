@@ -286,7 +286,9 @@ def export(
     io_utils.check_writable(os.path.dirname(out))
     jax2onnx, onnx = _converter()
     model = model_lib.load(model_dir)
-    ex = predicting.build_extractor(model)
+    # ONNX runtimes have their own fast grouped convolution; the CPU lowering's k*k slices would
+    # only add nodes to the graph.
+    ex = predicting.build_extractor(model, depthwise="conv")
     mode = predicting.inspected_region(model, region)
     rule, thr = predicting.decision_threshold(model)
     lay = onnx_graph.layout(model, ex, mode)

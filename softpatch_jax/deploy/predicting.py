@@ -4,8 +4,9 @@ and overlay PNGs, predictions.csv / predictions.json (METHOD.md section 5 for th
 Region: by default the whole frame, tiled at the fit's scale (deploy/region.py); every row says
 which region was inspected ("region" column) and the heat map covers the same frame.
 
-Streaming: images are decoded, tiled, embedded and scored one fixed-size batch of tiles at a time
-(padded, so the backbone and the scoring compile once) and each group's maps are written and dropped
+Streaming: images are decoded, tiled, embedded and scored one batch of tiles at a time (shaped
+to the work by `features.batch_plan`: one image costs one image, at most log2(batch_size) + 1
+compiled shapes) and each group's maps are written and dropped
 before the next, so memory does not grow with the number of images. OUT is built whole under a
 staging name beside it and renamed into place only when the run succeeded (deploy/outdir.py), so a
 failure (bad image, damaged model, full disk) leaves OUT as it was; an earlier prediction in OUT is
@@ -21,6 +22,7 @@ file names): OUT/heatmaps/<rel>.png, OUT/overlays/<rel>.png; in the CSV/JSON the
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Sequence
@@ -54,9 +56,19 @@ def build_extractor(
     model: model_lib.Model,
     strict_version: bool = True,
     extractor: features.Extractor | None = None,
+    depthwise: str | None = None,
 ) -> features.Extractor:
-    """The model's backbone, checked against what it was fitted with."""
-    ex = extractor or features.build(options_lib.extractor_options(model.config))
+    """The model's backbone, checked against what it was fitted with.
+
+    depthwise: overrides the config's depthwise lowering (export uses "conv", which ONNX runtimes
+    run as their own grouped convolution); any lowering gives the same features to float32 rounding.
+    """
+    opts = options_lib.extractor_options(model.config)
+    if depthwise is not None:
+        opts = dataclasses.replace(
+            opts, backbone=dataclasses.replace(opts.backbone, depthwise=depthwise)
+        )
+    ex = extractor or features.build(opts)
     for note in model_lib.check_compatible(model, ex, strict_version=strict_version):
         logging.info("model vs install (tolerated): %s", note)
     if ex.random_init:
@@ -99,7 +111,7 @@ def scoring_options(scoring_cfg) -> scoring.Options:
 
 
 def _scorer(model: model_lib.Model, ex: features.Extractor):
-    """(padded uint8 batch) -> (features, classification patch scores [B, P], maps [B, H, W]):
+    """(uint8 batch) -> (features, classification patch scores [B, P], maps [B, H, W]):
     `scoring.score_banks`, the composition experiments use; the caller takes the max over the
     patches a tile owns."""
     options = scoring_options(model.config.scoring)
@@ -116,18 +128,15 @@ def _scorer(model: model_lib.Model, ex: features.Extractor):
 
 
 def _score_tiles(run, batch_size: int, tiles_TxHxWx3: np.ndarray):
-    """Every tile through `run` in fixed-size padded batches -> features-finite flags [T],
-    patch scores [T, P], maps [T, H, W] (host)."""
+    """Every tile through `run` in the batches of `features.batch_plan` (no padding; at most
+    log2(batch_size) + 1 compiled shapes) -> features-finite flags [T], patch scores [T, P],
+    maps [T, H, W] (host)."""
     ok, scores, maps = [], [], []
-    for start in range(0, len(tiles_TxHxWx3), batch_size):
-        chunk = tiles_TxHxWx3[start : start + batch_size]
-        real = len(chunk)
-        padded = np.zeros((batch_size, *chunk.shape[1:]), np.uint8)
-        padded[:real] = chunk
-        f, s, m = run(padded)
-        ok.append(np.asarray(jnp.all(jnp.isfinite(f[:real]), axis=(1, 2))))
-        scores.append(np.asarray(s[:real]))
-        maps.append(np.asarray(m[:real]))
+    for start, size in features.batch_plan(len(tiles_TxHxWx3), batch_size):
+        f, s, m = run(tiles_TxHxWx3[start : start + size])
+        ok.append(np.asarray(jnp.all(jnp.isfinite(f), axis=(1, 2))))
+        scores.append(np.asarray(s))
+        maps.append(np.asarray(m))
     return np.concatenate(ok), np.concatenate(scores), np.concatenate(maps)
 
 

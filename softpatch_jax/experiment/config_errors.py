@@ -100,6 +100,7 @@ RULES = {
     "dataset.crop": _at_least(1),
     "dataset.batch_size": _at_least(1),
     "backbone.dtype": _choices("float32", "bfloat16"),
+    "backbone.depthwise": _choices("auto", "conv", "shifted"),
     "noise.ratios": _each(_fraction(False, False)),
     "scoring.blur_sigma": ((lambda v: math.isfinite(v) and v >= 0), "a finite number >= 0"),
     "softpatch.gaussian_eps": ((lambda v: math.isfinite(v) and v > 0), "a finite number > 0"),

@@ -36,9 +36,11 @@ from softpatch_jax.io_utils import split_list
 
 # Comma lists in the run config that a plain run loops over: always expanded into single values.
 IMPLICIT = ("dataset.categories", "noise.ratios", "methods")
-# Fields that do not change any number (batching, memory chunking, caching, what is saved).
+# Fields that do not change any number beyond float32 rounding (batching, convolution lowering,
+# memory chunking, caching, what is saved).
 NO_EFFECT = (
     "dataset.batch_size",
+    "backbone.depthwise",
     "scoring.chunk_size",
     "backbone.cache_dir",
     "eval.save_maps",

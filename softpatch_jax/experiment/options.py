@@ -71,6 +71,8 @@ def backbone_options(bb: ml_collections.ConfigDict) -> weights.Backbone:
         cache_dir=bb.cache_dir,
         allow_random_init=bb.allow_random_init,
         dtype=bb.dtype,
+        # Configs saved before the option existed (deploy models) lower as "auto".
+        depthwise=bb.get("depthwise", "auto"),
     )
 
 

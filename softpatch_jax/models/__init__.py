@@ -30,6 +30,7 @@ class ArchSpec:
       converter: "package.module:function" mapping a torch state dict {name: np.ndarray} to Flax
         variables {"params": ..., "batch_stats": ...}.
       mean, std: per-channel input normalisation applied to images scaled to [0, 1].
+      depthwise: whether the module takes a `depthwise` lowering option (EfficientNet-Lite).
     """
 
     module: str
@@ -37,6 +38,7 @@ class ArchSpec:
     converter: str
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    depthwise: bool = False
 
 
 def _resolve(path: str):
@@ -62,6 +64,7 @@ ARCHS.update(
             f"{_LITE}:convert_state_dict",
             mean=(127.0 / 255.0,) * 3,
             std=(128.0 / 255.0,) * 3,
+            depthwise=True,
         )
         for name in ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
     }
@@ -81,10 +84,21 @@ def split_layers(layers: str | tuple[str, ...]) -> tuple[str, ...]:
     return tuple(layers)
 
 
-def build(arch: str, out_layers: tuple[str, ...] | None = None, dtype=jnp.float32) -> nn.Module:
-    """The Flax module for `arch`, returning `out_layers` (default: the method's feature pair)."""
+def build(
+    arch: str,
+    out_layers: tuple[str, ...] | None = None,
+    dtype=jnp.float32,
+    depthwise: str = "auto",
+) -> nn.Module:
+    """The Flax module for `arch`, returning `out_layers` (default: the method's feature pair).
+
+    depthwise: how depthwise convolutions are lowered ("auto", "conv", "shifted"; see
+    models/efficientnet_lite.py), for the architectures that have them; ignored by the others.
+    """
     spec = get_spec(arch)
     layers = tuple(out_layers) if out_layers else spec.feature_layers
+    if spec.depthwise:
+        return _resolve(spec.module)(out_layers=layers, dtype=dtype, depthwise=depthwise)
     return _resolve(spec.module)(out_layers=layers, dtype=dtype)
 
 
