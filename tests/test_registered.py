@@ -4,13 +4,13 @@ A new discriminator module, method or layout is exercised here with no new test.
 
 Methods: one plain run (`driver.run`) of every method on a tiny demo tree with planted noise, twice:
 fit, predict, metrics in [0, 1], and the same numbers both times. Layouts: each of `data.LAYOUTS`
-lists, reads and loads a miniature tree (a layout without one here fails the test). Random-init
+lists, reads and loads the miniature tree its module declares (`Layout.miniature`). Random-init
 backbone: the numbers say nothing about the methods, only that each one runs end to end.
 """
 
 import numpy as np
 import pytest
-from fake_trees import make_btad, make_mvtec, make_realiad, make_visa
+from fake_trees import layout_tree
 
 from configs import demo as demo_config
 from softpatch_jax import data, discriminators, methods
@@ -61,23 +61,9 @@ def test_every_registered_method_fits_predicts_and_evaluates_deterministically(t
             assert r[m] == other[m], (r["method"], m)
 
 
-def _layout_tree(layout, tmp_path):
-    """(root, extra dataset fields) of a miniature tree in `layout`'s format."""
-    rng = np.random.default_rng(0)
-    root = str(tmp_path / layout)
-    if layout == "demo":
-        return demo.write(root, TINY), {}
-    if layout == "realiad":
-        return make_realiad(root, rng), {"split": "fuiad_0.2", "resolution": "256"}
-    makers = {"mvtec": make_mvtec, "visa": make_visa, "btad": make_btad}
-    if layout not in makers:
-        pytest.fail(f"layout {layout!r} is registered but has no test tree here")
-    return makers[layout](root, rng).root, {}
-
-
 @pytest.mark.parametrize("layout", sorted(data.LAYOUTS))
 def test_every_registered_layout_lists_reads_and_loads(layout, tmp_path):
-    root, extra = _layout_tree(layout, tmp_path)
+    root, extra = layout_tree(layout, str(tmp_path / layout), np.random.default_rng(0))
     opts = dataset_options(layout=layout, root=root, resize=16, crop=12, **extra)
     cats = data.categories(opts)
     assert cats
