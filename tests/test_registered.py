@@ -8,6 +8,8 @@ lists, reads and loads the miniature tree its module declares (`Layout.miniature
 backbone: the numbers say nothing about the methods, only that each one runs end to end.
 """
 
+import os
+
 import numpy as np
 import pytest
 from fake_trees import layout_tree
@@ -73,3 +75,22 @@ def test_every_registered_layout_lists_reads_and_loads(layout, tmp_path):
     images, masks = data.loader(opts, cats[0])(splits.test)
     assert images.shape == (len(splits.test), 12, 12, 3) and images.dtype == np.uint8
     assert masks.shape == (len(splits.test), 12, 12) and masks.dtype == bool
+
+
+def test_readme_method_table_is_the_registry():
+    """README's method table has a row per registered method (a generated family, e.g.
+    `softpatch_<discriminator>`, one row) whose text is the method's registered summary."""
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    start = readme.index("| method | what it is |")
+    rows = {}
+    for line in readme[start:].splitlines()[2:]:
+        if not line.startswith("| `"):
+            break
+        name, text = (cell.strip() for cell in line.split("|")[1:3])
+        rows[name.strip("`")] = text
+    for name, method in methods.REGISTRY.items():
+        row = method.family or name
+        assert row in rows, f"README's method table lacks {row!r}"
+        assert rows[row] == method.summary, row
+    families = {m.family or n for n, m in methods.REGISTRY.items()}
+    assert set(rows) == families, f"rows for no registered method: {set(rows) - families}"
