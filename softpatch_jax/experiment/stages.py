@@ -58,11 +58,15 @@ def extractor(cfg: ml_collections.ConfigDict) -> tuple[features.Extractor, str]:
     return ex, cache.weights_id(ex.info, ex.variables)
 
 
-def extract(ex: features.Extractor, records, config, category: str, what: str, count=None):
-    """Decoded and extracted features [N, P, D] (host, as extracted) and masks of `records`, with
-    a progress bar. Decoding goes through data.loader, so a prepared (TFDS) store is used when the
-    config asks; `count(name, n)` tallies the work (the driver's counters)."""
-    images, masks = data.loader(options.dataset_options(config.dataset), category)(records)
+def decode(records, config, category: str) -> tuple[np.ndarray, np.ndarray]:
+    """Images uint8 [N, crop, crop, 3] and masks bool [N, crop, crop] of `records`, through
+    data.loader (so a prepared (TFDS) store is used when the config asks)."""
+    return data.loader(options.dataset_options(config.dataset), category)(records)
+
+
+def features_of(ex: features.Extractor, images, what: str, count=None) -> np.ndarray:
+    """Extracted features [N, P, D] (host, as extracted) of decoded images, with a progress bar;
+    `count(name, n)` tallies the work (the driver's counters)."""
     logging.info("  features: %d %s images", images.shape[0], what)
     with progress.bar(f"features ({what})", images.shape[0], "img") as update:
         feats = np.asarray(features.extract(ex, images, update))
@@ -70,7 +74,14 @@ def extract(ex: features.Extractor, records, config, category: str, what: str, c
     if count is not None:
         count(f"extractions_{what}", 1)
         count("images_extracted", n)
-    return feats.reshape(n, h * w, d), masks
+    return feats.reshape(n, h * w, d)
+
+
+def extract(ex: features.Extractor, records, config, category: str, what: str, count=None):
+    """Decoded and extracted features [N, P, D] (host, as extracted) and masks of `records`
+    (`decode`, then `features_of`)."""
+    images, masks = decode(records, config, category)
+    return features_of(ex, images, what, count), masks
 
 
 def prepare(
@@ -82,18 +93,16 @@ def prepare(
     names: Sequence[str],
 ) -> memory_bank.Prepared:
     """The training set prepared once for all its banks (`memory_bank.prepare`): the raw scores of
-    `names` loaded from the cache where there, the missing ones computed in one call (they share the
-    per-position distances) with the run's own projection, then cached."""
+        `names` loaded from the cache where there, the missing ones computed in one call (they share the
+        per-position distances) with the run's own projection, then cached. The cache keys record the
+    settings the fitting path resolves (`memory_bank.score_settings`)."""
     n, _, d = feats_NxPxD.shape
-    sp = cfg.softpatch
-    dtypes = discriminators.resolve_precision(sp.score_dtype, n, sp.projection_dim or d, names)
-    values = {k: sp[k] for k in discriminators.config_defaults()}
+    fit_opts = options.fit_options(cfg)
+    resolved = memory_bank.score_settings(fit_opts, n, d, names)
     keys = {}
     for name in names:
-        param = discriminators.cache_param(
-            name, discriminators.settings((name,), values, n), dtypes[name]
-        )
-        keys[name] = cache.scores_key(feats_key, name, param, sp.projection_dim, cfg.seed)
+        param = discriminators.cache_param(name, *resolved[name])
+        keys[name] = cache.scores_key(feats_key, name, param, fit_opts.projection_dim, cfg.seed)
     cached = {}
     for name in names:
         hit = store.load("scores", keys[name])
@@ -101,7 +110,6 @@ def prepare(
             cached[name] = jax.numpy.asarray(hit["scores"])
             if "low" in hit:  # a float64 score's low part (`discriminators.low_key`)
                 cached[discriminators.low_key(name)] = jax.numpy.asarray(hit["low"])
-    fit_opts = options.fit_options(cfg)
     prepared = memory_bank.prepare(key, feats_NxPxD, fit_opts, names, scores_NxP=cached)
     for name in prepared.computed:
         arrays = {"scores": np.asarray(prepared.scores_NxP[name])}
