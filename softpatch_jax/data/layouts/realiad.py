@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from softpatch_jax.data import realiad, realiad_demo, registry, validate
+from softpatch_jax.data import realiad, registry, validate
 
 
 def _options(split: str, resolution: str) -> dict[str, str]:
@@ -17,7 +17,11 @@ def make(root: str, rng: np.random.Generator, nested: bool = False) -> str:
     """A miniature Real-IAD tree (`realiad_demo.write`): audiojack and mint, 12 OK and 7 NG samples
     x 5 views, the NG samples' C5 view stored as "OK" with a null mask; one test set (2 OK + 3 NG
     samples) in every split, FUIAD training lists of 10 samples of which 10 x ratio are NG; every
-    split's JSONs beside realiad_256/ or (`nested`) inside realiad_jsons/. Returns the root."""
+    split's JSONs beside realiad_256/ or (`nested`) inside realiad_jsons/. Returns the root.
+    (Imported here, not at the top: `python -m softpatch_jax.data.realiad_demo` runs it as
+    __main__, which it must not be imported before.)"""
+    from softpatch_jax.data import realiad_demo
+
     spec = realiad_demo.Spec(nested=nested)
     return realiad_demo.write(root, spec, seed=int(rng.integers(2**31)))
 
