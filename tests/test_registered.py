@@ -94,3 +94,43 @@ def test_readme_method_table_is_the_registry():
         assert rows[row] == method.summary, row
     families = {m.family or n for n, m in methods.REGISTRY.items()}
     assert set(rows) == families, f"rows for no registered method: {set(rows) - families}"
+
+
+def test_a_registration_is_all_a_layout_or_method_needs(tmp_path, monkeypatch):
+    """A layout or method registered at run time is at once a valid config value, and a layout is
+    guessed from its folder in the errors of a wrong one: nothing else lists the names."""
+    from configs import demo as demo_config
+    from softpatch_jax.data import registry, validate
+    from softpatch_jax.experiment import config_errors
+
+    root, _ = layout_tree("mvtec", str(tmp_path / "toy"), np.random.default_rng(0))
+    marked = tmp_path / "marked"  # a folder only the toy layout claims (the tests are disjoint)
+    marked.mkdir()
+    (marked / "toy.txt").write_text("")
+    toy = registry.Layout(
+        name="toy",
+        list_categories=data.LAYOUTS["mvtec"].list_categories,
+        read_category=data.LAYOUTS["mvtec"].read_category,
+        expected="ROOT/toy.txt beside MVTec's folders",
+        miniature=data.LAYOUTS["mvtec"].miniature,
+        looks_like=lambda r: os.path.isfile(os.path.join(r, "toy.txt")),
+    )
+    c = demo_config.get_config()
+    c.dataset.layout = "toy"
+    c.methods = "patchcore,toy_method"
+    with pytest.raises(config_errors.ConfigError, match="unknown method 'toy_method'"):
+        config_errors.validate(c)
+    monkeypatch.setitem(
+        methods.REGISTRY,
+        "toy_method",
+        methods.Method("toy_method", methods.REGISTRY["patchcore"].build, "a toy"),
+    )
+    with pytest.raises(config_errors.ConfigError, match="unknown dataset layout 'toy'"):
+        config_errors.validate(c)
+    monkeypatch.setitem(registry.LAYOUTS, "toy", toy)
+    config_errors.validate(c)  # both names valid now
+    assert validate.guess_layout(str(marked)) == "toy"
+    assert validate.guess_layout(root) == "mvtec"
+    opts = dataset_options(layout="toy", root=root, resize=16, crop=12)
+    assert data.categories(opts) == ["gizmo", "widget"]
+    assert "toy_method" in methods.names()
