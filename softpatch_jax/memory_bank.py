@@ -99,6 +99,24 @@ def discriminator_scores(
     return {name: s.T for name, s in out.items()}
 
 
+def score_settings(
+    options: FitOptions, num_images: int, dim: int, names: Sequence[str]
+) -> dict[str, tuple[discriminators.Params, str]]:
+    """{name: (parameters, precision)} as `prepare` computes each discriminator's raw score on N
+    training images of D dims: the parameters resolved for N (e.g. LOF's k reduced to N - 1) and
+    "float32" / "float64" by each discriminator's rule at R = `options.projection_dim` (D without a
+    projection). What a score's cache key records (`discriminators.cache_param`)."""
+    r = options.projection_dim or dim
+    dtypes = discriminators.resolve_precision(options.score_dtype, num_images, r, names)
+    return {
+        name: (
+            discriminators.settings((name,), options.discriminator_params, num_images),
+            dtypes[name],
+        )
+        for name in names
+    }
+
+
 def removal_score(bank: methods.BankSpec, scores_NxP: dict[str, jax.Array]) -> jax.Array:
     """The score ranking patches for removal: the raw score, or SoftPatch+'s fused ranks."""
     if len(bank.removal) == 1:

@@ -17,8 +17,10 @@ import numpy as np
 
 from softpatch_jax import ops
 
-# Named random streams derived from the root key (STYLE.md: no global RNG).
-STREAMS = {"noise": 0, "projection": 1, "coreset": 2, "discriminators": 3}
+# Named random streams derived from the root key (STYLE.md: no global RNG). The noisy training set
+# is drawn on the host from its own seeded generator (`experiment/plan.noisy_splits`), so no stream
+# here; 0 stays unused so that the other streams, and every result, keep their keys.
+STREAMS = {"projection": 1, "coreset": 2, "discriminators": 3}
 
 
 def stream(key: jax.Array, name: str) -> jax.Array:

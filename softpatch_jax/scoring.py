@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -290,6 +290,38 @@ class Options:
     chunk_size: int = 0
 
 
+def _compose(
+    scorer: Callable[[jax.Array], dict[int, jax.Array]],
+    chunk_size: int,
+    banks: Mapping[str, Banks],
+    feats_TxPxD: jax.Array,
+    grid: tuple[int, int],
+    image_size: tuple[int, int],
+    blur_sigma: float,
+    progress: Callable[[int], None] | None,
+) -> dict[str, tuple[jax.Array, jax.Array]]:
+    """The one composition of bank pairs: `scorer(feats)` gives the patch scores [T, P] of every
+    distinct memory bank (by `id`) among `banks`' pairs, run over the test set in segments
+    (`in_segments`, the largest search chunk `chunk_size`); each distinct segmentation bank's
+    scores become anomaly maps once. {name: (classification patch scores [T, P], maps [T, H, W])}."""
+    patch = in_segments(scorer, feats_TxPxD, chunk_size, progress)
+    maps = {
+        i: anomaly_maps(patch[i], tuple(grid), tuple(image_size), float(blur_sigma))
+        for i in dict.fromkeys(id(b.seg) for b in banks.values())
+    }
+    return {name: (patch[id(b.cls)], maps[id(b.seg)]) for name, b in banks.items()}
+
+
+def _distinct(banks: Mapping[str, Banks]) -> dict[int, MemoryBank]:
+    """Every memory bank among the pairs once, by identity (a bank shared by names or serving
+    both roles is searched once)."""
+    unique: dict[int, MemoryBank] = {}
+    for b in banks.values():
+        unique.setdefault(id(b.cls), b.cls)
+        unique.setdefault(id(b.seg), b.seg)
+    return unique
+
+
 def score_banks(
     banks: Banks,
     feats_TxPxD: jax.Array,
@@ -310,26 +342,78 @@ def score_banks(
       (`in_segments`; the same values as one call); the sharded search reports once, at the end.
     """
     kw = dict(distance=options.distance, parallel=parallel, search=options.search)
+    unique = _distinct({"": banks})
     queries = feats_TxPxD.shape[0] * feats_TxPxD.shape[1]
-    cls_chunk = options.chunk_size or balanced(
-        chunk_size_for(banks.cls.feats_MxD.shape[0]), queries
-    )
-    seg_chunk = options.chunk_size or balanced(
-        chunk_size_for(banks.seg.feats_MxD.shape[0]), queries
-    )
+    chunks = {
+        i: options.chunk_size or balanced(chunk_size_for(b.feats_MxD.shape[0]), queries)
+        for i, b in unique.items()
+    }
 
-    def scores(feats):
-        cls = patch_scores(banks.cls, feats, cls_chunk, **kw)
-        return cls, cls if banks.seg is banks.cls else patch_scores(
-            banks.seg, feats, seg_chunk, **kw
-        )
+    def scorer(feats):
+        return {i: patch_scores(b, feats, chunks[i], **kw) for i, b in unique.items()}
 
     by_segment = None if parallel else progress
-    cls_scores, seg_scores = in_segments(scores, feats_TxPxD, max(cls_chunk, seg_chunk), by_segment)
+    out = _compose(
+        scorer,
+        max(chunks.values()),
+        {"": banks},
+        feats_TxPxD,
+        grid,
+        image_size,
+        options.blur_sigma,
+        by_segment,
+    )
     if parallel and progress is not None:
         progress(feats_TxPxD.shape[0])
-    maps = anomaly_maps(seg_scores, tuple(grid), tuple(image_size), float(options.blur_sigma))
-    return cls_scores, maps
+    return out[""]
+
+
+def score_many(
+    banks: Mapping[str, Banks],
+    feats_TxPxD: jax.Array,
+    grid: tuple[int, int],
+    image_size: tuple[int, int],
+    options: Options = Options(),
+    *,
+    vmap: bool = False,
+    parallel: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, tuple[jax.Array, jax.Array]]:
+    """{name: (classification patch scores [T, P], anomaly maps [T, H, W])}: `score_banks` for
+    each pair of `banks`, or (`vmap`) the same composition with the distinct banks of equal size
+    searched in one vmapped call.
+
+    A sweep's banks from one noisy training set differ only in array values (tau thresholds,
+    discriminator subsets, patch- or image-level removal), so stacking them costs one search per
+    size; a bank shared by several names is searched once. The vmapped search is the exact one
+    (every `options.search` gives its values); `parallel` is for one pair at a time only.
+    progress: images scored, T per pair one at a time; T in all with `vmap`.
+    """
+    if not vmap:
+        return {
+            name: score_banks(
+                b, feats_TxPxD, grid, image_size, options, parallel=parallel, progress=progress
+            )
+            for name, b in banks.items()
+        }
+    by_size: dict[int, list[int]] = {}
+    unique = _distinct(banks)
+    for i, bank in unique.items():
+        by_size.setdefault(int(bank.feats_MxD.shape[0]), []).append(i)
+    groups = []  # (bank ids, stacked banks, chunk, the vmapped scoring of their patches)
+    for m, ids in by_size.items():
+        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[unique[i] for i in ids])
+        chunk = options.chunk_size or chunk_size_for(m * len(ids))
+        fn = functools.partial(patch_scores, chunk_size=chunk, distance=options.distance)
+        groups.append((ids, stacked, chunk, jax.vmap(fn, in_axes=(0, None))))
+
+    def scorer(feats):
+        return {i: s for ids, st, _, fn in groups for i, s in zip(ids, fn(st, feats))}
+
+    chunk = max(g[2] for g in groups)
+    return _compose(
+        scorer, chunk, banks, feats_TxPxD, grid, image_size, options.blur_sigma, progress
+    )
 
 
 def predict(

@@ -11,7 +11,7 @@ import pytest
 from configs import demo as demo_config
 from softpatch_jax import features, metrics
 from softpatch_jax.data import demo
-from softpatch_jax.experiment import driver, jsonl, options, outputs, plan
+from softpatch_jax.experiment import driver, grid, jsonl, options, outputs, plan
 
 VIEWLESS = tuple(m for m in metrics.ALL if m not in metrics.SAMPLE)
 TINY = demo.DemoSpec(
@@ -180,7 +180,7 @@ def test_map_indices_adds_the_chosen_images_and_names_a_missing_one():
     labels = np.array([r.label for r in recs])
     # The default pick (one good, one anomaly) plus the chosen crack/003; another category's
     # choice is not this category's business.
-    chosen = plan.parse_map_images("pill/crack/003.png, wood/good/000.png")
+    chosen = grid.parse_map_images("pill/crack/003.png, wood/good/000.png")
     assert chosen == [("pill", "crack/003.png"), ("wood", "good/000.png")]
     assert outputs.map_indices(labels, 2, recs, "pill", chosen).tolist() == [0, 2, 3]
     assert outputs.map_indices(labels, 0, recs, "pill", chosen).tolist() == [3]
@@ -192,7 +192,7 @@ def test_map_indices_adds_the_chosen_images_and_names_a_missing_one():
         outputs.map_indices(labels, 0, recs, "pill", [("pill", "x.png")], required=False).size == 0
     )
     with pytest.raises(ValueError, match=r"'pill': expected CATEGORY/PATH"):
-        plan.parse_map_images("pill")
+        grid.parse_map_images("pill")
 
 
 @pytest.mark.slow

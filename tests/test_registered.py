@@ -4,13 +4,15 @@ A new discriminator module, method or layout is exercised here with no new test.
 
 Methods: one plain run (`driver.run`) of every method on a tiny demo tree with planted noise, twice:
 fit, predict, metrics in [0, 1], and the same numbers both times. Layouts: each of `data.LAYOUTS`
-lists, reads and loads a miniature tree (a layout without one here fails the test). Random-init
+lists, reads and loads the miniature tree its module declares (`Layout.miniature`). Random-init
 backbone: the numbers say nothing about the methods, only that each one runs end to end.
 """
 
+import os
+
 import numpy as np
 import pytest
-from fake_trees import make_btad, make_mvtec, make_realiad, make_visa
+from fake_trees import layout_tree
 
 from configs import demo as demo_config
 from softpatch_jax import data, discriminators, methods
@@ -61,23 +63,9 @@ def test_every_registered_method_fits_predicts_and_evaluates_deterministically(t
             assert r[m] == other[m], (r["method"], m)
 
 
-def _layout_tree(layout, tmp_path):
-    """(root, extra dataset fields) of a miniature tree in `layout`'s format."""
-    rng = np.random.default_rng(0)
-    root = str(tmp_path / layout)
-    if layout == "demo":
-        return demo.write(root, TINY), {}
-    if layout == "realiad":
-        return make_realiad(root, rng), {"split": "fuiad_0.2", "resolution": "256"}
-    makers = {"mvtec": make_mvtec, "visa": make_visa, "btad": make_btad}
-    if layout not in makers:
-        pytest.fail(f"layout {layout!r} is registered but has no test tree here")
-    return makers[layout](root, rng).root, {}
-
-
 @pytest.mark.parametrize("layout", sorted(data.LAYOUTS))
 def test_every_registered_layout_lists_reads_and_loads(layout, tmp_path):
-    root, extra = _layout_tree(layout, tmp_path)
+    root, extra = layout_tree(layout, str(tmp_path / layout), np.random.default_rng(0))
     opts = dataset_options(layout=layout, root=root, resize=16, crop=12, **extra)
     cats = data.categories(opts)
     assert cats
@@ -87,3 +75,62 @@ def test_every_registered_layout_lists_reads_and_loads(layout, tmp_path):
     images, masks = data.loader(opts, cats[0])(splits.test)
     assert images.shape == (len(splits.test), 12, 12, 3) and images.dtype == np.uint8
     assert masks.shape == (len(splits.test), 12, 12) and masks.dtype == bool
+
+
+def test_readme_method_table_is_the_registry():
+    """README's method table has a row per registered method (a generated family, e.g.
+    `softpatch_<discriminator>`, one row) whose text is the method's registered summary."""
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    start = readme.index("| method | what it is |")
+    rows = {}
+    for line in readme[start:].splitlines()[2:]:
+        if not line.startswith("| `"):
+            break
+        name, text = (cell.strip() for cell in line.split("|")[1:3])
+        rows[name.strip("`")] = text
+    for name, method in methods.REGISTRY.items():
+        row = method.family or name
+        assert row in rows, f"README's method table lacks {row!r}"
+        assert rows[row] == method.summary, row
+    families = {m.family or n for n, m in methods.REGISTRY.items()}
+    assert set(rows) == families, f"rows for no registered method: {set(rows) - families}"
+
+
+def test_a_registration_is_all_a_layout_or_method_needs(tmp_path, monkeypatch):
+    """A layout or method registered at run time is at once a valid config value, and a layout is
+    guessed from its folder in the errors of a wrong one: nothing else lists the names."""
+    from configs import demo as demo_config
+    from softpatch_jax.data import registry, validate
+    from softpatch_jax.experiment import config_errors
+
+    root, _ = layout_tree("mvtec", str(tmp_path / "toy"), np.random.default_rng(0))
+    marked = tmp_path / "marked"  # a folder only the toy layout claims (the tests are disjoint)
+    marked.mkdir()
+    (marked / "toy.txt").write_text("")
+    toy = registry.Layout(
+        name="toy",
+        list_categories=data.LAYOUTS["mvtec"].list_categories,
+        read_category=data.LAYOUTS["mvtec"].read_category,
+        expected="ROOT/toy.txt beside MVTec's folders",
+        miniature=data.LAYOUTS["mvtec"].miniature,
+        looks_like=lambda r: os.path.isfile(os.path.join(r, "toy.txt")),
+    )
+    c = demo_config.get_config()
+    c.dataset.layout = "toy"
+    c.methods = "patchcore,toy_method"
+    with pytest.raises(config_errors.ConfigError, match="unknown method 'toy_method'"):
+        config_errors.validate(c)
+    monkeypatch.setitem(
+        methods.REGISTRY,
+        "toy_method",
+        methods.Method("toy_method", methods.REGISTRY["patchcore"].build, "a toy"),
+    )
+    with pytest.raises(config_errors.ConfigError, match="unknown dataset layout 'toy'"):
+        config_errors.validate(c)
+    monkeypatch.setitem(registry.LAYOUTS, "toy", toy)
+    config_errors.validate(c)  # both names valid now
+    assert validate.guess_layout(str(marked)) == "toy"
+    assert validate.guess_layout(root) == "mvtec"
+    opts = dataset_options(layout="toy", root=root, resize=16, crop=12)
+    assert data.categories(opts) == ["gizmo", "widget"]
+    assert "toy_method" in methods.names()

@@ -4,7 +4,6 @@ import pytest
 from scipy import ndimage
 
 from softpatch_jax import ops, scoring
-from softpatch_jax.experiment import stages
 from softpatch_jax.memory_bank import Banks, MemoryBank
 from tests.conftest import cpu_only
 
@@ -159,10 +158,10 @@ def test_vmapped_scoring_with_progress_equals_one_call():
     )
     a, b, c = bank(40), bank(40), bank(30)
     banks = {"x": Banks(cls=a, seg=c), "y": Banks(cls=b, seg=b)}
-    args = (banks, test, (3, 4), (6, 8), 1.0, 9)
-    whole = stages.predict_vmapped(*args)
+    args = (banks, test, (3, 4), (6, 8), scoring.Options(blur_sigma=1.0, chunk_size=9))
+    whole = scoring.score_many(*args, vmap=True)
     done = []
-    parts = stages.predict_vmapped(*args, progress=done.append)
+    parts = scoring.score_many(*args, vmap=True, progress=done.append)
     assert sum(done) == 17 and len(done) > 1
     for name in banks:
         for x, y in zip(whole[name], parts[name]):

@@ -391,12 +391,14 @@ def test_vmapped_scoring_equals_predict_per_bank():
     key = jax.random.key(3)
     want = memory_bank.fit_many(key, feats, options.fit_options(cfg), specs)
     test = jnp.asarray(rng.normal(size=(4, p, d)), jnp.float32)
-    predicted = stages.predict_vmapped(want.banks, test, (4, 4), (8, 8), 1.0)
+    opts = scoring.Options(blur_sigma=1.0)
+    predicted = scoring.score_many(want.banks, test, (4, 4), (8, 8), opts, vmap=True)
     for s in specs:
         # One bank object when the method builds no segmentation bank: scored once.
         assert (want.banks[s.name].seg is want.banks[s.name].cls) == (s.seg is None)
         image, maps = scoring.predict(want.banks[s.name], test, (4, 4), (8, 8), 1.0)
-        np.testing.assert_allclose(np.asarray(predicted[s.name][0]), np.asarray(image), rtol=1e-5)
+        image_vmapped = np.asarray(predicted[s.name][0]).max(axis=1)
+        np.testing.assert_allclose(image_vmapped, np.asarray(image), rtol=1e-5)
         np.testing.assert_allclose(np.asarray(predicted[s.name][1]), np.asarray(maps), rtol=1e-5)
 
 

@@ -1,8 +1,15 @@
-"""Dataset readers, keyed by `config.dataset.layout` (METHOD.md section 7). Each reader lists
-categories and returns `CategorySplits` of undecoded records (Real-IAD's also takes the
-`dataset.split` and `dataset.resolution` options, `options`); `loader` gives the function that
-turns records into arrays, by decoding the files (`preprocess.load_records`) or, with
-`config.dataset.prepared`, from the TFDS store under `config.dataset.data_dir` (`prepared.py`).
+"""Dataset readers, keyed by `config.dataset.layout` (METHOD.md section 7): the layouts are a
+registry (`registry.py`, one module each in `layouts/`). Each lists categories and returns
+`CategorySplits` of undecoded records (Real-IAD's also takes the `dataset.split` and
+`dataset.resolution` options, `options`); `loader` gives the function that turns records into
+arrays, by decoding the files (`preprocess.load_records`) or, with `config.dataset.prepared`, from
+the TFDS store under `config.dataset.data_dir` (`prepared.py`).
+
+What the package holds: the benchmark readers (`mvtec`, `visa`, `btad`, `realiad`, with `validate`
+and `records`), their registry (`registry`, `layouts/`), preprocessing and the TFDS store
+(`preprocess`, `prepared`, `tfds_builders`), noisy-set construction (`noise`), the generators of
+synthetic data (`demo`, `realiad_demo`), and deploy's own I/O on unlabelled folders (`folder`,
+`images`), which no benchmark reader uses.
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from softpatch_jax.data import btad, mvtec, preprocess, realiad, visa
+from softpatch_jax.data import layouts, preprocess, registry  # noqa: F401 (layouts: registers)
 from softpatch_jax.data.records import CategorySplits, Record
 from softpatch_jax.io_utils import split_list
 
@@ -36,57 +43,27 @@ class Options:
     resolution: str  # Real-IAD's resolution (other layouts: unused)
 
 
-def _demo_root(cfg: Options) -> str:
-    from softpatch_jax.data import demo
-
-    return demo.ensure(cfg.root or None)
-
-
-def _root(cfg: Options) -> str:
-    if not cfg.root:
-        raise ValueError(
-            f"config.dataset.root is empty: set --config.dataset.root=PATH "
-            f"for layout {cfg.layout!r}"
-        )
-    return cfg.root
-
-
-# layout -> (root resolver, list_categories(root), read_category(root, category))
-LAYOUTS: dict[str, tuple[Callable, Callable, Callable]] = {
-    "mvtec": (_root, mvtec.list_categories, mvtec.read_category),
-    "visa": (_root, visa.list_categories, visa.read_category),
-    "btad": (_root, btad.list_categories, btad.read_category),
-    "realiad": (_root, realiad.list_categories, realiad.read_category),
-    "demo": (_demo_root, mvtec.list_categories, mvtec.read_category),
-}
+# layout name -> `registry.Layout` (one module each in data/layouts/)
+LAYOUTS = registry.LAYOUTS
 
 
 def options(cfg: Options) -> dict[str, str]:
-    """The reader's options beyond (root, category): Real-IAD's split and resolution, checked."""
-    if cfg.layout != "realiad":
-        return {}
-    split, resolution = str(cfg.split), str(cfg.resolution)
-    realiad.check_options(split, resolution)
-    return {"split": split, "resolution": resolution}
+    """The reader's options beyond (root, category) (Real-IAD's split and resolution), checked."""
+    return registry.get(cfg.layout).options(cfg.split, cfg.resolution)
 
 
 def fixed_noise(cfg: Options) -> bool:
     """True when the split itself fixes the training set's noise (Real-IAD's FUIAD splits), so
     that injecting more (config.noise.ratios > 0) would change the benchmark."""
-    return cfg.layout == "realiad" and options(cfg)["split"] in realiad.FUIAD_SPLITS
-
-
-def _layout(cfg: Options):
-    if cfg.layout not in LAYOUTS:
-        raise ValueError(f"unknown dataset layout {cfg.layout!r}; valid: {sorted(LAYOUTS)}")
-    return LAYOUTS[cfg.layout]
+    layout = registry.get(cfg.layout)
+    return layout.fixed_noise is not None and layout.fixed_noise(options(cfg))
 
 
 def categories(cfg: Options) -> list[str]:
     """The categories to run: config.dataset.categories ("all" or a comma list), checked."""
-    resolve_root, list_cats, _ = _layout(cfg)
-    root = resolve_root(cfg)
-    have = list_cats(root, **options(cfg))
+    layout = registry.get(cfg.layout)
+    root = layout.root(cfg.root)
+    have = layout.list_categories(root, **options(cfg))
     if cfg.categories in ("", "all"):
         return have
     wanted = split_list(cfg.categories)
@@ -98,8 +75,8 @@ def categories(cfg: Options) -> list[str]:
 
 def read(cfg: Options, category: str) -> CategorySplits:
     """One category's records, read and validated from the source files."""
-    resolve_root, _, read_category = _layout(cfg)
-    return read_category(resolve_root(cfg), category, **options(cfg))
+    layout = registry.get(cfg.layout)
+    return layout.read_category(layout.root(cfg.root), category, **options(cfg))
 
 
 def loader(cfg: Options, category: str) -> Loader:
@@ -113,10 +90,9 @@ def loader(cfg: Options, category: str) -> Loader:
         return functools.partial(preprocess.load_records, resize=cfg.resize, crop=cfg.crop)
     from softpatch_jax.data import prepared  # imports tensorflow_datasets; only when asked
 
-    resolve_root, _, _ = _layout(cfg)
     store = prepared.ensure(
         cfg.layout,
-        resolve_root(cfg),
+        registry.get(cfg.layout).root(cfg.root),
         category,
         cfg.resize,
         cfg.data_dir,

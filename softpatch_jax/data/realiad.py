@@ -91,7 +91,7 @@ def split_dir(root: str, split: str) -> str:
     raise FileNotFoundError(
         f"Real-IAD split {split!r}: no folder of CATEGORY.json files at "
         f"{' or '.join(repr(d) for d in _candidates(root, split))}; layout 'realiad' expects "
-        f"{validate.EXPECTED['realiad']}"
+        f"{validate.expected('realiad')}"
     )
 
 

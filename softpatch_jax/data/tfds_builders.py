@@ -34,7 +34,7 @@ import numpy as np
 import PIL
 import tensorflow_datasets as tfds
 
-from softpatch_jax.data import btad, mvtec, preprocess, realiad, visa
+from softpatch_jax.data import preprocess, registry
 from softpatch_jax.data.records import CategorySplits, Record
 
 # Bump when the stored features or their meaning change (the fingerprint includes it).
@@ -215,67 +215,23 @@ def _configs(categories: Sequence[str], resize: int) -> list[CategoryConfig]:
     ]
 
 
-class MvtecAd(_AnomalyDataset, skip_registration=True):
-    """MVTec AD, 15 categories: ROOT/CATEGORY/{train,test,ground_truth}."""
-
-    LAYOUT = "mvtec"
-    CATEGORIES = mvtec.CATEGORIES
-    BUILDER_CONFIGS: ClassVar[list[CategoryConfig]] = _configs(mvtec.CATEGORIES, 256)
-    READER = staticmethod(mvtec.read_category)
-    HOMEPAGE = "https://www.mvtec.com/company/research/datasets/mvtec-ad"
-    MANUAL_DOWNLOAD_INSTRUCTIONS = (
-        "Download mvtec_anomaly_detection.tar.xz from the MVTec AD page and extract it; the manual "
-        "dir is the folder holding bottle/, cable/, ... (pass it as --config.dataset.root)."
-    )
-
-
-class Visa(_AnomalyDataset, skip_registration=True):
-    """VisA, 12 objects, split by split_csv/1cls.csv."""
-
-    LAYOUT = "visa"
-    CATEGORIES = visa.CATEGORIES
-    BUILDER_CONFIGS: ClassVar[list[CategoryConfig]] = _configs(visa.CATEGORIES, 256)
-    READER = staticmethod(visa.read_category)
-    HOMEPAGE = "https://github.com/amazon-science/spot-diff"
-    MANUAL_DOWNLOAD_INSTRUCTIONS = (
-        "Download VisA_20220922.tar and extract it; the manual dir is the folder holding "
-        "split_csv/1cls.csv and candle/, capsules/, ... (pass it as --config.dataset.root)."
-    )
+def _builder(layout: registry.Layout) -> type[_AnomalyDataset]:
+    """The builder class a layout declares (`registry.TfdsBuilder`), named as it says."""
+    hook = layout.tfds
+    attrs = {
+        "__doc__": hook.description,
+        "__module__": __name__,
+        "LAYOUT": layout.name,
+        "CATEGORIES": layout.categories,
+        "BUILDER_CONFIGS": _configs(layout.categories, hook.resize) if hook.resize else [],
+        "READER": staticmethod(layout.read_category),
+        "HOMEPAGE": hook.homepage,
+        "MANUAL_DOWNLOAD_INSTRUCTIONS": hook.instructions,
+    }
+    return type(hook.class_name, (_AnomalyDataset,), attrs, skip_registration=True)
 
 
-class Btad(_AnomalyDataset, skip_registration=True):
-    """BTAD (BeanTech), categories 01, 02, 03."""
-
-    LAYOUT = "btad"
-    CATEGORIES = btad.CATEGORIES
-    BUILDER_CONFIGS: ClassVar[list[CategoryConfig]] = _configs(btad.CATEGORIES, 512)
-    READER = staticmethod(btad.read_category)
-    MANUAL_DOWNLOAD_INSTRUCTIONS = (
-        "Download BTAD (the BeanTech Anomaly Detection dataset of the VT-ADL paper) and extract "
-        "it; the manual dir is BTech_Dataset_transformed/, "
-        "the folder holding 01/, 02/, 03/ (pass it as --config.dataset.root)."
-    )
-
-
-class RealIad(_AnomalyDataset, skip_registration=True):
-    """Real-IAD, 30 objects x 5 views, split by its JSON files (standard, single view, FUIAD)."""
-
-    LAYOUT = "realiad"
-    CATEGORIES = realiad.CATEGORIES
-    BUILDER_CONFIGS: ClassVar[list[CategoryConfig]] = []  # one per (split, resolution): made
-    READER = staticmethod(realiad.read_category)
-    HOMEPAGE = "https://realiad4ad.github.io/Real-IAD/"
-    MANUAL_DOWNLOAD_INSTRUCTIONS = (
-        "Request Real-IAD from its page and extract realiad_256 (or 512, 1024, raw) and the "
-        "realiad_jsons* folders side by side; the manual dir is the folder holding them (pass it "
-        "as --config.dataset.root)."
-    )
-
-
-# layout name (config.dataset.layout) -> builder
+# layout name (config.dataset.layout) -> builder, for every registered layout that declares one
 BUILDERS: dict[str, type[_AnomalyDataset]] = {
-    "mvtec": MvtecAd,
-    "visa": Visa,
-    "btad": Btad,
-    "realiad": RealIad,
+    name: _builder(layout) for name, layout in registry.LAYOUTS.items() if layout.tfds is not None
 }

@@ -8,21 +8,16 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
+from softpatch_jax.data import registry
 from softpatch_jax.data.records import CategorySplits
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
-# What each layout looks like at its root, for error messages.
-EXPECTED = {
-    "mvtec": "ROOT/CATEGORY/train/good/*.png, ROOT/CATEGORY/test/{good,DEFECT}/*.png, "
-    "ROOT/CATEGORY/ground_truth/DEFECT/*_mask.png",
-    "visa": "ROOT/split_csv/1cls.csv (columns object,split,label,image,mask) with image and "
-    "mask paths relative to ROOT",
-    "btad": "ROOT/NN/train/ok/*, ROOT/NN/test/{ok,ko}/*, ROOT/NN/ground_truth/ko/* "
-    "(NN = 01, 02, 03)",
-    "realiad": "ROOT/realiad_RES/CATEGORY/{OK,NG}/... and ROOT/realiad_jsons_SPLIT/CATEGORY.json "
-    "or ROOT/realiad_jsons/realiad_jsons_SPLIT/CATEGORY.json (RES = 256, 512, 1024, raw)",
-}
+
+def expected(layout: str) -> str:
+    """What `layout` looks like at its root (its registered `Layout.expected`), for messages."""
+    entry = registry.LAYOUTS.get(layout)
+    return entry.expected if entry is not None else "its own layout"
 
 
 def _subdirs(root: str) -> list[str]:
@@ -32,17 +27,23 @@ def _subdirs(root: str) -> list[str]:
         return []
 
 
+def has_category_with(root: str, *parts: str) -> bool:
+    """Whether some sub-folder of `root` has the folder ROOT/SUB/*parts (MVTec's train/good,
+    BTAD's train/ok): a `Layout.looks_like` building block."""
+    return any(os.path.isdir(os.path.join(root, d, *parts)) for d in _subdirs(root))
+
+
+def has_subdir_starting(root: str, prefix: str) -> bool:
+    return any(d.startswith(prefix) for d in _subdirs(root))
+
+
 def guess_layout(root: str) -> str | None:
-    """Which layout `root` looks like, or a phrase for a near miss; None when nothing fits."""
-    if os.path.isfile(os.path.join(root, "split_csv", "1cls.csv")):
-        return "visa"
-    subdirs = _subdirs(root)
-    if any(d.startswith("realiad_jsons") for d in subdirs):
-        return "realiad"
-    if any(os.path.isdir(os.path.join(root, d, "train", "ok")) for d in subdirs):
-        return "btad"
-    if any(os.path.isdir(os.path.join(root, d, "train", "good")) for d in subdirs):
-        return "mvtec"
+    """Which registered layout `root` looks like (`Layout.looks_like`; their tests are disjoint),
+    or a phrase for a near miss; None when nothing fits."""
+    for name in registry.names():
+        looks_like = registry.LAYOUTS[name].looks_like
+        if looks_like is not None and looks_like(root):
+            return name
     if os.path.isdir(os.path.join(root, "train", "good")) or os.path.isdir(
         os.path.join(root, "train", "ok")
     ):
@@ -55,7 +56,7 @@ def require_root(root: str, layout: str) -> None:
     if not root:
         raise ValueError(
             f"dataset root is empty: set --config.dataset.root=PATH (layout {layout!r} expects "
-            f"{EXPECTED.get(layout, 'its own layout')})"
+            f"{expected(layout)})"
         )
     if not os.path.isdir(root):
         raise FileNotFoundError(f"dataset root {root!r} does not exist or is not a directory")
@@ -81,11 +82,11 @@ def wrong_layout(root: str, layout: str, detail: str) -> FileNotFoundError:
     hint = ""
     if guess is not None and guess != layout:
         hint = f"; {root!r} looks like " + (
-            f"layout {guess!r}: set --config.dataset.layout={guess}" if guess in EXPECTED else guess
+            f"layout {guess!r}: set --config.dataset.layout={guess}"
+            if guess in registry.LAYOUTS
+            else guess
         )
-    return FileNotFoundError(
-        f"{detail}: layout {layout!r} expects {EXPECTED.get(layout, '')}{hint}"
-    )
+    return FileNotFoundError(f"{detail}: layout {layout!r} expects {expected(layout)}{hint}")
 
 
 def list_images(folder: str) -> list[str]:

@@ -17,7 +17,7 @@ import sys
 import ml_collections
 from absl import flags
 
-from softpatch_jax import discriminators
+from softpatch_jax import data, discriminators, methods
 
 
 class ConfigError(ValueError):
@@ -107,6 +107,14 @@ RULES = {
 }
 
 
+# key -> a registry's own check, raising ValueError with the valid names (and a "did you mean"):
+# the methods (`methods.REGISTRY`) and the dataset layouts (`data.LAYOUTS`).
+REGISTRY_CHECKS = {
+    "methods": methods.check,
+    "dataset.layout": data.registry.get,
+}
+
+
 def _get(config, dotted: str):
     node = config
     for part in dotted.split("."):
@@ -136,6 +144,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
         value, found = _get(config, key)
         if found and not check(value):
             raise ConfigError(f"config key {key}={value!r} is invalid: expected {expected}")
+    for key, check in REGISTRY_CHECKS.items():
+        value, found = _get(config, key)
+        if found:
+            try:
+                check(value)
+            except ValueError as e:
+                raise ConfigError(f"config key {key}={value!r} is invalid: {e}") from None
     crop, found = _get(config, "dataset.crop")
     resize, found2 = _get(config, "dataset.resize")
     if found and found2 and resize < crop:

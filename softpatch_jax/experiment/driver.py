@@ -38,6 +38,7 @@ from softpatch_jax import (
     parallel,
     progress,
 )
+from softpatch_jax.data.records import CategorySplits
 from softpatch_jax.experiment import cache, grid, jsonl, options, outputs, plan, stages
 from softpatch_jax.io_utils import check_writable, write_json
 
@@ -180,10 +181,15 @@ def _run_setting(ctx: _Context, setting: plan.Setting) -> None:
 
     add = ctx.stats.add
 
+    # The test images decoded for extraction, kept (outside the cache) for the saved maps; a cache
+    # hit decodes none, and the maps then decode the few images they show.
+    decoded: dict[str, np.ndarray] = {}
+
     def clean() -> dict[str, np.ndarray]:
         # Shared by all the category's noisy sets; the test masks too, so a cache hit decodes none.
         train, _ = stages.extract(ex, splits.train, cfg, category, "clean", add)
-        test, masks = stages.extract(ex, splits.test, cfg, category, "test", add)
+        decoded["test"], masks = stages.decode(splits.test, cfg, category)
+        test = stages.features_of(ex, decoded["test"], "test", add)
         return {"train": train, "test": test, "test_masks": masks}
 
     def injected_features(records, ncfg) -> dict[str, np.ndarray]:
@@ -211,12 +217,14 @@ def _run_setting(ctx: _Context, setting: plan.Setting) -> None:
             np.array([r.label for r in noisy.test]),
             base["test_masks"][keep],
             noisy.test,
+            images=decoded["test"][keep] if "test" in decoded else None,
         )
         times = {"features": time.perf_counter() - t_feat}
         feats = jnp.asarray(train, dtype)
         anomalous = len(noisy.train_anomalous) + len(injected)
         logging.info(
-            "%s noise %.0f%% (%s): %d train (%d injected, %d anomalous: %.1f%%), %d test",
+            "%s %s noise %.0f%% (%s): %d train (%d injected, %d anomalous: %.1f%%), %d test",
+            ncfg.dataset.name,
             category,
             100 * spec.ratio,
             "overlap" if spec.overlap else "no-overlap",
@@ -233,10 +241,9 @@ def _run_setting(ctx: _Context, setting: plan.Setting) -> None:
             idx = [test_pos[r.path] for r in injected]
             masks = base["test_masks"][idx] if idx else np.zeros((0, 1, 1), bool)
             truth = contamination.true_patch_fraction(masks, ex.grid, int(feats.shape[0]))
+        nset = NoisySet(ex, category, feats, feats_key, evalset, injected, times, noisy, truth)
         for gcells in grid.group(ncells, lambda c: c.fit_key).values():
-            _run_fit_group(
-                ctx, ex, category, feats, feats_key, evalset, gcells, injected, times, noisy, truth
-            )
+            _run_fit_group(ctx, nset, gcells)
 
 
 def _spec_key(spec) -> str:
@@ -283,9 +290,24 @@ def _contamination_fields(spec, scores, truth: float | None) -> dict:
     return {**out, **contamination.summary(est, applied)}
 
 
-def _run_fit_group(
-    ctx, ex, category, feats, feats_key, evalset, cells, injected, times, noisy, truth=None
-) -> None:
+@dataclasses.dataclass
+class NoisySet:
+    """One noisy training set of a category and its test side: what every fit group on it shares."""
+
+    ex: features.Extractor
+    category: str
+    feats: jax.Array  # training features [N, P, D] on the device
+    feats_key: str  # their cache key (`cache.features_key` / `injected_key`)
+    evalset: outputs.EvalSet
+    injected: tuple  # records injected into the training set
+    times: dict[str, float]  # stage seconds so far (features), for the rows
+    noisy: CategorySplits  # the noisy splits (`plan.noisy_splits`)
+    truth: float | None  # the true contaminated patch fraction, where known (tau "oracle")
+
+
+def _run_fit_group(ctx: _Context, nset: NoisySet, cells: list[grid.Cell]) -> None:
+    ex, category, feats, evalset = nset.ex, nset.category, nset.feats, nset.evalset
+    injected, noisy, truth = nset.injected, nset.noisy, nset.truth
     cfg = cells[0].config
     key = plan.category_key(cfg.seed, category)
     specs = {}
@@ -295,7 +317,7 @@ def _run_fit_group(
     names = tuple(n for n in discriminators.NAMES if any(n in s.discriminators() for s in named))
     timer = stages.Timer()
     with timer("discriminators"):
-        prepared = stages.prepare(ctx.store, key, feats, feats_key, cfg, names)
+        prepared = stages.prepare(ctx.store, key, feats, nset.feats_key, cfg, names)
     with timer("fit"):
         banks = _share_equal_banks(jax.block_until_ready(stages.fit(prepared, feats, cfg, named)))
     ctx.stats.add("banks_fitted", len(named))
@@ -338,7 +360,7 @@ def _run_fit_group(
                 banks[k],
                 num_train=int(feats.shape[0]),
                 num_test=len(evalset.labels),
-                times={**times, **timer.seconds},
+                times={**nset.times, **timer.seconds},
                 injected=injected,
                 weights=ex.info.get("weights"),
                 source_anomalous=len(noisy.train_anomalous),

@@ -26,6 +26,7 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import os
 from typing import Any
 
 import ml_collections
@@ -172,6 +173,8 @@ class Cell:
     id: str
     fit_key: str
     noisy: str
+    # `eval.map_images` parsed (`parse_map_images`): (category, path suffix) pairs
+    map_images: tuple[tuple[str, str], ...] = ()
 
     def spec(self) -> methods.MethodSpec:
         return methods.spec(self.method, options.method_options(self.config))
@@ -221,6 +224,7 @@ def expand(config: ml_collections.ConfigDict, list_categories) -> list[Cell]:
         for path, value in point.items():
             set_path(cfg, path, value)
         options.method_specs(cfg)  # a typo in a method or discriminator name fails before any work
+        map_images = tuple(parse_map_images(cfg.eval.map_images))
         for category in list_categories(cfg.dataset):
             for ratio in parse_ratios(cfg.noise.ratios):
                 for method in split_list(cfg.methods):
@@ -233,9 +237,34 @@ def expand(config: ml_collections.ConfigDict, list_categories) -> list[Cell]:
                     cell_id, fit_key, noisy = _keys(run)
                     if cell_id not in cells:
                         cells[cell_id] = Cell(
-                            one, category, float(ratio), method, point, cell_id, fit_key, noisy
+                            one,
+                            category,
+                            float(ratio),
+                            method,
+                            point,
+                            cell_id,
+                            fit_key,
+                            noisy,
+                            map_images,
                         )
     return list(cells.values())
+
+
+def parse_map_images(spec: str) -> list[tuple[str, str]]:
+    """`eval.map_images` ("pill/crack/003.png,wood/good/000.png") -> [(category, path suffix)];
+    parsed once per grid point (`Cell.map_images`)."""
+    out = []
+    for item in (s.strip() for s in str(spec or "").split(",")):
+        if not item:
+            continue
+        category, _, rest = item.replace(os.sep, "/").partition("/")
+        if not category or not rest:
+            raise ValueError(
+                f"eval.map_images entry {item!r}: expected CATEGORY/PATH, e.g. pill/crack/003.png "
+                "(the image's path under its category's test images)"
+            )
+        out.append((category, rest))
+    return out
 
 
 def group(items, key) -> dict:

@@ -30,6 +30,9 @@ class EvalSet:
     labels: np.ndarray
     masks: np.ndarray
     records: tuple
+    # The test images [T, H, W, 3] uint8 as decoded for extraction in this process; None after a
+    # features cache hit (the saved maps then decode the few they show, into `shown`).
+    images: np.ndarray | None = None
     shown: dict = dataclasses.field(default_factory=dict)  # decoded on demand for saved maps
     original_masks: list | None = None  # at each image's own size (official_eval), on demand
 
@@ -101,7 +104,7 @@ def save_cell_maps(workdir: str, cell: grid.Cell, row: dict, maps, evalset: Eval
     """WORKDIR/maps/CELL_ID.npz: the maps of `eval.save_maps` test images and of those
     `eval.map_images` names (none: nothing written)."""
     count = int(cell.config.eval.save_maps)
-    chosen = plan.parse_map_images(cell.config.eval.map_images)
+    chosen = cell.map_images
     if not (count or chosen):
         return
     # Chosen images were checked against the full test set up front; a no-overlap noisy set may
@@ -113,7 +116,9 @@ def save_cell_maps(workdir: str, cell: grid.Cell, row: dict, maps, evalset: Eval
         return
     records = [evalset.records[i] for i in idx]
     shown_key = tuple(idx.tolist())
-    if shown_key not in evalset.shown:
+    if evalset.images is not None:  # decoded once already, for extraction
+        evalset.shown[shown_key] = evalset.images[idx]
+    elif shown_key not in evalset.shown:
         ds = cell.config.dataset
         evalset.shown[shown_key] = data.loader(options.dataset_options(ds), row["category"])(
             records

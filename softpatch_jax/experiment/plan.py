@@ -2,7 +2,8 @@
 noise ratio the split forbids or a misnamed map image fails here), each category's records read once
 and each cell's seeded noisy training set drawn (an infeasible noise ratio fails here, not hours into
 a sweep), and each category's root key. Also the pieces of a cell its results row and saved maps
-are built from: the noise spec, the metrics it reports, the map images it names.
+are built from: the noise spec, the metrics it reports, the map images it names
+(`grid.Cell.map_images`, parsed once).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def plan(config: ml_collections.ConfigDict) -> list[grid.Cell]:
         eval_metrics(c.config)
         official_eval.check_resolution(c.config.eval.get("pixel_resolution", "crop"))
         check_noise(c.config, [c.ratio])
-    chosen = {cat for c in cells for cat, _ in parse_map_images(c.config.eval.map_images)}
+    chosen = {cat for c in cells for cat, _ in c.map_images}
     known = list(dict.fromkeys(c.category for c in cells))
     if unknown := sorted(chosen - set(known)):
         raise ValueError(f"eval.map_images names categories {unknown} not in this run: {known}")
@@ -61,8 +62,8 @@ def read(cells: Sequence[grid.Cell]) -> list[Setting]:
     for category, ccells in grid.group(cells, lambda c: c.category).items():
         for scells in grid.group(ccells, lambda c: _setting(c.config)).values():
             splits = data.read(options.dataset_options(scells[0].config.dataset), category)
-            chosen = parse_map_images(scells[0].config.eval.map_images)
-            chosen_indices(splits.test, category, chosen)
+            for chosen in dict.fromkeys(c.map_images for c in scells):
+                chosen_indices(splits.test, category, chosen)
             noisy = {}
             for c in scells:
                 if c.noisy not in noisy:
@@ -110,27 +111,11 @@ def noisy_splits(config, splits, ratio: float):
     return noisy, noisy.train[len(splits.train) :], spec
 
 
-def parse_map_images(spec: str) -> list[tuple[str, str]]:
-    """`eval.map_images` ("pill/crack/003.png,wood/good/000.png") -> [(category, path suffix)]."""
-    out = []
-    for item in (s.strip() for s in str(spec or "").split(",")):
-        if not item:
-            continue
-        category, _, rest = item.replace(os.sep, "/").partition("/")
-        if not category or not rest:
-            raise ValueError(
-                f"eval.map_images entry {item!r}: expected CATEGORY/PATH, e.g. pill/crack/003.png "
-                "(the image's path under its category's test images)"
-            )
-        out.append((category, rest))
-    return out
-
-
 def chosen_indices(
     records, category: str, chosen: Sequence[tuple[str, str]], required: bool = True
 ) -> list[int]:
     """Indices into `records` of the images of `category` named in `chosen` ((category, path
-    suffix) pairs from `parse_map_images`, matched against the end of each record's path).
+    suffix) pairs, `grid.Cell.map_images`, matched against the end of each record's path).
 
     Raises ValueError naming a chosen image of this category that no record matches, unless not
     `required` (a no-overlap noisy set has moved some test anomalies into training).

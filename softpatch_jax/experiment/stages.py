@@ -1,14 +1,14 @@
 """The driver's work steps, each a function of its inputs: feature extraction (with its progress
 bar), the training set prepared once through the library's fitting path (`memory_bank.prepare`,
 discriminator scores through the cache), every bank from one coreset pass
-(`memory_bank.fit_banks`), and scoring either vmapped over banks of equal size (a sweep's default)
-or one bank at a time (`scoring.predict`, as a plain run does). `Timer` times them for the row.
+(`memory_bank.fit_banks`), and scoring through the one composition (`scoring.score_many`), vmapped
+over banks of equal size (a sweep's default) or one bank pair at a time (as a plain run does).
+`Timer` times them for the row.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import time
 from collections.abc import Callable, Sequence
 
@@ -21,7 +21,7 @@ from absl import logging
 from softpatch_jax import data, discriminators, features, memory_bank, methods, progress, scoring
 from softpatch_jax.experiment import cache, options
 from softpatch_jax.features import STORE_DTYPES
-from softpatch_jax.memory_bank import Banks, MemoryBank
+from softpatch_jax.memory_bank import Banks
 
 
 class Timer:
@@ -58,11 +58,15 @@ def extractor(cfg: ml_collections.ConfigDict) -> tuple[features.Extractor, str]:
     return ex, cache.weights_id(ex.info, ex.variables)
 
 
-def extract(ex: features.Extractor, records, config, category: str, what: str, count=None):
-    """Decoded and extracted features [N, P, D] (host, as extracted) and masks of `records`, with
-    a progress bar. Decoding goes through data.loader, so a prepared (TFDS) store is used when the
-    config asks; `count(name, n)` tallies the work (the driver's counters)."""
-    images, masks = data.loader(options.dataset_options(config.dataset), category)(records)
+def decode(records, config, category: str) -> tuple[np.ndarray, np.ndarray]:
+    """Images uint8 [N, crop, crop, 3] and masks bool [N, crop, crop] of `records`, through
+    data.loader (so a prepared (TFDS) store is used when the config asks)."""
+    return data.loader(options.dataset_options(config.dataset), category)(records)
+
+
+def features_of(ex: features.Extractor, images, what: str, count=None) -> np.ndarray:
+    """Extracted features [N, P, D] (host, as extracted) of decoded images, with a progress bar;
+    `count(name, n)` tallies the work (the driver's counters)."""
     logging.info("  features: %d %s images", images.shape[0], what)
     with progress.bar(f"features ({what})", images.shape[0], "img") as update:
         feats = np.asarray(features.extract(ex, images, update))
@@ -70,7 +74,14 @@ def extract(ex: features.Extractor, records, config, category: str, what: str, c
     if count is not None:
         count(f"extractions_{what}", 1)
         count("images_extracted", n)
-    return feats.reshape(n, h * w, d), masks
+    return feats.reshape(n, h * w, d)
+
+
+def extract(ex: features.Extractor, records, config, category: str, what: str, count=None):
+    """Decoded and extracted features [N, P, D] (host, as extracted) and masks of `records`
+    (`decode`, then `features_of`)."""
+    images, masks = decode(records, config, category)
+    return features_of(ex, images, what, count), masks
 
 
 def prepare(
@@ -82,18 +93,16 @@ def prepare(
     names: Sequence[str],
 ) -> memory_bank.Prepared:
     """The training set prepared once for all its banks (`memory_bank.prepare`): the raw scores of
-    `names` loaded from the cache where there, the missing ones computed in one call (they share the
-    per-position distances) with the run's own projection, then cached."""
+        `names` loaded from the cache where there, the missing ones computed in one call (they share the
+        per-position distances) with the run's own projection, then cached. The cache keys record the
+    settings the fitting path resolves (`memory_bank.score_settings`)."""
     n, _, d = feats_NxPxD.shape
-    sp = cfg.softpatch
-    dtypes = discriminators.resolve_precision(sp.score_dtype, n, sp.projection_dim or d, names)
-    values = {k: sp[k] for k in discriminators.config_defaults()}
+    fit_opts = options.fit_options(cfg)
+    resolved = memory_bank.score_settings(fit_opts, n, d, names)
     keys = {}
     for name in names:
-        param = discriminators.cache_param(
-            name, discriminators.settings((name,), values, n), dtypes[name]
-        )
-        keys[name] = cache.scores_key(feats_key, name, param, sp.projection_dim, cfg.seed)
+        param = discriminators.cache_param(name, *resolved[name])
+        keys[name] = cache.scores_key(feats_key, name, param, fit_opts.projection_dim, cfg.seed)
     cached = {}
     for name in names:
         hit = store.load("scores", keys[name])
@@ -101,7 +110,6 @@ def prepare(
             cached[name] = jax.numpy.asarray(hit["scores"])
             if "low" in hit:  # a float64 score's low part (`discriminators.low_key`)
                 cached[discriminators.low_key(name)] = jax.numpy.asarray(hit["low"])
-    fit_opts = options.fit_options(cfg)
     prepared = memory_bank.prepare(key, feats_NxPxD, fit_opts, names, scores_NxP=cached)
     for name in prepared.computed:
         arrays = {"scores": np.asarray(prepared.scores_NxP[name])}
@@ -132,83 +140,25 @@ def predict(
     parallel: bool = False,
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, tuple[jax.Array, jax.Array]]:
-    """{name: (image scores, anomaly maps)}: one bank pair at a time through the scoring
-    composition (`scoring.predict`, what deploy uses too), or vmapped over banks of equal size
-    (`predict_vmapped`, the exact search, which every `search` equals). `parallel` shards each
-    bank's search over all devices (one bank at a time only). `progress` is called with images
-    scored, `scoring_work(banks, T, vmap)` in all."""
-    if vmap:
-        return predict_vmapped(
-            banks,
-            feats_TxPxD,
-            ex.grid,
-            ex.image_size,
-            options.blur_sigma,
-            options.chunk_size,
-            options.distance,
-            progress,
-        )
-    return {
-        name: scoring.predict(
-            b,
-            feats_TxPxD,
-            ex.grid,
-            ex.image_size,
-            options.blur_sigma,
-            options.chunk_size,
-            distance=options.distance,
-            parallel=parallel,
-            search=options.search,
-            progress=progress,
-        )
-        for name, b in banks.items()
-    }
+    """{name: (image scores [T], anomaly maps [T, H, W])} through the one scoring composition
+    (`scoring.score_many`): one bank pair at a time (`scoring.score_banks`, what deploy uses too),
+    or vmapped over banks of equal size (the exact search, which every `search` equals).
+    `parallel` shards each bank's search over all devices (one bank at a time only). `progress` is
+    called with images scored, `scoring_work(banks, T, vmap)` in all."""
+    scored = scoring.score_many(
+        banks,
+        feats_TxPxD,
+        ex.grid,
+        ex.image_size,
+        options,
+        vmap=vmap,
+        parallel=parallel,
+        progress=progress,
+    )
+    return {name: (jnp.max(cls, axis=1), maps) for name, (cls, maps) in scored.items()}
 
 
 def scoring_work(banks: dict[str, Banks], num_images: int, vmap: bool) -> int:
     """What `predict` reports to its progress callback in all: T images, once per method unless
     every bank is scored in one vmapped call."""
     return num_images * (1 if vmap else len(banks))
-
-
-def predict_vmapped(
-    banks: dict[str, Banks],
-    feats_TxPxD: jax.Array,
-    grid: tuple[int, int],
-    image_size: tuple[int, int],
-    blur_sigma: float,
-    chunk_size: int = 0,
-    distance: str = "squared",
-    progress: Callable[[int], None] | None = None,
-) -> dict[str, tuple[jax.Array, jax.Array]]:
-    """{name: (image scores [T], anomaly maps [T, H, W])}, as `scoring.predict` for each name.
-
-    A sweep's banks from one noisy training set differ only in array values (tau thresholds,
-    discriminator subsets, patch- or image-level removal), so the distinct banks of equal size are
-    scored in one vmapped call; a bank shared by several names is scored once.
-    progress: called with the number of images scored by every bank, per segment of the test set
-      (`scoring.in_segments`)."""
-    unique: dict[int, MemoryBank] = {}
-    for b in banks.values():
-        unique.setdefault(id(b.cls), b.cls)
-        unique.setdefault(id(b.seg), b.seg)
-    by_size: dict[int, list[int]] = {}
-    for i, bank in unique.items():
-        by_size.setdefault(int(bank.feats_MxD.shape[0]), []).append(i)
-    groups = []  # (bank ids, stacked banks, chunk, the vmapped scoring of their patches)
-    for m, ids in by_size.items():
-        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[unique[i] for i in ids])
-        chunk = chunk_size or scoring.chunk_size_for(m * len(ids))
-        fn = functools.partial(scoring.patch_scores, chunk_size=chunk, distance=distance)
-        groups.append((ids, stacked, chunk, jax.vmap(fn, in_axes=(0, None))))
-
-    def score(feats):
-        return {i: s for ids, st, _, fn in groups for i, s in zip(ids, fn(st, feats))}
-
-    chunk = max(g[2] for g in groups)
-    patch = scoring.in_segments(score, feats_TxPxD, chunk, progress)
-    maps = {
-        i: scoring.anomaly_maps(patch[i], tuple(grid), tuple(image_size), blur_sigma)
-        for i in dict.fromkeys(id(b.seg) for b in banks.values())
-    }
-    return {name: (jnp.max(patch[id(b.cls)], axis=1), maps[id(b.seg)]) for name, b in banks.items()}
