@@ -154,7 +154,7 @@ def deploy_latency(args, key) -> dict:
         for mode in region_lib.MODES:
             path = os.path.join(tmp, f"{mode}.onnx")
             export.export(args.deploy_model, path, region=mode)
-            onnx[mode] = onnx_predict.load_model(path, "CPUExecutionProvider")
+            onnx[mode] = onnx_predict.load_model(path, "onnxruntime")
 
     def ours(mode, image_paths):
         out = os.path.join(tmp, f"pred_{mode}")
@@ -165,12 +165,12 @@ def deploy_latency(args, key) -> dict:
     def onnx_run(mode, image_paths):
         from launch import onnx_predict
 
-        sess, meta = onnx[mode]
+        sess = onnx[mode]  # onnx_predict.Session: its metadata and one call per frame
 
         def run():
             for p in image_paths:
-                frame, _ = onnx_predict.frame_of(p, meta, False)
-                sess.run(meta["output_names"], {meta["input_name"]: frame[None]})
+                frame, _ = onnx_predict.frame_of(p, sess.meta, False)
+                sess.run(frame[None])
 
         return run
 
