@@ -31,12 +31,17 @@ def read(workdir: str) -> list[dict]:
 IMAGE_FAMILY = ("image", "image_share", "image_share_global", "image_floor")
 
 
+def _own(r: dict, estimator: str, floor: float) -> bool:
+    """Whether an `auto` row is the estimator's with the floor (rows from before the floor existed
+    carry no auto_floor: they ran without one)."""
+    used = r.get("softpatch.auto_estimator", "image")
+    return used == estimator and r.get("softpatch.auto_floor", 0.0) == floor
+
+
 def _policy(r: dict, estimator: str, floor: float):
     tau, seg = r.get("softpatch.tau"), r.get("softpatch.tau_seg")
     used = r.get("softpatch.auto_estimator", "image")
-    # Rows from before the floor existed carry no auto_floor: they ran without one.
-    own = used == estimator and r.get("softpatch.auto_floor", 0.0) == floor
-    if tau == "auto" and not own:
+    if tau == "auto" and not _own(r, estimator, floor):
         stands_in = (
             used in IMAGE_FAMILY
             and estimator in IMAGE_FAMILY
@@ -56,14 +61,7 @@ def cells(rows: list[dict], estimator: str, floor: float = contamination.FLOOR) 
     """{(noise, method, policy): {category: row}}; PatchCore under policy None; `auto` rows of
     the estimator `estimator` with the floor `floor` only."""
     out: dict = collections.defaultdict(dict)
-
-    def own(r):
-        return (
-            r.get("softpatch.auto_estimator", "image") == estimator
-            and r.get("softpatch.auto_floor", 0.0) == floor
-        )
-
-    for r in sorted(rows, key=own):
+    for r in sorted(rows, key=lambda r: _own(r, estimator, floor)):
         pol = None if r["method"] == "patchcore" else _policy(r, estimator, floor)
         if r["method"] != "patchcore" and pol is None:
             continue

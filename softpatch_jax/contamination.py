@@ -158,30 +158,29 @@ def image_floor(scores_NxP: jax.Array, cutoff: float | None = None) -> Estimate:
     return est.replace(tau=est.image_fraction, suspicion_N=jnp.ones_like(est.suspicion_N) * dirty)
 
 
-def tail(scores_NxP: jax.Array, cutoff: float = 3.5) -> Estimate:
-    """The share of patches whose robust z (log scores, over all patches) exceeds `cutoff`; an
-    image is anomalous if any of its patches is, its suspicion the share of its patches flagged
-    relative to the largest share."""
-    z = robust_z(log_scores(scores_NxP))
-    flag = (z > cutoff).astype(jnp.float32)
+def _from_flags(flag_NxP: jax.Array) -> Estimate:
+    """The estimate of per-patch flags: tau their share, an image anomalous if any of its patches
+    is, its suspicion its share of flagged patches relative to the largest share."""
+    flag = flag_NxP.astype(jnp.float32)
     per_image = jnp.mean(flag, axis=1)
     return Estimate(
         tau=jnp.mean(flag),
         image_fraction=jnp.mean((per_image > 0).astype(jnp.float32)),
         suspicion_N=per_image / jnp.maximum(jnp.max(per_image), TINY),
     )
+
+
+def tail(scores_NxP: jax.Array, cutoff: float = 3.5) -> Estimate:
+    """The share of patches whose robust z (log scores, over all patches) exceeds `cutoff`; an
+    image is anomalous if any of its patches is, its suspicion the share of its patches flagged
+    relative to the largest share."""
+    return _from_flags(robust_z(log_scores(scores_NxP)) > cutoff)
 
 
 def lof_scale(scores_NxP: jax.Array, ratio: float = 2.0) -> Estimate:
     """LOF's natural scale: the share of patches with LOF > `ratio` (their local density is
     `ratio` times below their neighbours'); meaningful for LOF scores only."""
-    flag = (scores_NxP > ratio).astype(jnp.float32)
-    per_image = jnp.mean(flag, axis=1)
-    return Estimate(
-        tau=jnp.mean(flag),
-        image_fraction=jnp.mean((per_image > 0).astype(jnp.float32)),
-        suspicion_N=per_image / jnp.maximum(jnp.max(per_image), TINY),
-    )
+    return _from_flags(scores_NxP > ratio)
 
 
 ESTIMATORS: dict[str, Callable[[jax.Array], Estimate]] = {

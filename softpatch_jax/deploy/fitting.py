@@ -265,12 +265,9 @@ def contamination_info(spec, scores_NxP) -> dict:
     """The training set's contamination estimate (contamination.py) and the tau policy used."""
     auto = spec.cls.tau == "auto"
     name = spec.cls.estimator if auto else contamination.DEFAULT
-    applied = memory_bank.tau_of(spec.cls, scores_NxP) if auto else None
-    return {
-        "tau": spec.cls.tau,
-        "estimator": name,
-        **contamination.summary(contamination.estimate(scores_NxP, name), applied),
-    }
+    est = contamination.estimate(scores_NxP, name)
+    applied = contamination.policy_tau(est, spec.cls.floor, spec.cls.granularity) if auto else None
+    return {"tau": spec.cls.tau, "estimator": name, **contamination.summary(est, applied)}
 
 
 def audit_tau(model: model_lib.Model) -> float:

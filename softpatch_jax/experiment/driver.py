@@ -32,7 +32,6 @@ from softpatch_jax import (
     contamination,
     discriminators,
     features,
-    memory_bank,
     metrics,
     official_eval,
     parallel,
@@ -286,7 +285,7 @@ def _contamination_fields(spec, scores, truth: float | None) -> dict:
     auto = spec.cls.tau == "auto"
     name = spec.cls.estimator if auto else contamination.DEFAULT
     est = contamination.estimate(scores, name)
-    applied = memory_bank.tau_of(spec.cls, scores) if auto else None
+    applied = contamination.policy_tau(est, spec.cls.floor, spec.cls.granularity) if auto else None
     return {**out, **contamination.summary(est, applied)}
 
 
