@@ -88,12 +88,7 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    try:
-        config_errors.validate(_CONFIG.value)
-    except config_errors.ConfigError as e:
-        raise app.UsageError(str(e)) from None
+    config_errors.check_command(argv, _CONFIG.value)
     check_writable(_WORKDIR.value)
     rows = fit_seconds(_CONFIG.value, _REPEATS.value)
     text = table(rows)

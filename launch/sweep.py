@@ -25,12 +25,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    try:
-        config_errors.validate(_CONFIG.value)
-    except config_errors.ConfigError as e:
-        raise app.UsageError(str(e)) from None
+    config_errors.check_command(argv, _CONFIG.value)
     compile_cache.enable(compile_cache.FLAG.value)
     driver.sweep(_CONFIG.value, _WORKDIR.value)
 

@@ -15,7 +15,7 @@ import os
 import sys
 
 import ml_collections
-from absl import flags
+from absl import app, flags
 
 from softpatch_jax import data, discriminators, methods
 
@@ -155,6 +155,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
     resize, found2 = _get(config, "dataset.resize")
     if found and found2 and resize < crop:
         raise ConfigError(f"config key dataset.resize={resize} must be >= dataset.crop={crop}")
+
+
+def check_command(argv: list[str], config: ml_collections.ConfigDict) -> None:
+    """A launch script's start: no stray positional arguments and a valid config, else
+    `app.UsageError` with the one-line message (absl prints it and exits)."""
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    try:
+        validate(config)
+    except ConfigError as e:
+        raise app.UsageError(str(e)) from None
 
 
 def unknown_key(config: ml_collections.ConfigDict, dotted: str) -> str | None:
