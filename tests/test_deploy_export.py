@@ -255,3 +255,33 @@ def test_cli_refuses_an_existing_output_in_one_line(line, tmp_path):
     assert res.returncode == 2
     lines = [ln for ln in res.stderr.splitlines() if ln.startswith("error: ")]
     assert len(lines) == 1 and "already exists" in lines[0] and "--overwrite" in lines[0]
+
+
+def test_bench_deploy_latency_times_the_exported_model(line, monkeypatch):
+    """`launch.bench --stages=deploy_latency` exports the model per region and times onnxruntime
+    beside `deploy predict` on the same images (a wrong runtime argument once broke only this path).
+    The issue's table rows (backbone, features, the 12,544-query search) are their own function,
+    stubbed here: their inputs are synthetic and sized for the bench, not for a test."""
+    import types
+
+    from launch.bench import latency
+
+    monkeypatch.setattr(latency, "_table_rows", lambda *a, **k: {})
+    args = types.SimpleNamespace(
+        deploy_model=line["model"],
+        deploy_images=line["test"],
+        latency_images=3,
+        reference_path="",
+        onnx=True,
+        repeats=1,
+        seed=0,
+    )
+    report = latency.deploy_latency(args, None)
+    assert report["images"] == 3
+    for label in ("images_1", "images_3"):
+        med = report[label]["median_s"]
+        want = {"predict_center", "predict_full", "onnx_center", "onnx_full"}
+        assert want <= set(med) and all(med[k] > 0 for k in want)
+        assert {"predict_center / onnx_center", "predict_full / onnx_full"} <= set(
+            report[label]["ratios"]
+        )
