@@ -74,8 +74,8 @@ def get_config() -> ml_collections.ConfigDict:
     # so a float field also takes the words.
     c.softpatch.tau = _tau(0.15)  # SoftPatch, and SoftPatch+'s classification bank (tau_cls)
     c.softpatch.tau_seg = _tau(0.50)  # SoftPatch+'s segmentation bank
-    # tau "auto": contamination.ESTIMATORS (image_floor, image_share, image_share_global, image,
-    # tail, lof)
+    # tau "auto": contamination.ESTIMATORS (image_floor, image_contrast, image_share,
+    # image_share_global, image, tail, lof)
     c.softpatch.auto_estimator = contamination.DEFAULT
     # tau "auto" on a set found contaminated removes at least these (the authors' tau, tau_seg);
     # a set found clean removes nothing. 0 = the estimate alone.

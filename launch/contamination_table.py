@@ -28,7 +28,7 @@ def read(workdir: str) -> list[dict]:
 # Estimators built on the image gate: where it flags no image (tau 0, every suspicion 0) they all
 # give PatchCore's bank, so a clean set's `image` rows stand for the others when every one of them
 # flagged nothing.
-IMAGE_FAMILY = ("image", "image_share", "image_share_global", "image_floor")
+IMAGE_FAMILY = ("image", "image_share", "image_share_global", "image_floor", "image_contrast")
 
 
 def _own(r: dict, estimator: str, floor: float) -> bool:

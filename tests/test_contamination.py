@@ -409,3 +409,37 @@ def test_auto_floor_reaches_both_banks():
     for b in (auto.cls, auto.seg):
         assert memory_bank.keep_mask(b, clean, (30, 64)).all()
         np.testing.assert_array_equal(memory_bank.soft_weights(b, clean, (30, 64)), 1.0)
+
+
+# ----------------------------------------------------------------------------- image_contrast
+
+
+def test_image_contrast_flags_a_local_defect_not_an_image_unusual_all_over():
+    """The contrast statistic is each image's top-1% mean log score less its median (numpy
+    oracle). An image whose every patch scores high (another colour or scale of a variable texture)
+    is an outlier of the plain top-k gate but not of the contrast gate; a local defect is flagged
+    by both; a clean set by neither."""
+    rng = np.random.default_rng(21)
+    s = clean_lof(rng)
+    s[0] *= 2.2  # unusual all over
+    s = np.concatenate([s, contaminate(rng, clean_lof(rng, n=1), images=1, patches=6)])
+    v = np.log(s.astype(np.float64))
+    k = contamination.top_k_for(s.shape[1])
+    want = np.sort(v, axis=1)[:, -k:].mean(axis=1) - np.median(v, axis=1)
+    got = contamination.image_statistic(jnp.asarray(v, jnp.float32), contrast=True)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    plain = contamination.image_gate(jnp.asarray(s), rounds=contamination.GATE_ROUNDS)
+    contrast = contamination.image_contrast(jnp.asarray(s))
+    assert float(plain.image_fraction) == pytest.approx(2 / 41)
+    z_plain = contamination.gate_z(
+        contamination.image_statistic(jnp.asarray(v, jnp.float32)), contamination.null_cutoff(41), 3
+    )
+    z_contrast = contamination.gate_z(got, contamination.null_cutoff(41), 3)
+    cut = contamination.null_cutoff(41)
+    assert float(z_plain[0]) > cut and float(z_contrast[0]) < cut
+    assert float(z_plain[-1]) > cut and float(z_contrast[-1]) > cut
+    assert float(contrast.image_fraction) == pytest.approx(1 / 41)
+    assert float(contrast.tau) == pytest.approx(1 / 41)
+    clean = contamination.image_contrast(jnp.asarray(clean_lof(np.random.default_rng(22))))
+    assert float(clean.image_fraction) == 0.0 and float(contamination.policy_tau(clean, 0.5)) == 0
+    np.testing.assert_array_equal(clean.suspicion_N, np.zeros(40))

@@ -17,7 +17,7 @@ import sys
 import ml_collections
 from absl import app, flags
 
-from softpatch_jax import data, discriminators, methods
+from softpatch_jax import contamination, data, discriminators, methods
 
 
 class ConfigError(ValueError):
@@ -78,9 +78,7 @@ def _each(check_text):
 RULES = {
     "softpatch.tau": _tau(),
     "softpatch.tau_seg": _tau(),
-    "softpatch.auto_estimator": _choices(
-        "image", "image_share", "image_share_global", "image_floor", "tail", "lof"
-    ),
+    "softpatch.auto_estimator": _choices(*contamination.ESTIMATORS),
     "softpatch.auto_floor": _fraction(False, True),
     "softpatch.auto_floor_seg": _fraction(False, True),
     "softpatch.projection_dim": _at_least(0),
