@@ -191,7 +191,7 @@ def test_auto_on_a_clean_set_is_patchcore_and_removes_on_a_dirty_one():
     dirty[:3, 5] += 8.0  # three images with a defect patch at position 5
     out = memory_bank.fit_many(key, jnp.asarray(dirty), options.fit_options(cfg), specs)
     keep = np.asarray(out.keep_NxP["softpatch_lof"])
-    # The default (image_floor, floor 0.15): the flagged share (3 of 30) raised to the floor.
+    # The default (image_contrast, floor 0.15): the flagged share (3 of 30) raised to the floor.
     assert not keep[:3, 5].any()
     assert (~keep).sum() == pytest.approx(0.15 * n * p, abs=1)
     # Without a floor, image_share removes as many top patches as the flagged images' share.

@@ -10,6 +10,7 @@ import deploy_helpers
 import numpy as np
 import pytest
 
+from softpatch_jax import contamination
 from softpatch_jax.deploy import audit, commands, fitting, threshold
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -136,7 +137,7 @@ def test_fit_under_auto_reports_and_applies_the_policy(tmp_path):
         c, str(tmp_path / "train"), str(tmp_path / "m"), extractor=deploy_helpers.tiny_extractor()
     )
     est = model.meta["contamination"]
-    assert est["tau"] == "auto" and est["estimator"] == "image_floor"
+    assert est["tau"] == "auto" and est["estimator"] == contamination.DEFAULT
     assert est["image_fraction_estimated"] > 0  # the planted defect image is flagged
     assert est["tau_applied"] == pytest.approx(max(est["tau_estimated"], 0.15), abs=1e-6)
     assert fitting.audit_tau(model) == pytest.approx(est["tau_applied"])
