@@ -166,21 +166,21 @@ def image_share_global(scores_NxP: jax.Array, cutoff: float | None = None) -> Es
     return est.replace(suspicion_N=jnp.full_like(est.suspicion_N, 1.0) * dirty)
 
 
-def image_floor(scores_NxP: jax.Array, cutoff: float | None = None) -> Estimate:
-    """The iterated image gate (`gate_z`, `GATE_ROUNDS`); tau = the flagged images' share; once an
-    image is flagged every image carries the authors' soft weights (suspicion 1), else all are
-    PatchCore's (0). Used with a bank floor (`policy_tau`): a contaminated set removes at least
-    the authors' tau."""
-    est = image_gate(scores_NxP, cutoff, rounds=GATE_ROUNDS)
+def image_floor(
+    scores_NxP: jax.Array, cutoff: float | None = None, contrast: bool = False
+) -> Estimate:
+    """The iterated image gate (`gate_z`, `GATE_ROUNDS`; `contrast` as `image_gate`); tau = the
+    flagged images' share; once an image is flagged every image carries the authors' soft weights
+    (suspicion 1), else all are PatchCore's (0). Used with a bank floor (`policy_tau`): a
+    contaminated set removes at least the authors' tau."""
+    est = image_gate(scores_NxP, cutoff, rounds=GATE_ROUNDS, contrast=contrast)
     dirty = (est.image_fraction > 0).astype(jnp.float32)
     return est.replace(tau=est.image_fraction, suspicion_N=jnp.ones_like(est.suspicion_N) * dirty)
 
 
 def image_contrast(scores_NxP: jax.Array, cutoff: float | None = None) -> Estimate:
     """`image_floor` with the gate on each image's top-k mean less its median log score."""
-    est = image_gate(scores_NxP, cutoff, rounds=GATE_ROUNDS, contrast=True)
-    dirty = (est.image_fraction > 0).astype(jnp.float32)
-    return est.replace(tau=est.image_fraction, suspicion_N=jnp.ones_like(est.suspicion_N) * dirty)
+    return image_floor(scores_NxP, cutoff, contrast=True)
 
 
 def _from_flags(flag_NxP: jax.Array) -> Estimate:

@@ -164,6 +164,20 @@ def tau_of(bank: methods.BankSpec, scores_NxP: dict[str, jax.Array]):
     return contamination.policy_tau(est, bank.floor, bank.granularity)
 
 
+def contamination_summary(
+    bank: methods.BankSpec, scores_NxP: dict[str, jax.Array]
+) -> tuple[str, dict[str, float]]:
+    """(estimator, row fields) of a training set for a bank: the bank's estimator under tau "auto"
+    (with the tau its policy applies, `contamination.policy_tau`), else the default estimate,
+    reported beside a fixed tau (`contamination.summary`). What experiment rows and deploy's
+    model.json record."""
+    auto = bank.tau == "auto"
+    name = bank.estimator if auto else contamination.DEFAULT
+    est = contamination.estimate(scores_NxP, name)
+    applied = contamination.policy_tau(est, bank.floor, bank.granularity) if auto else None
+    return name, contamination.summary(est, applied)
+
+
 def soft_weights(
     bank: methods.BankSpec, scores_NxP: dict[str, jax.Array], shape: tuple
 ) -> jax.Array:

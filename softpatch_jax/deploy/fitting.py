@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from softpatch_jax import contamination, discriminators, features, memory_bank, methods
+from softpatch_jax import discriminators, features, memory_bank, methods
 from softpatch_jax.data import folder, images
 from softpatch_jax.deploy import audit as audit_lib
 from softpatch_jax.deploy import model as model_lib
@@ -263,11 +263,8 @@ def fit(
 
 def contamination_info(spec, scores_NxP) -> dict:
     """The training set's contamination estimate (contamination.py) and the tau policy used."""
-    auto = spec.cls.tau == "auto"
-    name = spec.cls.estimator if auto else contamination.DEFAULT
-    est = contamination.estimate(scores_NxP, name)
-    applied = contamination.policy_tau(est, spec.cls.floor, spec.cls.granularity) if auto else None
-    return {"tau": spec.cls.tau, "estimator": name, **contamination.summary(est, applied)}
+    name, fields = memory_bank.contamination_summary(spec.cls, scores_NxP)
+    return {"tau": spec.cls.tau, "estimator": name, **fields}
 
 
 def audit_tau(model: model_lib.Model) -> float:

@@ -32,6 +32,7 @@ from softpatch_jax import (
     contamination,
     discriminators,
     features,
+    memory_bank,
     metrics,
     official_eval,
     parallel,
@@ -282,11 +283,7 @@ def _contamination_fields(spec, scores, truth: float | None) -> dict:
     out: dict = {"tau_true": None if truth is None else round(truth, 6)}
     if contamination.source(scores) is None:
         return {**out, "tau_estimated": None, "image_fraction_estimated": None}
-    auto = spec.cls.tau == "auto"
-    name = spec.cls.estimator if auto else contamination.DEFAULT
-    est = contamination.estimate(scores, name)
-    applied = contamination.policy_tau(est, spec.cls.floor, spec.cls.granularity) if auto else None
-    return {**out, **contamination.summary(est, applied)}
+    return {**out, **memory_bank.contamination_summary(spec.cls, scores)[1]}
 
 
 @dataclasses.dataclass
