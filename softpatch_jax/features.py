@@ -64,6 +64,9 @@ def build(options: Options) -> Extractor:
     layers = models.split_layers(bb.layers) or spec.feature_layers
     module = models.build(bb.arch, layers, dtype, depthwise=bb.depthwise)
     variables, info = weights.resolve(bb)
+    # On the device once: numpy leaves would be copied to it on every call (all of the backbone's
+    # parameters per batch) and re-hashed by deploy's model check on every predict.
+    variables = jax.device_put(variables)
     mean = jnp.asarray(spec.mean, jnp.float32).reshape(1, 1, 1, 3) * 255.0
     std = jnp.asarray(spec.std, jnp.float32).reshape(1, 1, 1, 3) * 255.0
     emb = options

@@ -265,8 +265,21 @@ def test_params_hash_is_remembered_only_for_the_same_leaves(ex):
     assert model._params_sha256(ex.variables) == want  # remembered
     changed = jax.tree.map(lambda a: a + 1, ex.variables)
     assert model._params_sha256(changed) == weights.variables_sha256(changed) != want
-    host = jax.tree.map(np.asarray, ex.variables)  # numpy leaves may change in place: never kept
+    host = jax.tree.map(np.array, ex.variables)  # numpy leaves may change in place: never kept
     assert model._params_sha256(host) == want
     host_leaf = jax.tree.leaves(host)[0]
     host_leaf += 1
     assert model._params_sha256(host) != want
+
+
+def test_feature_dim_is_traced_once_per_extractor(ex, monkeypatch):
+    """identity()'s embedding dim equals the extractor's real output width (the oracle: one
+    forward pass) and is traced once, not on every predict."""
+    model._DIM_CACHE.clear()
+    traced = []
+    real = jax.eval_shape
+    monkeypatch.setattr(jax, "eval_shape", lambda *a, **k: traced.append(1) or real(*a, **k))
+    want = ex.apply(ex.variables, np.zeros((1, *ex.image_size, 3), np.uint8)).shape[-1]
+    assert model._feature_dim(ex) == want
+    assert model._feature_dim(ex) == want
+    assert len(traced) == 1

@@ -6,7 +6,9 @@ each repeat, and each ratio is the median over repeats of the per-repeat ratio (
 drifting on a shared machine):
 
 - `deploy predict` (the package's `predicting.predict`, warm, maps not written) on 1 and on
-  --latency_images images, centre crop and whole frame;
+  --latency_images images, centre crop and whole frame; and centre crop with the classification
+  bank in both roles (`predict_center_one_bank`: one search per patch, the work of their
+  `_predict`, where SoftPatch+'s two banks are two);
 - the same images through onnxruntime on the exported model (`deploy export`, per region; decoding
   and resizing as `launch/onnx_predict.py` does), unless --noonnx;
 - with --reference_path, the authors' `SoftPatch._predict` (torch backbone, their patch aggregation,
@@ -25,6 +27,7 @@ drifting on a shared machine):
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import statistics
 import sys
@@ -36,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from softpatch_jax import models, scoring
+from softpatch_jax import memory_bank, models, scoring
 from softpatch_jax.data import folder
 from softpatch_jax.deploy import model as model_lib
 from softpatch_jax.deploy import predicting
@@ -156,10 +159,16 @@ def deploy_latency(args, key) -> dict:
             export.export(args.deploy_model, path, region=mode)
             onnx[mode] = onnx_predict.load_model(path, "onnxruntime")
 
-    def ours(mode, image_paths):
-        out = os.path.join(tmp, f"pred_{mode}")
+    # Their `_predict` searches one bank for both the score and the map; this model's
+    # classification bank in both roles (searched once, `scoring._distinct`) is the same work.
+    one_bank = dataclasses.replace(
+        model, banks=memory_bank.Banks(cls=model.banks.cls, seg=model.banks.cls)
+    )
+
+    def ours(mode, image_paths, m=model, tag=""):
+        out = os.path.join(tmp, f"pred_{mode}{tag}")
         return lambda: predicting.predict(
-            model, image_paths, out, write_maps=False, extractor=ex, region=mode, overwrite=True
+            m, image_paths, out, write_maps=False, extractor=ex, region=mode, overwrite=True
         )
 
     def onnx_run(mode, image_paths):
@@ -194,6 +203,7 @@ def deploy_latency(args, key) -> dict:
             cands[f"predict_{mode}"] = ours(mode, image_paths)
             if mode in onnx:
                 cands[f"onnx_{mode}"] = onnx_run(mode, image_paths)
+        cands["predict_center_one_bank"] = ours("center", image_paths, one_bank, "_one_bank")
         views = [
             v
             for _, vs, _ in region_lib.iter_views(
@@ -219,6 +229,7 @@ def deploy_latency(args, key) -> dict:
             times,
             [
                 ("predict_center", "theirs_predict_center"),
+                ("predict_center_one_bank", "theirs_predict_center"),
                 ("predict_center", "onnx_center"),
                 ("predict_full", "onnx_full"),
                 ("predict_center", "backbone_and_scoring"),
