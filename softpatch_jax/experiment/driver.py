@@ -96,6 +96,8 @@ class _Context:
     done: int = 0
     advance: Callable[[int], None] | None = None  # the sweep's progress bar, if one is drawn
     extractors: dict = dataclasses.field(default_factory=dict)
+    # Given: called with each noisy training set and its config instead of fitting (`execute`).
+    on_training_set: Callable[[NoisySet, ml_collections.ConfigDict], None] | None = None
 
     def extractor(self, cfg: ml_collections.ConfigDict) -> tuple[features.Extractor, str]:
         """One extractor (and its compiled function) per backbone setting, for the whole sweep."""
@@ -118,6 +120,7 @@ def execute(
     workdir: str,
     *,
     on_cell: Callable[[dict], None] | None = None,
+    on_training_set: Callable[[NoisySet, ml_collections.ConfigDict], None] | None = None,
 ) -> Outcome:
     """Runs the unfinished ones of `cells` (from `plan.plan(config)`).
 
@@ -128,6 +131,9 @@ def execute(
 
     Args:
       on_cell: called with each row after it is appended (tests raise from it to interrupt).
+      on_training_set: a study of the training sets alone (launch/contamination_study.py): called
+        with each noisy training set (`NoisySet`: its features, which images were injected) and
+        its config; nothing is fitted or scored and no row is written.
     """
     check_writable(workdir)
     t0 = time.perf_counter()
@@ -158,6 +164,7 @@ def execute(
         store = cache.Cache(section.get("cache_dir") or os.path.join(workdir, "cache"), stats)
         vmap = section.get("vmap", True)
     ctx = _Context(config, workdir, store, stats, on_cell, total=len(pending), vmap=vmap)
+    ctx.on_training_set = on_training_set
     settings = plan.read(pending)  # an infeasible noise ratio fails here, before hours of work
     try:
         with progress.bar("cells", len(pending), "cell") as ctx.advance:
@@ -242,6 +249,9 @@ def _run_setting(ctx: _Context, setting: plan.Setting) -> None:
             masks = base["test_masks"][idx] if idx else np.zeros((0, 1, 1), bool)
             truth = contamination.true_patch_fraction(masks, ex.grid, int(feats.shape[0]))
         nset = NoisySet(ex, category, feats, feats_key, evalset, injected, times, noisy, truth)
+        if ctx.on_training_set is not None:
+            ctx.on_training_set(nset, ncfg)
+            continue
         for gcells in grid.group(ncells, lambda c: c.fit_key).values():
             _run_fit_group(ctx, nset, gcells)
 
