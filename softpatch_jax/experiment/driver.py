@@ -163,8 +163,16 @@ def execute(
     else:
         store = cache.Cache(section.get("cache_dir") or os.path.join(workdir, "cache"), stats)
         vmap = section.get("vmap", True)
-    ctx = _Context(config, workdir, store, stats, on_cell, total=len(pending), vmap=vmap)
-    ctx.on_training_set = on_training_set
+    ctx = _Context(
+        config,
+        workdir,
+        store,
+        stats,
+        on_cell,
+        total=len(pending),
+        vmap=vmap,
+        on_training_set=on_training_set,
+    )
     settings = plan.read(pending)  # an infeasible noise ratio fails here, before hours of work
     try:
         with progress.bar("cells", len(pending), "cell") as ctx.advance:
