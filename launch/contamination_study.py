@@ -45,12 +45,16 @@ from softpatch_jax import cli, compile_cache, contamination, memory_bank, metric
 from softpatch_jax.experiment import config_errors, driver, options, plan
 from softpatch_jax.io_utils import atomic_open
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file.", lock_config=True)
-_OUT = flags.DEFINE_string("out", None, "JSON lines of the sets' statistics (with --config).")
-_READ = flags.DEFINE_multi_string("read", [], "--out files to tabulate, one column each.")
-_POSITION_FREE = flags.DEFINE_bool(
-    "position_free", True, "Also the position-free statistics (N^2 P^2 D per set)."
-)
+
+def _define_flags() -> None:
+    """The command line's flags, defined only when run as a program: tests import this module
+    beside other launch tools that define a --config of their own."""
+    config_flags.DEFINE_config_file("config", None, "A configs/*.py file.", lock_config=True)
+    flags.DEFINE_string("out", None, "JSON lines of the sets' statistics (with --config).")
+    flags.DEFINE_multi_string("read", [], "--out files to tabulate, one column each.")
+    flags.DEFINE_bool(
+        "position_free", True, "Also the position-free statistics (N^2 P^2 D per set)."
+    )
 
 
 def per_position_kth(feats_NxPxD: jax.Array) -> jax.Array:
@@ -218,14 +222,16 @@ def _run(config, out: str, position_free: bool) -> None:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if _READ.value:
-        print(table({os.path.basename(p): read(p) for p in _READ.value}))
+    f = flags.FLAGS
+    if f.read:
+        print(table({os.path.basename(p): read(p) for p in f.read}))
         return
-    if _CONFIG.value is None or not _OUT.value:
+    if f.config is None or not f.out:
         raise app.UsageError("--config and --out (or --read=FILE ...)")
     compile_cache.enable(compile_cache.FLAG.value)
-    cli.one_line_errors(_run, _CONFIG.value, _OUT.value, _POSITION_FREE.value)
+    cli.one_line_errors(_run, f.config, f.out, f.position_free)
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main, flags_parser=config_errors.parse_flags)
