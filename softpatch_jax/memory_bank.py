@@ -160,22 +160,27 @@ def tau_of(bank: methods.BankSpec, scores_NxP: dict[str, jax.Array]):
         raise ValueError("tau='oracle' must be resolved to the true fraction before fitting")
     if bank.tau != "auto":
         return bank.tau
+    return _auto(bank, scores_NxP)[1]
+
+
+def _auto(bank: methods.BankSpec, scores_NxP: dict[str, jax.Array]):
+    """(estimate, tau applied) of tau "auto": the bank's estimator, then its policy (the floor on a
+    set found contaminated); the one place both the fit and the reported fields take them from."""
     est = contamination.estimate(scores_NxP, bank.estimator)
-    return contamination.policy_tau(est, bank.floor, bank.granularity)
+    return est, contamination.policy_tau(est, bank.floor, bank.granularity)
 
 
 def contamination_summary(
     bank: methods.BankSpec, scores_NxP: dict[str, jax.Array]
 ) -> tuple[str, dict[str, float]]:
     """(estimator, row fields) of a training set for a bank: the bank's estimator under tau "auto"
-    (with the tau its policy applies, `contamination.policy_tau`), else the default estimate,
-    reported beside a fixed tau (`contamination.summary`). What experiment rows and deploy's
-    model.json record."""
-    auto = bank.tau == "auto"
-    name = bank.estimator if auto else contamination.DEFAULT
-    est = contamination.estimate(scores_NxP, name)
-    applied = contamination.policy_tau(est, bank.floor, bank.granularity) if auto else None
-    return name, contamination.summary(est, applied)
+    (with the tau its policy applies, `tau_of`), else the default estimate, reported beside a
+    fixed tau (`contamination.summary`). What experiment rows and deploy's model.json record."""
+    if bank.tau == "auto":
+        est, applied = _auto(bank, scores_NxP)
+        return bank.estimator, contamination.summary(est, applied)
+    est = contamination.estimate(scores_NxP, contamination.DEFAULT)
+    return contamination.DEFAULT, contamination.summary(est, None)
 
 
 def soft_weights(

@@ -313,7 +313,7 @@ class NoisySet:
     feats: jax.Array  # training features [N, P, D] on the device
     feats_key: str  # their cache key (`cache.features_key` / `injected_key`)
     evalset: outputs.EvalSet
-    injected: tuple  # records injected into the training set
+    injected: tuple  # records injected into the training set: the last len(injected) rows of feats
     times: dict[str, float]  # stage seconds so far (features), for the rows
     noisy: CategorySplits  # the noisy splits (`plan.noisy_splits`)
     truth: float | None  # the true contaminated patch fraction, where known (tau "oracle")
